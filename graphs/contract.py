@@ -1,0 +1,122 @@
+"""The I/O contract of each exported graph, as plain data: names, dtypes, named dims, meaning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import MllamaConfig
+
+# Dims that the runner chooses per call. Everything else is fixed by the model.
+DYNAMIC_DIMS = ("batch", "num_images", "image_tokens", "sequence", "past_sequence")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "int64", "float32" or "model" (the graph's precision)
+    dims: tuple[str, ...]
+    doc: str
+
+    def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[d] for d in self.dims)
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.dims) if d in DYNAMIC_DIMS}
+
+
+def static_dims(config: MllamaConfig) -> dict[str, int]:
+    v, t = config.vision, config.text
+    return {
+        "tiles": v.max_num_tiles,
+        "channels": v.num_channels,
+        "height": v.image_size,
+        "width": v.image_size,
+        "xattn_layers": len(t.cross_attention_layers),
+        "self_layers": len(t.self_attention_layers),
+        "kv_heads": t.num_kv_heads,
+        "head_dim": t.head_dim,
+        "vocab": t.vocab_size,
+        "one": 1,
+    }
+
+
+def _s(name: str, dtype: str, dims: str, doc: str) -> TensorSpec:
+    return TensorSpec(name, dtype, tuple(dims.split()), doc)
+
+
+XATTN_KV = "xattn_layers batch kv_heads image_tokens head_dim"
+SELF_KV = "self_layers batch kv_heads {} head_dim"
+
+VISION_INPUTS = (
+    _s(
+        "pixel_values",
+        "model",
+        "batch num_images tiles channels height width",
+        "normalized tiles of each image, padded with zeros to max tiles and max images",
+    ),
+    _s(
+        "aspect_ratio_ids",
+        "int64",
+        "batch num_images",
+        "1-based index of the image's tiling in supported_aspect_ratios; 0 for a padding image",
+    ),
+    _s("aspect_ratio_mask", "int64", "batch num_images tiles", "1 for a real tile, 0 for padding"),
+)
+VISION_OUTPUTS = (
+    _s(
+        "cross_key",
+        "model",
+        XATTN_KV,
+        "keys of every cross-attention layer, projected and k-normed; image_tokens = "
+        "num_images x tiles x patches",
+    ),
+    _s("cross_value", "model", XATTN_KV, "values of every cross-attention layer"),
+)
+PREFILL_INPUTS = (
+    _s("input_ids", "int64", "batch sequence", "prompt tokens, left-padded"),
+    _s("position_ids", "int64", "batch sequence", "rope position of each token (pads: any)"),
+    _s("attention_mask", "int64", "batch sequence", "1 for a real token, 0 for padding"),
+    _s(
+        "cross_attention_mask",
+        "int64",
+        "batch sequence num_images tiles",
+        "1 where a text row may see a tile",
+    ),
+    VISION_OUTPUTS[0],
+    VISION_OUTPUTS[1],
+)
+PREFILL_OUTPUTS = (
+    _s("logits", "float32", "batch sequence vocab", "next-token logits at every position"),
+    _s("present_key", "model", SELF_KV.format("sequence"), "self-attention keys of the prompt"),
+    _s("present_value", "model", SELF_KV.format("sequence"), "self-attention values of the prompt"),
+)
+DECODE_INPUTS = (
+    _s("input_ids", "int64", "batch one", "the newest token of each sequence"),
+    _s("position_ids", "int64", "batch one", "its rope position"),
+    _s(
+        "attention_mask",
+        "int64",
+        "batch past_sequence",
+        "1 for cache slots holding a real token; 0 for padding and unused slots",
+    ),
+    _s(
+        "past_key",
+        "model",
+        SELF_KV.format("past_sequence"),
+        "self-attention key cache; may be a preallocated buffer longer than what is filled",
+    ),
+    _s("past_value", "model", SELF_KV.format("past_sequence"), "self-attention value cache"),
+    _s(
+        "cross_attention_mask",
+        "int64",
+        "batch one num_images tiles",
+        "the tiles the new token may see (the last prompt row repeated)",
+    ),
+    VISION_OUTPUTS[0],
+    VISION_OUTPUTS[1],
+)
+DECODE_OUTPUTS = (
+    _s("logits", "float32", "batch one vocab", "next-token logits"),
+    _s("new_key", "model", SELF_KV.format("one"), "the new token's keys, to write into the cache"),
+    _s("new_value", "model", SELF_KV.format("one"), "the new token's values"),
+)

@@ -1,0 +1,120 @@
+"""Building blocks shared by the vision and text towers, written for export."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., dim]; statistics in float32 so that 16-bit graphs neither overflow nor drift
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2], with Llama 3's long-context rescaling when asked."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if rope.kind != "llama3":
+        return inv_freq
+    old_len = rope.original_max_position_embeddings
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed down by `factor`, short ones kept, the band between blended.
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+class Rotary(nn.Module):
+    """cos/sin computed from positions as real tensors: no complex dtypes, no table to ship."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids: [B, S] -> cos, sin: [B, 1, S, D] (float32)
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, S, D]; cos, sin: [B, 1, S, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
+    """Softmax attention with grouped KV heads, without repeating K/V per query head.
+
+    allowed is a boolean mask broadcastable to [B, 1, S, T]; masked scores take the dtype's
+    minimum rather than -inf, so a row with nothing allowed averages instead of producing NaN.
+    """
+    # q: [B, H, S, D]; k, v: [B, H_kv, T, D]; allowed: [B, 1 | H, S, T]
+    b, h, s, d = q.shape
+    h_kv = k.shape[1]
+    qg = q.reshape(b, h_kv, (h // h_kv) * s, d)
+    scores = (qg @ k.transpose(-1, -2)).view(b, h_kv, h // h_kv, s, -1) / math.sqrt(d)
+    scores = scores.float().masked_fill(~allowed[:, :, None], torch.finfo(torch.float32).min)
+    probs = scores.softmax(dim=-1).to(v.dtype).view(b, h_kv, (h // h_kv) * s, -1)
+    return (probs @ v).view(b, h, s, d)
+
+
+def grouped_attention_step(
+    q: torch.Tensor,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+    past_allowed: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> torch.Tensor:
+    """One new token attending to the cache plus itself, without concatenating the cache.
+
+    Only the scores are joined ([B, H, 1, T + 1]); the past K/V are read in place.
+    """
+    # q: [B, H, 1, D]; past_k, past_v: [B, H_kv, T, D]; past_allowed: [B, T]; k, v: [B, H_kv, 1, D]
+    b, h, _, d = q.shape
+    h_kv = past_k.shape[1]
+    qg = q.reshape(b, h_kv, h // h_kv, d)
+    past_scores = (qg @ past_k.transpose(-1, -2)).float() / math.sqrt(d)
+    past_scores = past_scores.masked_fill(
+        ~past_allowed[:, None, None], torch.finfo(torch.float32).min
+    )
+    new_score = (qg * k).sum(-1, keepdim=True).float() / math.sqrt(d)
+    probs = torch.cat((past_scores, new_score), dim=-1).softmax(dim=-1).to(v.dtype)
+    past_probs, new_prob = probs[..., :-1], probs[..., -1:]
+    out = past_probs @ past_v + new_prob * v
+    return out.view(b, h, 1, d)

@@ -1,0 +1,141 @@
+"""The whole model as three exportable graphs: vision, prefill and decode step."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mllama_export.errors import MllamaExportError
+
+from . import contract
+from .config import MllamaConfig
+from .text import MASK_SEMANTICS, TextDecoder, cross_attention_masks
+from .vision import VisionEncoder
+
+
+class MllamaModel(nn.Module):
+    """All weights, in the module tree that the weight table maps checkpoints onto."""
+
+    def __init__(self, config: MllamaConfig, semantics: str = "meta"):
+        super().__init__()
+        if semantics not in MASK_SEMANTICS:
+            raise MllamaExportError(
+                f"unknown mask semantics {semantics!r}; expected one of {MASK_SEMANTICS}"
+            )
+        self.config, self.semantics = config, semantics
+        self.vision = VisionEncoder(config.vision, tap_outputs=semantics == "hf")
+        self.projector = nn.Linear(config.vision.output_dim, config.text.hidden_size)
+        self.text = TextDecoder(config.text, semantics)
+
+
+class VisionGraph(nn.Module):
+    """Images in, the cross-attention K/V of every cross-attention layer out, once per image set."""
+
+    INPUTS = contract.VISION_INPUTS
+    OUTPUTS = contract.VISION_OUTPUTS
+
+    def __init__(self, model: MllamaModel):
+        super().__init__()
+        self.vision, self.projector = model.vision, model.projector
+        self.cross_layers = nn.ModuleList(layer.cross_attn for layer in model.text.cross_layers)
+
+    def forward(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
+        # pixel_values: [B, I, T, C, H, W]; aspect_ratio_ids: [B, I]; aspect_ratio_mask: [B, I, T]
+        # -> cross_key, cross_value: [L_x, B, H_kv, I*T*P, Dh]
+        b, i = aspect_ratio_ids.shape
+        features = self.vision(
+            pixel_values.flatten(0, 1), aspect_ratio_ids.flatten(), aspect_ratio_mask.flatten(0, 1)
+        )
+        states = self.projector(features.reshape(b, -1, features.shape[-1]))
+        kv = [layer.kv(states) for layer in self.cross_layers]
+        return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
+
+
+def _layer_plan(text: TextDecoder) -> list[tuple[nn.Module, bool, int]]:
+    """(layer, is_cross, index into the stacked cross or self caches), in depth order."""
+    plan, n_cross, n_self = [], 0, 0
+    for layer in text.layers:
+        is_cross = layer in text.cross_layers
+        plan.append((layer, is_cross, n_cross if is_cross else n_self))
+        n_cross, n_self = n_cross + is_cross, n_self + (not is_cross)
+    return plan
+
+
+class PrefillGraph(nn.Module):
+    """The prompt in; logits at every position and the prompt's self-attention KV cache out."""
+
+    INPUTS = contract.PREFILL_INPUTS
+    OUTPUTS = contract.PREFILL_OUTPUTS
+
+    def __init__(self, model: MllamaModel):
+        super().__init__()
+        self.text, self.num_patches = model.text, model.config.vision.num_patches
+        self.plan = _layer_plan(model.text)
+
+    def forward(
+        self, input_ids, position_ids, attention_mask, cross_attention_mask, cross_key, cross_value
+    ):
+        # input_ids, position_ids, attention_mask: [B, S]; cross_attention_mask: [B, S, I, T]
+        # cross_key, cross_value: [L_x, B, H_kv, N, Dh]
+        # -> logits: [B, S, V]; present_key, present_value: [L_s, B, H_kv, S, Dh]
+        s = input_ids.shape[1]
+        positions = torch.arange(s, device=input_ids.device)
+        causal = positions[:, None] >= positions[None, :]
+        allowed = causal & (attention_mask[:, None, None, :] != 0)
+        x_allowed, row = cross_attention_masks(cross_attention_mask, self.num_patches)
+        cos, sin = self.text.rotary(position_ids)
+        x = self.text.embed_tokens(input_ids)
+        keys, values = [], []
+        for layer, is_cross, j in self.plan:
+            if is_cross:
+                x = layer(x, cross_key[j], cross_value[j], x_allowed, row)
+            else:
+                x, k, v = layer.prefill(x, cos, sin, allowed)
+                keys.append(k)
+                values.append(v)
+        return self.text.logits(x), torch.stack(keys), torch.stack(values)
+
+
+class DecodeGraph(nn.Module):
+    """One token per sequence against the cache; returns only the new token's K/V.
+
+    The cache is read in place and never returned whole, so a runner that keeps it in a
+    preallocated buffer writes one slot per step instead of copying the past.
+    """
+
+    INPUTS = contract.DECODE_INPUTS
+    OUTPUTS = contract.DECODE_OUTPUTS
+
+    def __init__(self, model: MllamaModel):
+        super().__init__()
+        self.text, self.num_patches = model.text, model.config.vision.num_patches
+        self.plan = _layer_plan(model.text)
+
+    def forward(
+        self,
+        input_ids,
+        position_ids,
+        attention_mask,
+        past_key,
+        past_value,
+        cross_attention_mask,
+        cross_key,
+        cross_value,
+    ):
+        # input_ids, position_ids: [B, 1]; attention_mask: [B, T]
+        # past_key, past_value: [L_s, B, H_kv, T, Dh]; cross_attention_mask: [B, 1, I, Ti]
+        # cross_key, cross_value: [L_x, B, H_kv, N, Dh]
+        # -> logits: [B, 1, V]; new_key, new_value: [L_s, B, H_kv, 1, Dh]
+        past_allowed = attention_mask != 0
+        x_allowed, row = cross_attention_masks(cross_attention_mask, self.num_patches)
+        cos, sin = self.text.rotary(position_ids)
+        x = self.text.embed_tokens(input_ids)
+        keys, values = [], []
+        for layer, is_cross, j in self.plan:
+            if is_cross:
+                x = layer(x, cross_key[j], cross_value[j], x_allowed, row)
+            else:
+                x, k, v = layer.step(x, cos, sin, past_key[j], past_value[j], past_allowed)
+                keys.append(k)
+                values.append(v)
+        return self.text.logits(x), torch.stack(keys), torch.stack(values)
