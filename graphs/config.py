@@ -303,16 +303,17 @@ def _vision_from_hf(s: _Section) -> VisionConfig:
 
 
 def _rope_from_hf(s: _Section) -> RopeConfig:
-    # transformers 5.x writes `rope_parameters`; published checkpoints carry the 4.x pair.
-    if "rope_parameters" in s.raw:
-        params = dict(s.take("rope_parameters"))
-        theta = params.pop("rope_theta", None)
-        if theta is None:
-            theta = s.take("rope_theta")
-    else:
-        theta = s.take("rope_theta")
-        params = dict(s.take("rope_scaling") or {"rope_type": "default"})
-    rope = _Section("text_config.rope_scaling", params)
+    # transformers 5.x writes `rope_parameters` (theta inside); published checkpoints carry the
+    # 4.x pair `rope_theta` + `rope_scaling`, and 5.x in memory may add the theta to the latter.
+    key = "rope_parameters" if "rope_parameters" in s.raw else "rope_scaling"
+    params = dict(s.take(key) or {"rope_type": "default"})
+    theta = params.pop("rope_theta", None)
+    if theta is None or "rope_theta" in s.raw:
+        outer = s.take("rope_theta")
+        if theta is not None and float(theta) != float(outer):
+            raise MllamaExportError(f"text_config has two rope thetas, {outer} and {theta}")
+        theta = outer
+    rope = _Section(f"text_config.{key}", params)
     kind = rope.take_optional("rope_type", None) or rope.take("type")
     if kind == "default":
         rope.finish()

@@ -1,0 +1,464 @@
+"""Llama 3.2 Vision image preprocessing in numpy + Pillow.
+
+Reproduces transformers' ``MllamaImageProcessor`` (PIL backend) bit for bit, without importing
+transformers or torch, so the engines run where neither is installed. One deliberate difference:
+EXIF orientation is honoured (the reference ignores it and feeds sideways photos to the model).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mllama_export.errors import MllamaExportError
+
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
+
+# Pillow's own hard limit (2 x its default MAX_IMAGE_PIXELS); enforced here too so that a caller
+# who disabled Pillow's guard (Image.MAX_IMAGE_PIXELS = None) is still protected.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+REQUIRED_KEYS = (
+    "do_convert_rgb",
+    "do_resize",
+    "size",
+    "resample",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_pad",
+    "max_image_tiles",
+)
+
+# Keys real preprocessor_config.json files carry that do not change the pixels.
+HARMLESS_KEYS = {
+    "image_processor_type": "names the transformers class to build; checked to be an Mllama one",
+    "processor_class": "names the multimodal processor wrapping this one and the tokenizer",
+    "_processor_class": "older transformers' spelling of processor_class",
+    "feature_extractor_type": "legacy class selector written before image processors existed",
+}
+
+# PIL.Image.Resampling values, the integers transformers writes as "resample".
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+_DECODABLE = "an image file Pillow can decode (PNG, JPEG, GIF, BMP, WebP, TIFF, ...)"
+_CHANNELS = np.arange(3)[:, None, None]
+
+
+@lru_cache(maxsize=16)
+def supported_aspect_ratios(max_image_tiles: int) -> tuple[tuple[int, int], ...]:
+    """All (tiles_high, tiles_wide) grids with at most ``max_image_tiles`` tiles, in reference order.
+
+    The reference's docstring calls the pairs (width, height) but its code uses the first number as
+    the height everywhere; aspect ratio ids are indices into this order, so only the order matters.
+    """
+    return tuple(
+        (a, b)
+        for a in range(1, max_image_tiles + 1)
+        for b in range(1, max_image_tiles + 1)
+        if a * b <= max_image_tiles
+    )
+
+
+@lru_cache(maxsize=1024)
+def optimal_tiled_canvas(
+    height: int, width: int, max_image_tiles: int, tile_size: int
+) -> tuple[int, int]:
+    """The (height, width) canvas the reference picks: least upscaling, else least downscaling."""
+    canvases = [(a * tile_size, b * tile_size) for a, b in supported_aspect_ratios(max_image_tiles)]
+    scales = [min(ch / height, cw / width) for ch, cw in canvases]
+    upscales = [s for s in scales if s >= 1]
+    chosen = min(upscales) if upscales else max(scales)
+    # Ties go to the smallest area, the first such canvas in list order (np.argmin).
+    candidates = [c for c, s in zip(canvases, scales, strict=True) if s == chosen]
+    return min(candidates, key=lambda c: c[0] * c[1])
+
+
+def fit_to_canvas(
+    height: int, width: int, canvas_height: int, canvas_width: int, tile_size: int
+) -> tuple[int, int]:
+    """The (height, width) the reference resizes to: aspect-preserving, floor-rounded, at least 1."""
+    target_w = min(max(width, tile_size), canvas_width)
+    target_h = min(max(height, tile_size), canvas_height)
+    scale_h = target_h / height
+    scale_w = target_w / width
+    if scale_w < scale_h:
+        return min(math.floor(height * scale_w) or 1, target_h), target_w
+    return target_h, min(math.floor(width * scale_h) or 1, target_w)
+
+
+@dataclass(frozen=True)
+class ImageProcessorConfig:
+    """The preprocessing settings of a checkpoint's ``preprocessor_config.json``."""
+
+    do_convert_rgb: bool
+    do_resize: bool
+    size: dict[str, int] = field(hash=False)
+    resample: int
+    do_rescale: bool
+    rescale_factor: float
+    do_normalize: bool
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    do_pad: bool
+    max_image_tiles: int
+
+    @property
+    def tile_size(self) -> int:
+        return self.size["height"]
+
+    @property
+    def supported_aspect_ratios(self) -> tuple[tuple[int, int], ...]:
+        return supported_aspect_ratios(self.max_image_tiles)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> ImageProcessorConfig:
+        """Validate a ``preprocessor_config.json`` dict; unknown or missing keys are errors."""
+        if not isinstance(config, Mapping):
+            raise MllamaExportError(
+                f"preprocessor config is a {type(config).__name__} (expected a JSON object)"
+            )
+        _check_keys(config)
+        tile = _tile_size(config["size"])
+        return cls(
+            do_convert_rgb=_bool(config, "do_convert_rgb"),
+            do_resize=_must_be_true(config, "do_resize"),
+            size={"height": tile, "width": tile},
+            resample=_resample(config["resample"]),
+            do_rescale=_bool(config, "do_rescale"),
+            rescale_factor=_positive_float(config, "rescale_factor"),
+            do_normalize=_bool(config, "do_normalize"),
+            image_mean=_triple(config, "image_mean", allow_zero=True),
+            image_std=_triple(config, "image_std", allow_zero=False),
+            do_pad=_must_be_true(config, "do_pad"),
+            max_image_tiles=_positive_int(config, "max_image_tiles"),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> ImageProcessorConfig:
+        """Read and validate a ``preprocessor_config.json`` file."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise MllamaExportError(
+                f"cannot read preprocessor config '{path}': {exc.strerror or exc} "
+                "(expected a readable preprocessor_config.json)"
+            ) from exc
+        try:
+            config = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MllamaExportError(
+                f"preprocessor config '{path}' is not valid JSON: {exc} (expected a JSON object)"
+            ) from exc
+        return cls.from_dict(config)
+
+
+def default_preprocessor_config(image_size: int, max_image_tiles: int) -> dict[str, Any]:
+    """The ``preprocessor_config.json`` a Llama 3.2 Vision checkpoint ships, for this tile size."""
+    return {
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_pad": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_processor_type": "MllamaImageProcessor",
+        "image_std": list(CLIP_STD),
+        "max_image_tiles": max_image_tiles,
+        "processor_class": "MllamaProcessor",
+        "resample": 2,
+        "rescale_factor": 1 / 255,
+        "size": {"height": image_size, "width": image_size},
+    }
+
+
+def _config_error(key: str, value: Any, expected: str) -> MllamaExportError:
+    return MllamaExportError(f"preprocessor config {key!r} is {value!r} (expected {expected})")
+
+
+def _check_keys(config: Mapping[str, Any]) -> None:
+    unknown = sorted(set(config) - set(REQUIRED_KEYS) - set(HARMLESS_KEYS))
+    if unknown:
+        raise MllamaExportError(
+            f"preprocessor config has unknown key(s) {unknown} (expected only "
+            f"{list(REQUIRED_KEYS)} plus the harmless {list(HARMLESS_KEYS)})"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in config]
+    if missing:
+        raise MllamaExportError(
+            f"preprocessor config is missing required key(s) {missing} (expected all of "
+            f"{list(REQUIRED_KEYS)}; it has {sorted(config)})"
+        )
+    kind = config.get("image_processor_type", "MllamaImageProcessor")
+    if not (isinstance(kind, str) and kind.startswith("MllamaImageProcessor")):
+        raise _config_error("image_processor_type", kind, "'MllamaImageProcessor'")
+
+
+def _bool(config: Mapping[str, Any], key: str) -> bool:
+    value = config[key]
+    if not isinstance(value, bool):
+        raise _config_error(key, value, "true or false")
+    return value
+
+
+def _must_be_true(config: Mapping[str, Any], key: str) -> bool:
+    # The reference refuses do_resize/do_pad = false: tiles need a fixed-size padded canvas.
+    if _bool(config, key) is not True:
+        raise _config_error(key, False, "true; MllamaImageProcessor supports no other mode")
+    return True
+
+
+def _positive_int(config: Mapping[str, Any], key: str) -> int:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _config_error(key, value, "a positive integer")
+    return value
+
+
+def _positive_float(config: Mapping[str, Any], key: str) -> float:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise _config_error(key, value, "a positive number")
+    return float(value)
+
+
+def _triple(config: Mapping[str, Any], key: str, allow_zero: bool) -> tuple[float, float, float]:
+    value = config[key]
+    ok = isinstance(value, list | tuple) and len(value) == 3
+    ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    if not ok or (not allow_zero and any(v == 0 for v in value)):
+        expected = "3 numbers, one per RGB channel" + ("" if allow_zero else ", none zero")
+        raise _config_error(key, value, expected)
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def _tile_size(size: Any) -> int:
+    expected = 'a square {"height": N, "width": N} with N a positive integer'
+    if not isinstance(size, Mapping) or set(size) != {"height", "width"}:
+        raise _config_error("size", size, expected)
+    height, width = size["height"], size["width"]
+    if height != width or isinstance(height, bool) or not isinstance(height, int) or height <= 0:
+        raise _config_error("size", size, expected)
+    return height
+
+
+def _resample(value: Any) -> int:
+    if isinstance(value, bool) or value not in RESAMPLE_NAMES:
+        raise _config_error("resample", value, f"a PIL resampling filter, one of {RESAMPLE_NAMES}")
+    return int(value)
+
+
+def load_image(source: ImageSource, convert_rgb: bool = True) -> Image.Image:
+    """Decode ``source`` (path, bytes or PIL image), turn it upright by EXIF, and make it RGB."""
+    name = _describe(source)
+    if isinstance(source, Image.Image):
+        image = _upright(source, name)
+    elif isinstance(source, bytes | bytearray | memoryview):
+        if len(source) == 0:
+            raise _read_error(name, "the data is empty (0 bytes)")
+        image = _decode(io.BytesIO(bytes(source)), name)
+    elif isinstance(source, str | os.PathLike):
+        image = _decode(_checked_path(source, name), name)
+    else:
+        raise MllamaExportError(
+            f"cannot read image {name} (expected a file path, bytes or a PIL.Image.Image)"
+        )
+    if image.width == 0 or image.height == 0:
+        raise _read_error(name, f"it is {image.width}x{image.height} pixels", "a non-empty image")
+    return convert_to_rgb(image, name) if convert_rgb else image
+
+
+def convert_to_rgb(image: Image.Image, name: str = "<image>") -> Image.Image:
+    """RGB exactly as transformers' ``convert_to_rgb``: transparency is composited onto white."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    try:
+        if not has_alpha:
+            return image.convert("RGB")
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    except ValueError as exc:
+        raise MllamaExportError(
+            f"cannot convert image {name} from mode {image.mode!r} to RGB: {exc} "
+            "(expected a mode Pillow converts, e.g. RGB, RGBA, L, LA, P, PA, CMYK, I;16, 1)"
+        ) from exc
+
+
+def _describe(source: object) -> str:
+    if isinstance(source, Image.Image):
+        return f"<PIL image, mode {source.mode}, {source.width}x{source.height}>"
+    if isinstance(source, bytes | bytearray | memoryview):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, str | os.PathLike):
+        return f"'{os.fspath(source)}'"
+    return f"of type {type(source).__name__}"
+
+
+def _read_error(name: str, problem: str, expected: str = _DECODABLE) -> MllamaExportError:
+    return MllamaExportError(f"cannot read image {name}: {problem} (expected {expected})")
+
+
+def _checked_path(source: str | os.PathLike, name: str) -> Path:
+    path = Path(source)
+    if not path.exists():
+        raise _read_error(name, "no such file", "an existing image file")
+    if path.is_dir():
+        raise _read_error(name, "it is a directory", "an image file")
+    if path.stat().st_size == 0:
+        raise _read_error(name, "the file is empty (0 bytes)")
+    return path
+
+
+def _upright(image: Image.Image, name: str) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as exc:  # Pillow's EXIF parser raises assorted types on malformed tags.
+        raise _read_error(name, f"its EXIF data is corrupt ({exc})") from exc
+
+
+def _decode(fp: Path | io.BytesIO, name: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns between its soft and hard limits; MAX_IMAGE_PIXELS is our one limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fp) as image:
+                _check_pixel_count(image, name)
+                image.load()
+                return _upright(image, name)
+    except MllamaExportError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise _read_error(name, str(exc), f"at most {MAX_IMAGE_PIXELS:,} pixels") from exc
+    except UnidentifiedImageError as exc:
+        raise _read_error(name, "it is not in a recognised image format") from exc
+    except OSError as exc:
+        if exc.errno is not None:
+            raise _read_error(name, exc.strerror or str(exc), "a readable image file") from exc
+        problem = "the file is truncated" if "truncated" in str(exc) else f"corrupt data ({exc})"
+        raise _read_error(name, problem) from exc
+    except (
+        Exception
+    ) as exc:  # Decoders raise SyntaxError, struct.error, zlib.error, ... on bad data.
+        raise _read_error(name, f"corrupt data ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_pixel_count(image: Image.Image, name: str) -> None:
+    pixels = image.width * image.height
+    if pixels > MAX_IMAGE_PIXELS:
+        raise _read_error(
+            name,
+            f"its header says {image.width}x{image.height} = {pixels:,} pixels, a possible "
+            "decompression bomb",
+            f"at most {MAX_IMAGE_PIXELS:,} pixels",
+        )
+
+
+@dataclass
+class PreprocessedImages:
+    """Model inputs for a batch: rows of images, padded to the longest row and to max tiles."""
+
+    pixel_values: np.ndarray  # float32 [batch, max_num_images, max_image_tiles, 3, H, W]
+    aspect_ratio_ids: np.ndarray  # int64 [batch, max_num_images]; 1-based, 0 for padding images
+    aspect_ratio_mask: np.ndarray  # int64 [batch, max_num_images, max_image_tiles]
+    num_tiles: list[list[int]]
+
+
+def preprocess(
+    images: Sequence[Sequence[ImageSource]], config: ImageProcessorConfig
+) -> PreprocessedImages:
+    """Turn rows of images (paths, bytes or PIL images) into Llama 3.2 Vision model inputs."""
+    rows = _check_batch(images)
+    tiled = [[_tile(_prepare(source, config), config) for source in row] for row in rows]
+    return _pack(tiled, config)
+
+
+def _check_batch(images: Any) -> list[list[ImageSource]]:
+    if not isinstance(images, list | tuple) or not all(isinstance(r, list | tuple) for r in images):
+        raise MllamaExportError(
+            f"images is {type(images).__name__} {images!r:.80} (expected a list of rows, each a "
+            "list of images)"
+        )
+    if not any(images):
+        raise MllamaExportError(
+            f"no images to preprocess: {len(images)} row(s), all empty (expected at least one)"
+        )
+    return [list(row) for row in images]
+
+
+def _prepare(source: ImageSource, config: ImageProcessorConfig) -> Image.Image:
+    image = load_image(source, convert_rgb=config.do_convert_rgb)
+    if image.mode != "RGB":
+        # Without conversion the reference only works on RGB; other modes crash in normalize.
+        raise MllamaExportError(
+            f"image {_describe(source)} has mode {image.mode!r} and the config says "
+            "do_convert_rgb=false (expected an RGB image, or do_convert_rgb=true)"
+        )
+    return image
+
+
+def _tile(image: Image.Image, config: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resize onto the best canvas, zero-pad it, and cut it into uint8 [tiles, 3, t, t]."""
+    tile = config.tile_size
+    canvas_h, canvas_w = optimal_tiled_canvas(
+        image.height, image.width, config.max_image_tiles, tile
+    )
+    new_h, new_w = fit_to_canvas(image.height, image.width, canvas_h, canvas_w, tile)
+    canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)
+    canvas[:new_h, :new_w] = np.asarray(image.resize((new_w, new_h), resample=config.resample))
+    rows, cols = canvas_h // tile, canvas_w // tile
+    tiles = canvas.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 4, 1, 3)
+    return tiles.reshape(rows * cols, 3, tile, tile), (rows, cols)
+
+
+def _value_table(config: ImageProcessorConfig) -> np.ndarray:
+    """float32 [3, 256]: each channel's output for each uint8 input.
+
+    Rescale and normalize are per-value functions, so a lookup table computed with the reference's
+    exact dtypes (float64 rescale cast to float32, then float32 normalize) gives identical bits.
+    """
+    values = np.tile(np.arange(256, dtype=np.uint8), (3, 1))
+    if config.do_rescale:
+        table = (values.astype(np.float64) * config.rescale_factor).astype(np.float32)
+    else:
+        table = values.astype(np.float32)
+    if config.do_normalize:
+        mean = np.array(config.image_mean, dtype=np.float32)[:, None]
+        std = np.array(config.image_std, dtype=np.float32)[:, None]
+        table = (table - mean) / std
+    return table
+
+
+def _pack(
+    tiled: list[list[tuple[np.ndarray, tuple[int, int]]]], config: ImageProcessorConfig
+) -> PreprocessedImages:
+    batch, max_images = len(tiled), max(len(row) for row in tiled)
+    max_tiles, tile = config.max_image_tiles, config.tile_size
+    pixel_values = np.zeros((batch, max_images, max_tiles, 3, tile, tile), dtype=np.float32)
+    ids = np.zeros((batch, max_images), dtype=np.int64)
+    mask = np.zeros((batch, max_images, max_tiles), dtype=np.int64)
+    # The reference marks tile 0 valid even for padding images (its original code padded with 1x1).
+    mask[:, :, 0] = 1
+    table = _value_table(config)
+    for b, row in enumerate(tiled):
+        for i, (tiles, grid) in enumerate(row):
+            pixel_values[b, i, : len(tiles)] = table[_CHANNELS, tiles]
+            ids[b, i] = config.supported_aspect_ratios.index(grid) + 1
+            mask[b, i, : len(tiles)] = 1
+    num_tiles = [[len(tiles) for tiles, _ in row] for row in tiled]
+    return PreprocessedImages(pixel_values, ids, mask, num_tiles)

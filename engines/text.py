@@ -1,0 +1,554 @@
+"""Text side of the runner's input pipeline: tokenizer, chat template, cross-attention mask.
+
+Nothing here imports transformers: the runner must work on machines that only have the
+`tokenizers` and `jinja2` wheels. The tests check every function against transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import numpy as np
+import tokenizers
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from mllama_export.errors import MllamaExportError
+
+BOS = "<|begin_of_text|>"
+IMAGE_TOKEN = "<|image|>"
+# The 12 special tokens that follow the regular vocabulary, in id order (as in Llama 3.2).
+SPECIAL_TOKENS = (
+    BOS,
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|finetune_right_pad_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|python_tag|>",
+    *(f"<|reserved_special_token_{i}|>" for i in range(4)),
+)
+# Tokens that end an assistant turn; Llama 3.2's generation_config stops on all three.
+_STOP_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")
+# The special-token attributes transformers hands to the chat template.
+_TEMPLATE_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+# Llama 3's pre-tokenizer split, so the synthetic tokenizer segments text like the real one.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Condensed Llama 3.2 Vision Instruct template: same output as the real one for chats
+# without tools (system block with dates only when there are no images).
+LLAMA32_VISION_CHAT_TEMPLATE = r"""{{- bos_token }}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{%- set image_ns = namespace(has_images=false) %}
+{%- for message in messages %}
+    {%- for content in message['content'] %}
+        {%- if content['type'] == 'image' %}
+            {%- set image_ns.has_images = true %}
+        {%- endif %}
+    {%- endfor %}
+{%- endfor %}
+{%- if image_ns.has_images and not system_message == "" %}
+    {{- raise_exception("Prompting with images is incompatible with system messages.") }}
+{%- endif %}
+{%- if not image_ns.has_images %}
+    {{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+    {{- "Cutting Knowledge Date: December 2023\n" }}
+    {{- "Today Date: " + date_string + "\n\n" }}
+    {{- system_message }}
+    {{- "<|eot_id|>" }}
+{%- endif %}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}
+    {%- if message['content'] is string %}
+        {{- message['content'] }}
+    {%- else %}
+        {%- for content in message['content'] %}
+            {%- if content['type'] == 'image' %}
+                {{- '<|image|>' }}
+            {%- elif content['type'] == 'text' %}
+                {{- content['text'] }}
+            {%- endif %}
+        {%- endfor %}
+    {%- endif %}
+    {{- '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+
+# Training text for the synthetic tokenizer: enough distinct words for a few hundred merges.
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A picture is worth a thousand words, "
+    "and this model reads both: an image encoder turns every tile of the picture into "
+    "features, and the language model attends to them through cross-attention layers.",
+    "Describe the image in one sentence. What color is the car parked near the house? "
+    "There are two cats sleeping on the sofa, and a small brown dog is watching them "
+    "from the window. The weather looks cold, with snow on the trees and the road.",
+    "When you export a model to ONNX, check that the outputs match the reference within "
+    "a tolerance. Engines built with TensorRT run faster on the GPU, but numbers can "
+    "differ slightly because kernels use lower precision and fused operations.",
+    "User: Can you read the text on this sign? Assistant: Yes, it says that the museum "
+    "opens at nine in the morning and closes at six in the evening, except on Mondays.",
+    "Numbers like 3, 14, 2024 and 128256 appear in text too; so do symbols such as "
+    "(brackets), [lists], {braces}, quotes \"like this\", it's, we're, they've, I'm.",
+)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MllamaExportError(f"{path} is not valid JSON ({e}); expected a JSON file.") from e
+
+
+def _token_content(value: Any) -> str | None:
+    # tokenizer_config stores a special token either as a string or as a serialized AddedToken.
+    if isinstance(value, Mapping):
+        return value.get("content")
+    return value
+
+
+def _load_chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: transformers uses "default"
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if template is None and (folder / "chat_template.json").is_file():
+        template = _read_json(folder / "chat_template.json").get("chat_template")
+    return template
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    # transformers' templates may wrap assistant turns in {% generation %}; it renders the body.
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return caller()
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    # Same guard as transformers: no underscore attributes, so templates can't reach internals.
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+
+class _TemplateDict:
+    # Like transformers: templates may build dicts but never hold the dict type itself.
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: Any = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
+    # Jinja's own tojson HTML-escapes; transformers' version (copied here) does not.
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """Compile a chat template in the same sandboxed environment transformers uses."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateError as e:
+        raise MllamaExportError(f"The chat template does not compile: {e}") from e
+
+
+def _plain(value: Any) -> Any:
+    # A deep copy in plain JSON types, as transformers gives the template (drops None keys too).
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class Tokenizer:
+    """A Hugging Face checkpoint's tokenizer, without transformers."""
+
+    def __init__(
+        self, backend: tokenizers.Tokenizer, config: Mapping[str, Any], chat_template: str | None
+    ) -> None:
+        self.backend = backend
+        self.config = dict(config)
+        self.chat_template = chat_template
+        self._compiled: jinja2.Template | None = None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load tokenizer.json, tokenizer_config.json (and special_tokens_map.json) from `path`."""
+        folder = Path(path)
+        tokenizer_json = folder / "tokenizer.json"
+        if not tokenizer_json.is_file():
+            present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "nothing"
+            raise MllamaExportError(
+                f"No tokenizer.json in {folder}; expected a Hugging Face checkpoint folder. "
+                f"It contains: {present}."
+            )
+        _read_json(tokenizer_json)  # a clear message for corrupt JSON before tokenizers' own
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+        except Exception as e:  # tokenizers raises a bare Exception
+            raise MllamaExportError(f"{tokenizer_json} is not a valid tokenizer: {e}") from e
+        config: dict[str, Any] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (folder / name).is_file():
+                config.update(_read_json(folder / name))
+        return cls(backend, config, _load_chat_template(folder, config))
+
+    def _special(self, key: str) -> str | None:
+        return _token_content(self.config.get(key))
+
+    def token_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._special("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self._special("eos_token")
+        return None if eos is None else self.token_id(eos)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        pad = self._special("pad_token")
+        return None if pad is None else self.token_id(pad)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Every id that ends generation: eos plus end_of_text/eot/eom when present."""
+        ids = {self.token_id(t) for t in _STOP_TOKENS} | {self.eos_token_id}
+        return {i for i in ids if i is not None}
+
+    @property
+    def image_token_id(self) -> int:
+        image_id = self.token_id(IMAGE_TOKEN)
+        if image_id is None:
+            raise MllamaExportError(f"The tokenizer has no {IMAGE_TOKEN} token; is it mllama's?")
+        return image_id
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids as transformers gives them; BOS comes from the tokenizer's post-processor.
+
+        Text that already starts with BOS (a rendered chat template) gets no second one, like
+        transformers' apply_chat_template(tokenize=True) which encodes without special tokens.
+        """
+        bos = self.bos_token
+        add = add_bos and not (bos is not None and text.startswith(bos))
+        return self.backend.encode(text, add_special_tokens=add).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        # transformers 5 skips clean_up_tokenization_spaces for BPE, so the raw decode matches.
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs
+    ) -> str:
+        """Render `messages` like transformers' apply_chat_template(tokenize=False).
+
+        A message's content is a string or a list of {"type": "text", "text": ...} and
+        {"type": "image"} parts; extra kwargs (e.g. date_string) reach the template.
+        """
+        if self.chat_template is None:
+            raise MllamaExportError(
+                "The tokenizer has no chat_template; expected one in tokenizer_config.json, "
+                "chat_template.jinja or chat_template.json."
+            )
+        if not messages:
+            raise MllamaExportError("Cannot apply the chat template to an empty conversation.")
+        if self._compiled is None:
+            self._compiled = compile_chat_template(self.chat_template)
+        special = {k: self._special(k) for k in _TEMPLATE_TOKEN_KEYS if self.config.get(k)}
+        try:
+            return self._compiled.render(
+                messages=_plain(list(messages)),
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **{**special, **_plain(kwargs)},
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise MllamaExportError(f"The chat template rejected the messages: {e}") from e
+
+
+class StreamDecoder:
+    """Turns generated ids into text pieces as soon as they are whole characters.
+
+    A byte-level token can end inside a multi-byte UTF-8 character, which decodes to U+FFFD;
+    such text is held back until the next tokens complete it. Pieces concatenate to
+    `decode(all_ids)` once `finish()` is called.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        # Decoding restarts at `_prefix` (not 0) to stay O(1) per token; ids up to `_read` are
+        # already emitted. Keeping one emitted token of context lets decoders that strip a
+        # leading space from the first token (SentencePiece) decode the join correctly.
+        self._prefix = 0
+        self._read = 0
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip)
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly completed text ("" when nothing is complete yet)."""
+        self._ids.append(int(token_id))
+        done = self._decode(self._prefix, self._read)
+        text = self._decode(self._prefix)
+        if text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(done) :]
+
+    def finish(self) -> str:
+        """Return whatever is held back (invalid UTF-8 at the very end decodes to U+FFFD)."""
+        done = self._decode(self._prefix, self._read)
+        text = self._decode(self._prefix)
+        self._prefix = self._read = len(self._ids)
+        return text[len(done) :]
+
+    def stream(self, ids: Iterable[int]) -> Iterator[str]:
+        """Yield the non-empty pieces for `ids`, then the held-back tail."""
+        for token_id in ids:
+            if piece := self.push(token_id):
+                yield piece
+        if tail := self.finish():
+            yield tail
+
+
+def _image_spans(ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
+    """Rows [start, end) that each image attends, as transformers' get_cross_attention_token_mask.
+
+    An image attends from its own token to the next image that is not directly after it, so a
+    run of consecutive image tokens shares the text that follows the run.
+    """
+    locs = [i for i, t in enumerate(ids) if t == image_token_id]
+    spans: list[tuple[int, int]] = []
+    end = len(ids)
+    for k in reversed(range(len(locs))):
+        if k + 1 < len(locs) and locs[k + 1] != locs[k] + 1:
+            end = locs[k + 1]
+        spans.append((locs[k], end))
+    return spans[::-1]
+
+
+def _check_batch(input_ids: Sequence[Sequence[int]], num_tiles: Sequence[Sequence[int]]) -> None:
+    if len(input_ids) == 0 or len(input_ids) != len(num_tiles):
+        raise MllamaExportError(
+            f"Got {len(input_ids)} token rows and {len(num_tiles)} num_tiles rows; expected one "
+            "num_tiles list per sample and at least one sample."
+        )
+    if len({len(row) for row in input_ids}) != 1:
+        raise MllamaExportError(
+            f"input_ids rows have lengths {sorted({len(r) for r in input_ids})}; expected ids "
+            "already padded to one length."
+        )
+
+
+def _check_images(b: int, num_images: int, tiles: Sequence[int], max_num_tiles: int) -> None:
+    # transformers would silently misalign images with their text; we say what is wrong.
+    if num_images != len(tiles):
+        raise MllamaExportError(
+            f"Sample {b} has {num_images} image tokens but {len(tiles)} images were given; "
+            "expected one image per image token."
+        )
+    if any(not 1 <= t <= max_num_tiles for t in tiles):
+        raise MllamaExportError(
+            f"Sample {b} has tile counts {list(tiles)}; expected 1..{max_num_tiles}."
+        )
+
+
+def cross_attention_mask_from_ids(
+    input_ids: Sequence[Sequence[int]],
+    num_tiles: Sequence[Sequence[int]],
+    image_token_id: int,
+    max_num_tiles: int,
+) -> np.ndarray:
+    """The int64 [batch, seq_len, max_num_images, max_num_tiles] mask MllamaProcessor builds.
+
+    `input_ids` must already be padded to one length, on either side: pad ids are never the
+    image token, so left-padding rows (before any image) come out all zero, exactly as in
+    transformers. `num_tiles[b][i]` is the tile count of image i of sample b.
+    """
+    _check_batch(input_ids, num_tiles)
+    spans = [_image_spans(row, image_token_id) for row in input_ids]
+    for b, (sample_spans, tiles) in enumerate(zip(spans, num_tiles, strict=True)):
+        _check_images(b, len(sample_spans), tiles, max_num_tiles)
+    max_images = max(len(s) for s in spans)
+    mask = np.zeros((len(input_ids), len(input_ids[0]), max_images, max_num_tiles), np.int64)
+    for b, (sample_spans, tiles) in enumerate(zip(spans, num_tiles, strict=True)):
+        for i, ((start, end), n) in enumerate(zip(sample_spans, tiles, strict=True)):
+            mask[b, start:end, i, :n] = 1
+    return mask
+
+
+def _train_bpe(num_regular: int) -> tokenizers.Tokenizer:
+    """Train byte-level BPE with exactly `num_regular` ids (256 bytes plus merges)."""
+    tok = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=num_regular,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    if tok.get_vocab_size() != num_regular:
+        raise MllamaExportError(
+            f"The built-in corpus yields {tok.get_vocab_size()} BPE tokens; asked for "
+            f"{num_regular}; use vocab_size <= {tok.get_vocab_size() + len(SPECIAL_TOKENS)}."
+        )
+    return tok
+
+
+def _added_token(content: str) -> dict[str, Any]:
+    return {
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+    }
+
+
+def write_synthetic_tokenizer(
+    out_dir: str | Path, vocab_size: int = 512, image_token_id: int | None = None
+) -> None:
+    """Write a small working Llama-3-style tokenizer for tiny synthetic checkpoints.
+
+    Ids 0..vocab_size-13 are byte-level BPE tokens, the next 12 are Llama 3.2's special tokens
+    and `<|image|>` is `image_token_id` (default vocab_size: past the lm_head, like 128256 in
+    the real model). Ids between vocab_size and image_token_id become reserved tokens, because
+    tokenizers assigns added-token ids contiguously. The built-in corpus allows vocab_size up
+    to 666.
+    """
+    image_token_id = vocab_size if image_token_id is None else image_token_id
+    num_regular = vocab_size - len(SPECIAL_TOKENS)
+    if num_regular < 256 or image_token_id < vocab_size:
+        raise MllamaExportError(
+            f"Got vocab_size {vocab_size} and image_token_id {image_token_id}; expected "
+            f"vocab_size >= {256 + len(SPECIAL_TOKENS)} (256 byte tokens plus the special "
+            "tokens) and image_token_id >= vocab_size."
+        )
+    extra = [f"<|reserved_special_token_{i}|>" for i in range(4, 4 + image_token_id - vocab_size)]
+    specials = [*SPECIAL_TOKENS, *extra, IMAGE_TOKEN]
+    tok = _train_bpe(num_regular)
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in specials])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, num_regular)]
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    special_map, config = _tokenizer_configs(specials, first_id=num_regular)
+    for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
+        (out / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
+
+
+def _tokenizer_configs(specials: list[str], first_id: int) -> tuple[dict, dict]:
+    """special_tokens_map.json and tokenizer_config.json as Llama 3.2 Vision Instruct has them."""
+    special_map = {
+        "bos_token": BOS,
+        "eos_token": "<|eot_id|>",
+        "pad_token": "<|finetune_right_pad_id|>",
+    }
+    config = {
+        "added_tokens_decoder": {
+            str(first_id + i): _added_token(t) for i, t in enumerate(specials)
+        },
+        **special_map,
+        "chat_template": LLAMA32_VISION_CHAT_TEMPLATE,
+        # Real checkpoints say true, but transformers 5 ignores it for BPE; false says what happens.
+        "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 131072,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    return special_map, config

@@ -1,0 +1,72 @@
+"""Shared fixtures: synthetic checkpoints written once per session, and their models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mllama_export.engines.backend import TorchBackend
+from mllama_export.engines.runner import Images, Limits, Runner
+from mllama_export.graphs.config import preset
+from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, VisionGraph
+from mllama_export.graphs.synth import write_checkpoint
+from mllama_export.graphs.weights import load_model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return write_checkpoint(preset("tiny"), tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_dir):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.MllamaForConditionalGeneration.from_pretrained(
+        tiny_dir, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir) -> MllamaModel:
+    return load_model(tiny_dir, semantics="hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_meta(tiny_dir) -> MllamaModel:
+    return load_model(tiny_dir, semantics="meta")
+
+
+def torch_runner(model: MllamaModel, limits: Limits | None = None) -> Runner:
+    return Runner(
+        model.config,
+        TorchBackend(VisionGraph(model)),
+        TorchBackend(PrefillGraph(model)),
+        TorchBackend(DecodeGraph(model)),
+        limits or Limits(max_batch=8, max_seq_len=256, max_images=2),
+    )
+
+
+def random_images(config, tiles_per_prompt: list[list[int]], seed: int = 0) -> Images:
+    """Random pixel tiles with the aspect-ratio ids and masks the processor would give."""
+    v = config.vision
+    rng = np.random.default_rng(seed)
+    b, n = len(tiles_per_prompt), max((len(t) for t in tiles_per_prompt), default=0)
+    pixels = np.zeros(
+        (b, n, v.max_num_tiles, v.num_channels, v.image_size, v.image_size), np.float32
+    )
+    ids = np.zeros((b, n), np.int64)
+    mask = np.zeros((b, n, v.max_num_tiles), np.int64)
+    mask[:, :, 0] = 1  # the processor marks the first tile of padding images too
+    for row, ratios in enumerate(tiles_per_prompt):
+        for i, ratio_id in enumerate(ratios):
+            h, w = v.supported_aspect_ratios[ratio_id - 1]
+            pixels[row, i, : h * w] = rng.standard_normal((h * w, *pixels.shape[3:]))
+            ids[row, i] = ratio_id
+            mask[row, i, : h * w] = 1
+    tiles = [
+        [int(np.prod(v.supported_aspect_ratios[r - 1])) for r in ratios]
+        for ratios in tiles_per_prompt
+    ]
+    return Images(pixels, ids, mask, tiles)
