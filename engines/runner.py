@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -11,18 +13,12 @@ from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
 
 from .backend import Backend
+from .preprocess import PreprocessedImages as Images
 from .sampling import Sampling, TokenPicker
 from .text import cross_attention_mask_from_ids
 
-
-@dataclass(frozen=True)
-class Images:
-    """Preprocessed images of a batch, padded to the most images any prompt has."""
-
-    pixel_values: np.ndarray  # [B, I, T, C, H, W]
-    aspect_ratio_ids: np.ndarray  # [B, I]
-    aspect_ratio_mask: np.ndarray  # [B, I, T]
-    num_tiles: list[list[int]]  # real tiles of each real image, per prompt
+if TYPE_CHECKING:
+    from .pipeline import TextRunner
 
 
 @dataclass(frozen=True)
@@ -41,6 +37,14 @@ class Generation:
     step_logits: list[np.ndarray] = field(default_factory=list)  # [B, V] per step when asked for
     timings: dict[str, float] = field(default_factory=dict)
     cache_bytes_per_step: int = 0  # bytes the runner copied into its buffers per decode step
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes  # numpy has no bfloat16 of its own
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 class _Cache:
@@ -75,8 +79,17 @@ class Runner:
         limits: Limits,
         model_dtype: str = "float32",
     ):
-        self.config, self.limits, self.dtype = config, limits, np.dtype(model_dtype)
+        self.config, self.limits, self.dtype = config, limits, numpy_dtype(model_dtype)
         self.vision, self.prefill, self.decode = vision, prefill, decode
+
+    @classmethod
+    def from_artifacts(
+        cls, folder, backend: str = "onnxruntime", device: str = "cpu"
+    ) -> TextRunner:
+        """Loads an artifact folder written by `mllama-export build`, after checking its files."""
+        from .artifacts import load_runner
+
+        return load_runner(folder, backend, device)
 
     def generate_ids(
         self,
@@ -88,30 +101,44 @@ class Runner:
         keep_logits: bool = False,
     ) -> Generation:
         """Token ids in, generated token ids out. Prompts are left-padded into one batch."""
-        t = self.config.text
-        stop = set(t.eos_token_ids) if stop_tokens is None else set(stop_tokens)
+        result = Generation([[] for _ in prompts])
+        for _ in self.iter_steps(
+            prompts, images, max_new_tokens, sampling, stop_tokens, result, keep_logits
+        ):
+            pass
+        return result
+
+    def iter_steps(
+        self,
+        prompts: list[list[int]],
+        images: Images | None,
+        max_new_tokens: int,
+        sampling: Sampling | None,
+        stop_tokens: set[int] | None,
+        result: Generation,
+        keep_logits: bool = False,
+    ) -> Iterator[np.ndarray]:
+        """Yields each step's tokens [B] as soon as they are chosen, filling `result`."""
+        stop = set(self.config.text.eos_token_ids) if stop_tokens is None else set(stop_tokens)
         self._check_request(prompts, images, max_new_tokens)
-        timings: dict[str, float] = {}
         feed = self._prompt_feed(prompts, images)
-        xk, xv = self._cross_kv(images, len(prompts), timings)
+        xk, xv = self._cross_kv(images, len(prompts), result.timings)
         start = time.perf_counter()
         out = self.prefill.infer({**feed, "cross_key": xk, "cross_value": xv})
-        timings["prefill_s"] = time.perf_counter() - start
-        capacity = feed["input_ids"].shape[1] + max_new_tokens
-        cache = _Cache(out["present_key"], out["present_value"], feed["attention_mask"], capacity)
-        result = Generation([[] for _ in prompts], timings=timings)
+        result.timings["prefill_s"] = time.perf_counter() - start
         if keep_logits:
             result.prefill_logits = out["logits"]
+        capacity = feed["input_ids"].shape[1] + max_new_tokens
+        cache = _Cache(out["present_key"], out["present_value"], feed["attention_mask"], capacity)
         step_inputs = {
             "position_ids": feed["position_ids"][:, -1:].copy(),
             "cross_attention_mask": feed["cross_attention_mask"][:, -1:].copy(),
             "cross_key": xk,
             "cross_value": xv,
         }
-        self._decode_loop(
+        yield from self._decode_loop(
             out["logits"][:, -1], cache, step_inputs, result, max_new_tokens, stop, sampling
         )
-        return result
 
     def _decode_loop(self, logits, cache, step_inputs, result, max_new_tokens, stop, sampling):
         # Finished rows keep stepping with the pad token, as transformers' generate does.
@@ -123,6 +150,7 @@ class Runner:
             tokens = np.where(done, pad, tokens)
             for row in np.flatnonzero(~done):
                 result.token_ids[row].append(int(tokens[row]))
+            yield np.where(done, -1, tokens)
             done |= np.isin(tokens, list(stop))
             if done.all() or step == max_new_tokens - 1:
                 break
@@ -152,7 +180,7 @@ class Runner:
         xmask = cross_attention_mask_from_ids(
             ids.tolist(), tiles, self.config.image_token_id, v.max_num_tiles
         )
-        num_images = 0 if images is None else images.pixel_values.shape[1]
+        num_images = 1 if images is None else max(1, images.pixel_values.shape[1])
         if xmask.shape[2] < num_images:
             xmask = np.pad(xmask, ((0, 0), (0, 0), (0, num_images - xmask.shape[2]), (0, 0)))
         return {
@@ -194,10 +222,13 @@ class Runner:
         self, images: Images | None, batch: int, timings: dict
     ) -> tuple[np.ndarray, np.ndarray]:
         if images is None or images.pixel_values.shape[1] == 0:
-            # No image anywhere in the batch: zero image tokens; cross-attention layers then
-            # act as the identity under both mask semantics.
-            t = self.config.text
-            shape = (len(t.cross_attention_layers), batch, t.num_kv_heads, 0, t.head_dim)
+            # No image in the batch: one image slot of zero K/V that no row may see. Every
+            # cross-attention layer is then exactly the identity under both mask semantics
+            # (zero values give a zero attention output; the row mask zeroes the MLP), and
+            # no dim is ever zero, which engines with optimization profiles dislike.
+            t, v = self.config.text, self.config.vision
+            tokens = v.max_num_tiles * v.num_patches
+            shape = (len(t.cross_attention_layers), batch, t.num_kv_heads, tokens, t.head_dim)
             return np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)
         start = time.perf_counter()
         out = self.vision.infer(

@@ -55,7 +55,7 @@ def write_checkpoint(
     }
     _write_tensors(tensors, out, shards)
     (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-    _write_side_files(config, out)
+    write_side_files(config, out)
     return out
 
 
@@ -76,8 +76,18 @@ def _write_tensors(tensors: dict[str, torch.Tensor], out: Path, shards: int) -> 
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_side_files(config: MllamaConfig, out: Path) -> None:
-    t = config.text
+def write_side_files(config: MllamaConfig, out: Path) -> None:
+    from mllama_export.engines.preprocess import default_preprocessor_config
+    from mllama_export.engines.text import write_synthetic_tokenizer
+
+    t, v = config.text, config.vision
     generation = {"bos_token_id": t.bos_token_id, "eos_token_id": list(t.eos_token_ids)}
     generation["pad_token_id"] = t.pad_token_id
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    preprocessor = default_preprocessor_config(v.image_size, v.max_num_tiles)
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    # A trained BPE vocabulary needs real text per token: only the tiny vocabulary gets one.
+    if t.vocab_size <= 666:
+        write_synthetic_tokenizer(
+            out, vocab_size=t.vocab_size, image_token_id=config.image_token_id
+        )

@@ -1,0 +1,97 @@
+"""One graph module -> one ONNX file with external weights, named dims and a passing checker."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.contract import DYNAMIC_DIMS, TensorSpec, static_dims
+
+from .options import BuildOptions
+
+# Sizes of the example inputs traced at export: all >= 2 and distinct, so that no dynamic dim
+# is specialized to 0 or 1, or confused with another.
+EXAMPLE_SIZES = {"batch": 2, "num_images": 2, "sequence": 7, "past_sequence": 11}
+
+
+def dims_for(config: MllamaConfig, options: BuildOptions) -> dict[str, Dim]:
+    v = config.vision
+    batch = Dim("batch", min=1, max=max(2, options.max_batch))
+    images = Dim("num_images", min=1, max=max(2, options.max_images))
+    return {
+        "batch": batch,
+        "num_images": images,
+        "image_tokens": images * (v.max_num_tiles * v.num_patches),
+        "sequence": Dim("sequence", min=1, max=max(8, options.max_seq_len)),
+        "past_sequence": Dim("past_sequence", min=1, max=max(12, options.max_seq_len)),
+    }
+
+
+def example_inputs(
+    specs: tuple[TensorSpec, ...], config: MllamaConfig, dtype, sizes=None, seed: int = 0
+) -> tuple:
+    """Random inputs of the right shapes and dtypes; values only need to be valid."""
+    sizes = {**static_dims(config), **(sizes or EXAMPLE_SIZES)}
+    sizes["image_tokens"] = sizes["num_images"] * sizes["tiles"] * config.vision.num_patches
+    gen = torch.Generator().manual_seed(seed)
+    tensors = []
+    for spec in specs:
+        shape = spec.shape(sizes)
+        if spec.dtype == "int64":
+            high = {"input_ids": config.text.vocab_size, "position_ids": 64}.get(spec.name, 2)
+            high = (
+                config.vision.max_aspect_ratio_id + 1 if spec.name == "aspect_ratio_ids" else high
+            )
+            tensors.append(torch.randint(0, high, shape, generator=gen))
+        else:
+            tensors.append(torch.randn(shape, generator=gen).to(dtype))
+    return tuple(tensors)
+
+
+def export_graph(
+    graph: torch.nn.Module, config: MllamaConfig, options: BuildOptions, path: Path
+) -> None:
+    """Exports with torch.export (dynamo), weights in `<name>.onnx.data` beside the graph."""
+    dims = dims_for(config, options)
+    args = example_inputs(graph.INPUTS, config, options.dtype)
+    shapes = {s.name: {i: dims[d] for i, d in s.dynamic_axes().items()} for s in graph.INPUTS}
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph.eval(),
+            args,
+            input_names=[s.name for s in graph.INPUTS],
+            output_names=[s.name for s in graph.OUTPUTS],
+            dynamic_shapes=shapes,
+            opset_version=options.opset,
+            dynamo=True,
+            external_data=True,
+            verbose=False,
+        )
+    program.save(str(path), external_data=True)
+    del program
+    gc.collect()
+    _name_dims(path, graph.INPUTS + graph.OUTPUTS, config)
+    onnx.checker.check_model(str(path))
+
+
+def _name_dims(path: Path, specs: tuple[TensorSpec, ...], config: MllamaConfig) -> None:
+    """The exporter names derived dims after their formula (`68*num_images`); the contract's
+    names are what TensorRT profiles and users see, so they are written back."""
+    model = onnx.load(str(path), load_external_data=False)
+    by_name = {s.name: s for s in specs}
+    static = static_dims(config)
+    for value in [*model.graph.input, *model.graph.output]:
+        spec = by_name[value.name]
+        for dim, name in zip(value.type.tensor_type.shape.dim, spec.dims, strict=True):
+            if name in DYNAMIC_DIMS:
+                dim.dim_param = name
+            else:
+                dim.dim_value = static[name]
+    onnx.save(model, str(path))

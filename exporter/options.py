@@ -1,0 +1,64 @@
+"""Build options: what the user asks for, checked against each other and the model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.text import MASK_SEMANTICS
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRESET_NAMES = ("tiny", "11b", "90b")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: str  # a checkpoint folder or a preset name (synthesized, random weights)
+    out: Path
+    precision: str = "fp32"
+    max_batch: int = 4
+    max_seq_len: int = 512  # prompt plus generated tokens
+    max_images: int = 2  # per prompt
+    xattn_mask: str = "meta"
+    opset: int = 19
+    seed: int = 0  # for synthesized presets
+    force: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+    def check(self, config: MllamaConfig) -> None:
+        """Refuses options that contradict each other or the model, before any work starts."""
+        problems = []
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r} (available: {', '.join(PRECISIONS)})")
+        if self.xattn_mask not in MASK_SEMANTICS:
+            problems.append(
+                f"xattn-mask {self.xattn_mask!r} (available: {', '.join(MASK_SEMANTICS)})"
+            )
+        for name in ("max_batch", "max_seq_len", "max_images"):
+            if getattr(self, name) < 1:
+                problems.append(
+                    f"{name.replace('_', '-')} {getattr(self, name)} (must be at least 1)"
+                )
+        if self.max_seq_len > config.text.max_position_embeddings:
+            problems.append(
+                f"max-seq-len {self.max_seq_len} beyond the model's "
+                f"{config.text.max_position_embeddings} positions"
+            )
+        if self.max_seq_len < 2:
+            problems.append("max-seq-len below 2 (a prompt token and a new token)")
+        if not 19 <= self.opset <= 21:
+            problems.append(f"opset {self.opset} (supported: 19 to 21)")
+        if problems:
+            raise MllamaExportError("invalid build options: " + "; ".join(problems))

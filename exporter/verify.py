@@ -1,0 +1,60 @@
+"""The check inside `build`: ONNX Runtime on the exported file against the PyTorch graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mllama_export.engines.onnxrt import OnnxRuntimeBackend
+from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.config import MllamaConfig
+
+from .onnx_export import example_inputs
+from .options import BuildOptions
+
+# Shapes unlike the traced ones, so that a dim frozen by mistake shows up here.
+CHECK_SIZES = (
+    {"batch": 1, "num_images": 1, "sequence": 5, "past_sequence": 9},
+    {"batch": 3, "num_images": 2, "sequence": 4, "past_sequence": 6},
+)
+# The same arithmetic in two runtimes: float32 differs in rounding only; 16-bit rounds each op.
+LIMITS = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2}
+
+
+def verify_graph(graph, path: Path, config: MllamaConfig, options: BuildOptions) -> dict:
+    if options.precision == "bf16":
+        return {
+            "ran": False,
+            "reason": "ONNX Runtime's CPU provider has no bfloat16 kernels; checked structurally only",
+        }
+    backend = OnnxRuntimeBackend(path, graph.INPUTS, graph.OUTPUTS)
+    worst: dict[str, float] = {}
+    for seed, sizes in enumerate(CHECK_SIZES):
+        args = example_inputs(graph.INPUTS, config, options.dtype, sizes, seed=seed + 1)
+        with torch.inference_mode():
+            expected = graph(*args)
+        feed = {s.name: a.numpy() for s, a in zip(graph.INPUTS, args, strict=True)}
+        actual = backend.infer(feed)
+        for spec, ref in zip(graph.OUTPUTS, expected, strict=True):
+            err = _rel_l2(actual[spec.name], ref.float().numpy())
+            worst[spec.name] = max(worst.get(spec.name, 0.0), err)
+    limit = LIMITS[options.precision]
+    result = {
+        "ran": True,
+        "limit_rel_l2": limit,
+        "outputs": {k: {"rel_l2": v} for k, v in worst.items()},
+    }
+    failed = {k: v for k, v in worst.items() if not v <= limit}
+    if failed:
+        raise MllamaExportError(
+            f"the exported {path.name} disagrees with PyTorch: relative L2 {failed} "
+            f"above {limit} ({options.precision}); the ONNX export is wrong, please report it"
+        )
+    return result
+
+
+def _rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
+    actual, expected = actual.astype(np.float64), expected.astype(np.float64)
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))

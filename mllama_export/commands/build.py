@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("build")
+@click.option(
+    "--model",
+    required=True,
+    help="Checkpoint folder (config.json + safetensors), or a preset: tiny, 11b, 90b "
+    "(a synthetic checkpoint with random weights).",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Artifact folder to write."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="Precision of the graphs' weights and activations.",
+)
+@click.option(
+    "--max-batch", type=int, default=4, show_default=True, help="Largest batch of prompts."
+)
+@click.option(
+    "--max-seq-len",
+    type=int,
+    default=512,
+    show_default=True,
+    help="Longest prompt plus generated tokens.",
+)
+@click.option(
+    "--max-images", type=int, default=2, show_default=True, help="Most images per prompt."
+)
+@click.option(
+    "--xattn-mask",
+    type=click.Choice(["meta", "hf"]),
+    default="meta",
+    show_default=True,
+    help="meta: Meta's reference (text before any image ignores images; the trained "
+    "behaviour). hf: bit-compatible with transformers 5.x.",
+)
+@click.option("--opset", type=int, default=19, show_default=True, help="ONNX opset (19 to 21).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for preset weights.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def command(
+    model, out, precision, max_batch, max_seq_len, max_images, xattn_mask, opset, seed, force
+):
+    """Export the vision, prefill and decode graphs to ONNX, check them against PyTorch, and
+    write them with a manifest. TensorRT engines follow where TensorRT and a GPU exist."""
+    from mllama_export.exporter.build import build, summarize_check
+    from mllama_export.exporter.manifest import read_manifest
+    from mllama_export.exporter.options import BuildOptions
+
+    options = BuildOptions(
+        model, out, precision, max_batch, max_seq_len, max_images, xattn_mask, opset, seed, force
+    )
+    build(options, progress=lambda msg: click.echo(f"  {msg}", err=True))
+    manifest = read_manifest(out)
+    for name, graph in manifest["graphs"].items():
+        click.echo(f"{name:8s} {graph['file']}  (vs PyTorch: {summarize_check(graph['check'])})")
+    click.echo(f"TensorRT engines not built: {manifest['tensorrt']['reason']}")
+    click.echo(f"wrote {out}")

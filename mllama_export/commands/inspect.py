@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("inspect")
+@click.argument("folder", type=click.Path(path_type=Path))
+def command(folder: Path) -> None:
+    """Print an artifact folder's manifest as a readable table."""
+    from mllama_export.exporter.manifest import read_manifest
+
+    m = read_manifest(folder)
+    text = m["model"]["config"]["text_config"]
+    rows = [
+        ("source", m["model"]["source"]),
+        (
+            "text",
+            f"{text['num_hidden_layers']} layers, hidden {text['hidden_size']}, vocab {text['vocab_size']}",
+        ),
+        (
+            "xattn mask",
+            f"{m['model']['xattn_mask']} (vision taps at the {m['model']['vision_tap']})",
+        ),
+        ("precision", f"{m['precision']} (I/O {m['io_dtype']})"),
+        ("limits", ", ".join(f"{k} {v}" for k, v in m["limits"].items())),
+        ("tensorrt", m["tensorrt"]["reason"] if not m["tensorrt"]["built"] else "built"),
+        (
+            "built",
+            f"{m['built_at']} with " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
+        ),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+    for name, graph in m["graphs"].items():
+        click.echo(f"\n[{name}] {graph['file']}")
+        for kind in ("inputs", "outputs"):
+            for spec in graph[kind]:
+                dims = ", ".join(spec["dims"])
+                click.echo(f"  {kind[:-1]:6s} {spec['name']:22s} {spec['dtype']:8s} [{dims}]")
+    click.echo(f"\nfiles: {len(m['files'])}, each checked against its sha256 before loading")

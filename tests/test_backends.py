@@ -1,0 +1,133 @@
+"""One suite, every backend: PyTorch graphs and ONNX Runtime on the exported files.
+
+Each backend is held to the same facts: logits equal to transformers (hf semantics, fp32),
+greedy tokens equal to transformers' generate, and equal to each other at every step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_images, torch_runner
+
+from mllama_export.engines.runner import Runner
+from mllama_export.exporter.build import build
+from mllama_export.exporter.options import BuildOptions
+from mllama_export.graphs.config import preset
+from mllama_export.graphs.synth import write_side_files
+
+IMG = 512
+CASES = {
+    "text-only": ([[500, 21, 22, 23]], None),
+    "one-image": ([[500, IMG, 24, 25, 26]], [[4]]),
+    "two-images": ([[500, IMG, 27, IMG, 28, 29]], [[1, 8]]),
+    "padded-batch-of-3": (
+        [[500, IMG, 30, 31, 32, 33, 34], [500, IMG, 35], [500, IMG, IMG, 36, 37]],
+        [[6], [1], [2, 3]],
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory, tiny_hf):
+    """A checkpoint the tests did not write: transformers' own save_pretrained, sharded."""
+    out = tmp_path_factory.mktemp("hf-saved")
+    tiny_hf.save_pretrained(out, max_shard_size="300KB")
+    write_side_files(preset("tiny"), out)  # tokenizer and preprocessor config
+    return out
+
+
+@pytest.fixture(scope="session")
+def ort_artifacts(tmp_path_factory, hf_checkpoint):
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-hf"
+    build(
+        BuildOptions(model=str(hf_checkpoint), out=out, xattn_mask="hf", max_batch=4),
+        progress=lambda m: None,
+    )
+    return out
+
+
+@pytest.fixture(scope="session", params=["torch", "onnxruntime"])
+def runner(request, tiny_model, ort_artifacts) -> Runner:
+    if request.param == "torch":
+        return torch_runner(tiny_model)
+    return Runner.from_artifacts(ort_artifacts)
+
+
+def hf_generate(hf, runner, prompts, images, n):
+    feed = runner._prompt_feed(prompts, images)
+    kwargs = {}
+    if images is not None:
+        kwargs = {
+            "pixel_values": torch.from_numpy(images.pixel_values),
+            "aspect_ratio_ids": torch.from_numpy(images.aspect_ratio_ids),
+            "aspect_ratio_mask": torch.from_numpy(images.aspect_ratio_mask),
+            "cross_attention_mask": torch.from_numpy(feed["cross_attention_mask"]),
+        }
+    out = hf.generate(
+        input_ids=torch.from_numpy(feed["input_ids"]),
+        attention_mask=torch.from_numpy(feed["attention_mask"]),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=hf.config.text_config.pad_token_id,
+        **kwargs,
+    )
+    return out[:, feed["input_ids"].shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_tokens_equal_transformers_generate(runner, tiny_hf, tiny_model, case):
+    prompts, ratios = CASES[case]
+    images = random_images(tiny_model.config, ratios, seed=21) if ratios else None
+    ours = runner.generate_ids(prompts, images, max_new_tokens=20, stop_tokens=set()).token_ids
+    assert ours == hf_generate(tiny_hf, runner, prompts, images, 20)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_equal_the_pytorch_graphs_at_every_step(runner, tiny_model, case):
+    prompts, ratios = CASES[case]
+    images = random_images(tiny_model.config, ratios, seed=22) if ratios else None
+    reference = torch_runner(tiny_model)
+    kw = dict(max_new_tokens=12, stop_tokens=set(), keep_logits=True)
+    ours, ref = (
+        runner.generate_ids(prompts, images, **kw),
+        reference.generate_ids(prompts, images, **kw),
+    )
+    assert ours.token_ids == ref.token_ids
+    real = reference._prompt_feed(prompts, images)["attention_mask"] != 0
+    steps = [(ours.prefill_logits[real], ref.prefill_logits[real])]
+    steps += list(zip(ours.step_logits, ref.step_logits, strict=True))
+    for step, (a, b) in enumerate(steps):
+        err = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert err < 1e-5, f"step {step}: relative L2 {err:.2e}"
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(runner):
+    from mllama_export.engines.sampling import Sampling
+
+    prompt = [[500, 40, 41, 42]]
+    sampled = [
+        runner.generate_ids(prompt, None, 10, Sampling(1.0, 0, 0.9, seed=5)).token_ids
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]
+    greedy = runner.generate_ids(prompt, None, 10).token_ids
+    assert runner.generate_ids(prompt, None, 10, Sampling(0.7, top_k=1, seed=1)).token_ids == greedy
+
+
+def test_stop_tokens_end_each_row(runner):
+    prompt = [[500, 50, 51], [500, 52]]
+    free = runner.generate_ids(prompt, None, 8, stop_tokens=set()).token_ids
+    stop = {free[0][2]}
+    stopped = runner.generate_ids(prompt, None, 8, stop_tokens=stop).token_ids
+    assert stopped[0] == free[0][:3]
+    first_stop = next((i for i, t in enumerate(free[1]) if t in stop), None)
+    assert stopped[1] == (free[1] if first_stop is None else free[1][: first_stop + 1])
+
+
+def test_cache_bytes_per_step_do_not_grow_with_the_past(runner):
+    short = runner.generate_ids([[500, 1, 2]], None, 4, stop_tokens=set())
+    long = runner.generate_ids([[500, *range(3, 120)]], None, 40, stop_tokens=set())
+    assert short.cache_bytes_per_step == long.cache_bytes_per_step > 0

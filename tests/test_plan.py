@@ -1,0 +1,198 @@
+"""The planner against hand calculations and against the parameters the model really has."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from mllama_export.errors import MllamaExportError
+from mllama_export.exporter.plan import (
+    GPUS,
+    count_params,
+    format_plan,
+    plan,
+    plan_command_text,
+)
+from mllama_export.graphs.config import preset
+from mllama_export.graphs.model import MllamaModel
+
+H100_BW = 3.35e12
+
+
+@functools.cache
+def meta_counts(name: str) -> dict[str, int]:
+    """Parameter counts of the instantiated model (meta device: no memory), grouped by owner."""
+    with torch.device("meta"):
+        model = MllamaModel(preset(name))
+    groups = dict.fromkeys(
+        ["vision_tower", "projector", "cross_kv", "cross_k_norm", "embedding", "lm_head"], 0
+    )
+    groups |= {"decoder_linear": 0, "decoder_other": 0}
+    for full, param in model.named_parameters():
+        n = param.numel()
+        if full.startswith("vision."):
+            key = "vision_tower"
+        elif full.startswith("projector."):
+            key = "projector"
+        elif ".cross_attn.k_proj." in full or ".cross_attn.v_proj." in full:
+            key = "cross_kv"
+        elif ".cross_attn.k_norm." in full:
+            key = "cross_k_norm"
+        elif full.startswith("text.embed_tokens."):
+            key = "embedding"
+        elif full.startswith("text.lm_head."):
+            key = "lm_head"
+        elif full.endswith("_proj.weight"):  # q/k/v/o and gate/up/down of the decoder layers
+            key = "decoder_linear"
+        else:
+            key = "decoder_other"
+        groups[key] += n
+    groups["total"] = sum(groups.values())
+    return groups
+
+
+@pytest.mark.parametrize("name", ["tiny", "11b", "90b"])
+def test_parameter_counts_match_the_instantiated_model(name):
+    counts, exact = count_params(preset(name)), meta_counts(name)
+    for key, value in exact.items():
+        assert getattr(counts, key) == value, key
+
+
+def test_11b_by_hand():
+    d, h, kv, dh, inter, vocab = 4096, 32, 8, 128, 14336, 128256
+    n_self, n_cross = 32, 8
+    attn = 2 * d * h * dh + 2 * d * kv * dh  # q, o + k, v
+    mlp = 3 * d * inter
+    self_layer = attn + mlp + 2 * d  # + two RMSNorms
+    cross_layer = 2 * d * h * dh + mlp + 2 * d + dh + 2  # q, o, mlp, norms, q_norm, two gates
+    assert (self_layer, cross_layer) == (218_112_000, 209_723_522)
+    lm_head = vocab * d  # 525_336_576
+    read = n_self * self_layer + n_cross * cross_layer + d + lm_head  # no embedding table
+    assert read == 9_182_712_848
+    image_tokens = 4 * 1601  # one image, 4 tiles of 40 x 40 patches + class token
+    cross_cache = n_cross * 2 * kv * image_tokens * dh * 2  # 209.8 MB
+    bf16 = 2 * read + cross_cache
+    assert bf16 == pytest.approx(18.6e9, rel=0.01)
+    assert bf16 / H100_BW == pytest.approx(5.5e-3, rel=0.02)
+    linear = n_self * (attn + mlp) + n_cross * (2 * d * h * dh + mlp)
+    fp8 = linear + 2 * (read - linear) + cross_cache
+    assert fp8 == pytest.approx(9.9e9, rel=0.01)
+    assert fp8 / H100_BW == pytest.approx(3.0e-3, rel=0.02)
+
+    p16 = plan(preset("11b"), "bf16", max_batch=1, max_seq_len=8192, max_images=1)
+    p8 = plan(preset("11b"), "fp8", max_batch=1, max_seq_len=8192, max_images=1)
+    # The planner's floor is exact: hand figure + the one K/V row the step writes.
+    step_row = n_self * 2 * kv * dh * 2
+    assert p16.decode_floor_bytes == bf16 + step_row
+    assert p8.decode_floor_bytes == fp8 + step_row
+    assert p16.decode_floor_seconds == pytest.approx(5.5e-3, rel=0.03)
+    assert p8.decode_floor_seconds == pytest.approx(3.0e-3, rel=0.03)
+    # Profile maxima: self cache 32 x 2 x 8 x 8192 x 128 x 2 bytes = 1.07 GB.
+    assert p16.self_cache_bytes == n_self * 2 * kv * 8192 * dh * 2 == 1_073_741_824
+    assert p16.cross_cache_bytes == cross_cache
+    assert p16.decode_ceiling_bytes == bf16 + step_row * 8193
+    assert p16.fits and p8.fits
+    assert p8.total_bytes < p16.total_bytes < 30e9
+
+
+def test_90b_by_hand():
+    d, h, kv, dh, inter, vocab = 8192, 64, 8, 128, 28672, 128256
+    n_self, n_cross = 80, 20
+    attn = 2 * d * h * dh + 2 * d * kv * dh
+    mlp = 3 * d * inter
+    self_layer = attn + mlp + 2 * d
+    cross_layer = 2 * d * h * dh + mlp + 2 * d + dh + 2
+    read = n_self * self_layer + n_cross * cross_layer + d + vocab * d
+    linear = n_self * (attn + mlp) + n_cross * (2 * d * h * dh + mlp)
+    image_tokens = 4 * 1601
+    cross_cache = n_cross * 2 * kv * image_tokens * dh * 2
+    bf16 = 2 * read + cross_cache
+    fp8 = linear + 2 * (read - linear) + cross_cache
+    assert bf16 == pytest.approx(173.1e9, rel=0.005)  # 51.7 ms at 3.35 TB/s
+    assert fp8 == pytest.approx(87.9e9, rel=0.005)  # 26.2 ms
+    p16 = plan(preset("90b"), "bf16", 1, 8192, 1)
+    p8 = plan(preset("90b"), "fp8", 1, 8192, 1)
+    step_row = n_self * 2 * kv * dh * 2
+    assert p16.decode_floor_bytes == bf16 + step_row
+    assert p8.decode_floor_bytes == fp8 + step_row
+    assert p16.decode_floor_seconds == pytest.approx(bf16 / H100_BW, rel=1e-3)
+    # Whole model: ~177 GB in bf16, ~92 GB with FP8 linears; neither fits one H100.
+    total_params = meta_counts("90b")["total"]
+    assert p16.weight_bytes == 2 * total_params == pytest.approx(177e9, rel=0.01)
+    assert p8.weight_bytes == pytest.approx(91.6e9, rel=0.01)
+    assert not p16.fits and not p8.fits
+    assert p8.weight_bytes > GPUS["h100"].memory_bytes
+    # 90B in FP8 does fit one H200 (141 GB) at this profile.
+    assert plan(preset("90b"), "fp8", 1, 8192, 1, gpu="h200").fits
+
+
+def test_shared_weights_are_counted_once():
+    p = plan(preset("11b"), "bf16", 1, 4096, 1)
+    assert p.decode.shares_weights_with == "prefill"
+    assert p.decode.weight_bytes == p.prefill.weight_bytes
+    assert p.weight_bytes == p.vision.weight_bytes + p.prefill.weight_bytes
+    assert p.weight_bytes == 2 * meta_counts("11b")["total"]
+    assert p.total_bytes == (
+        p.weight_bytes + p.self_cache_bytes + p.cross_cache_bytes + p.activation_bytes
+    )
+
+
+def test_fp8_keeps_vision_embeddings_lm_head_and_norms_in_16_bit():
+    c = count_params(preset("11b"))
+    p = plan(preset("11b"), "fp8", 1, 1024, 1)
+    assert p.vision.weight_bytes == 2 * (c.vision_tower + c.projector + c.cross_k_norm) + c.cross_kv
+    assert p.prefill.weight_bytes == (
+        2 * (c.embedding + c.lm_head + c.decoder_other) + c.decoder_linear
+    )
+    assert plan(preset("11b"), "fp16", 1, 1024, 1).weight_bytes == 2 * c.total
+
+
+def test_caches_and_time_scale_with_the_profile():
+    small = plan(preset("11b"), "bf16", 1, 2048, 1)
+    big = plan(preset("11b"), "bf16", 4, 8192, 2)
+    assert big.self_cache_bytes == 16 * small.self_cache_bytes
+    assert big.cross_cache_bytes == 8 * small.cross_cache_bytes
+    # Batch 4 reads the weights once per step: far less than 4x the bytes.
+    assert big.decode_floor_bytes < 1.2 * small.decode_floor_bytes
+    # Fewer tiles and a shorter prompt mean less work.
+    short = plan(preset("11b"), "bf16", 1, 8192, 1, prompt_len=512, tiles=1)
+    full = plan(preset("11b"), "bf16", 1, 8192, 1)
+    assert short.prefill.seconds < full.prefill.seconds / 10
+    assert short.vision.seconds < full.vision.seconds / 3
+    assert plan(preset("11b"), "bf16", 1, 8192, 1, gpu="h200").decode_floor_seconds < (
+        full.decode_floor_seconds * 3.35 / 4.8 * 1.001
+    )
+
+
+def test_format_plan_and_command_text(tiny_dir):
+    text = format_plan(plan(preset("90b"), "bf16", 1, 8192, 1))
+    for word in ("vision", "prefill", "decode", "does NOT fit", "H100 SXM"):
+        assert word in text
+    assert "fits" in plan_command_text("11b", "fp8", 1, 8192, 1, "h100", None, None)
+    assert "model " in plan_command_text(str(tiny_dir), "bf16", 2, 256, 2, "h200", 100, 2)
+    with pytest.raises(MllamaExportError, match="tiny, 11b, 90b"):
+        plan_command_text("/no/such/folder", "bf16", 1, 128, 1, "h100", None, None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"precision": "int4"}, "fp8, bf16, fp16"),
+        ({"gpu": "a100"}, "h100, h200"),
+        ({"max_batch": 0}, "max_batch must be a positive integer"),
+        ({"max_seq_len": -5}, "max_seq_len must be a positive integer"),
+        ({"max_images": 0}, "max_images must be a positive integer"),
+        ({"max_batch": True}, "max_batch must be a positive integer"),
+        ({"prompt_len": 0}, "prompt_len must be a positive integer"),
+        ({"prompt_len": 9000}, r"expected 1\.\.8192"),
+        ({"tiles": 5}, r"expected 1\.\.4"),
+        ({"tiles": -1}, "tiles must be a positive integer"),
+        ({"max_seq_len": 10**6}, r"expected 1\.\.131072"),
+    ],
+)
+def test_invalid_inputs_name_what_is_allowed(kwargs, message):
+    args = {"precision": "bf16", "max_batch": 1, "max_seq_len": 8192, "max_images": 1} | kwargs
+    with pytest.raises(MllamaExportError, match=message):
+        plan(preset("11b"), **args)
