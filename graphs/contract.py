@@ -120,3 +120,42 @@ DECODE_OUTPUTS = (
     _s("new_key", "model", SELF_KV.format("one"), "the new token's keys, to write into the cache"),
     _s("new_value", "model", SELF_KV.format("one"), "the new token's values"),
 )
+
+
+def contract_markdown() -> str:
+    """docs/graphs.md, generated from the data above so that the two cannot drift apart."""
+    lines = [
+        "# The three graphs and their contract",
+        "",
+        "Generated from `graphs/contract.py` by `python -m mllama_export.graphs.contract`;",
+        "a test fails when this file and the code disagree.",
+        "",
+        "Named dims: `batch`, `num_images` (images per prompt, padded to the most any prompt",
+        "has; text-only batches pass one all-zero slot), `image_tokens` = num_images x tiles x",
+        "patches, `sequence` (prompt tokens, left-padded), `past_sequence` (cache slots; may be",
+        "a preallocated buffer longer than what is filled). The others are fixed by the model:",
+        "`tiles` (max tiles per image), `xattn_layers`, `self_layers`, `kv_heads`, `head_dim`,",
+        "`vocab`. dtype `model` is the precision the graphs were built in.",
+    ]
+    for title, inputs, outputs in (
+        ("vision", VISION_INPUTS, VISION_OUTPUTS),
+        ("prefill", PREFILL_INPUTS, PREFILL_OUTPUTS),
+        ("decode", DECODE_INPUTS, DECODE_OUTPUTS),
+    ):
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| | name | dtype | shape | meaning |",
+            "|---|---|---|---|---|",
+        ]
+        for kind, specs in (("in", inputs), ("out", outputs)):
+            for s in specs:
+                lines.append(
+                    f"| {kind} | `{s.name}` | {s.dtype} | [{', '.join(s.dims)}] | {s.doc} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(contract_markdown(), end="")
