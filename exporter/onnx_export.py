@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import warnings
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def export_graph(
     dims = dims_for(config, options)
     args = example_inputs(graph.INPUTS, config, options.dtype)
     shapes = {s.name: {i: dims[d] for i, d in s.dynamic_axes().items()} for s in graph.INPUTS}
+    # torch.onnx logs a warning per missing torchvision op, which this model never uses.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

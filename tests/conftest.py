@@ -8,9 +8,11 @@ import torch
 
 from mllama_export.engines.backend import TorchBackend
 from mllama_export.engines.runner import Images, Limits, Runner
+from mllama_export.exporter.build import build
+from mllama_export.exporter.options import BuildOptions
 from mllama_export.graphs.config import preset
 from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, VisionGraph
-from mllama_export.graphs.synth import write_checkpoint
+from mllama_export.graphs.synth import write_checkpoint, write_side_files
 from mllama_export.graphs.weights import load_model
 
 
@@ -36,6 +38,25 @@ def tiny_model(tiny_dir) -> MllamaModel:
 @pytest.fixture(scope="session")
 def tiny_model_meta(tiny_dir) -> MllamaModel:
     return load_model(tiny_dir, semantics="meta")
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory, tiny_hf):
+    """A checkpoint the tests did not write: transformers' own save_pretrained, sharded."""
+    out = tmp_path_factory.mktemp("hf-saved")
+    tiny_hf.save_pretrained(out, max_shard_size="300KB")
+    write_side_files(preset("tiny"), out)  # tokenizer and preprocessor config
+    return out
+
+
+@pytest.fixture(scope="session")
+def ort_artifacts(tmp_path_factory, hf_checkpoint):
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-hf"
+    build(
+        BuildOptions(model=str(hf_checkpoint), out=out, xattn_mask="hf", max_batch=4),
+        progress=lambda m: None,
+    )
+    return out
 
 
 def torch_runner(model: MllamaModel, limits: Limits | None = None) -> Runner:

@@ -12,10 +12,6 @@ import torch
 from conftest import random_images, torch_runner
 
 from mllama_export.engines.runner import Runner
-from mllama_export.exporter.build import build
-from mllama_export.exporter.options import BuildOptions
-from mllama_export.graphs.config import preset
-from mllama_export.graphs.synth import write_side_files
 
 IMG = 512
 CASES = {
@@ -27,25 +23,6 @@ CASES = {
         [[6], [1], [2, 3]],
     ),
 }
-
-
-@pytest.fixture(scope="session")
-def hf_checkpoint(tmp_path_factory, tiny_hf):
-    """A checkpoint the tests did not write: transformers' own save_pretrained, sharded."""
-    out = tmp_path_factory.mktemp("hf-saved")
-    tiny_hf.save_pretrained(out, max_shard_size="300KB")
-    write_side_files(preset("tiny"), out)  # tokenizer and preprocessor config
-    return out
-
-
-@pytest.fixture(scope="session")
-def ort_artifacts(tmp_path_factory, hf_checkpoint):
-    out = tmp_path_factory.mktemp("artifacts") / "tiny-hf"
-    build(
-        BuildOptions(model=str(hf_checkpoint), out=out, xattn_mask="hf", max_batch=4),
-        progress=lambda m: None,
-    )
-    return out
 
 
 @pytest.fixture(scope="session", params=["torch", "onnxruntime"])
