@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mllama_export.errors import MllamaExportError
-from mllama_export.exporter.manifest import read_manifest, verify_files
+from mllama_export.exporter.manifest import check_external_data, read_manifest, verify_files
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.model import DecodeGraph, PrefillGraph, VisionGraph
 
@@ -31,6 +31,8 @@ def load_runner(
     if backend != "onnxruntime":
         raise MllamaExportError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     graphs = manifest["graphs"]
+    for graph in graphs.values():
+        check_external_data(folder, folder / graph["file"])
     backends = [
         OnnxRuntimeBackend(folder / graphs[name]["file"], cls.INPUTS, cls.OUTPUTS, device)
         for name, cls in (

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, V
 from mllama_export.graphs.synth import write_checkpoint
 from mllama_export.graphs.weights import load_model
 
-from .manifest import INCOMPLETE_MARKER, versions, write_manifest
+from .manifest import INCOMPLETE_MARKER, fault_point, versions, write_manifest
 from .onnx_export import export_graph
 from .options import PRESET_NAMES, BuildOptions
 from .verify import verify_graph
@@ -36,22 +38,47 @@ Progress = Callable[[str], None]
 
 
 def build(options: BuildOptions, progress: Progress = print) -> Path:
-    """Writes the artifact folder; on any failure nothing complete-looking is left behind."""
+    """Writes the artifact folder; on any failure nothing complete-looking is left behind.
+
+    The folder is assembled under a hidden temporary name holding an incomplete marker and
+    renamed into place only when complete; a lock keeps two builds off the same folder; a
+    build killed outright leaves only its hidden folder, which the next build removes.
+    """
     out = Path(options.out)
     if out.exists() and not options.force:
         raise MllamaExportError(f"{out} already exists; pass --force to replace it")
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    (work / INCOMPLETE_MARKER).write_text("mllama-export build in progress\n")
-    try:
-        _build_into(options, work, progress)
-        (work / INCOMPLETE_MARKER).unlink()
-        _replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(out):
+        for stale in out.parent.glob(f".{out.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        work = out.parent / f".{out.name}.partial-{os.getpid()}"
+        work.mkdir()
+        (work / INCOMPLETE_MARKER).write_text("mllama-export build in progress\n")
+        try:
+            _build_into(options, work, progress)
+            (work / INCOMPLETE_MARKER).unlink()
+            _replace(work, out)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     return out
+
+
+@contextmanager
+def build_lock(out: Path) -> Iterator[None]:
+    """An exclusive flock beside the output folder; the kernel drops it if the build dies."""
+    lock_path = out.parent / f".{out.name}.lock"
+    with lock_path.open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise MllamaExportError(
+                f"another build into {out} is running (lock {lock_path}); wait for it to finish"
+            ) from err
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _replace(work: Path, out: Path) -> None:
@@ -74,7 +101,9 @@ def _build_into(options: BuildOptions, work: Path, progress: Progress) -> None:
         path = work / "onnx" / f"{name}.onnx"
         start = time.perf_counter()
         progress(f"exporting the {name} graph")
+        fault_point(f"export:{name}")
         export_graph(graph_cls(model), config, options, path)
+        fault_point(f"exported:{name}")
         graphs[name] = _graph_entry(graph_cls, path, work, time.perf_counter() - start)
         progress(f"checking the {name} graph against PyTorch")
         checks[name] = verify_graph(graph_cls(model), path, config, options)

@@ -14,6 +14,7 @@ from torch.export import Dim
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import DYNAMIC_DIMS, TensorSpec, static_dims
 
+from .manifest import fault_point
 from .options import BuildOptions
 
 # Sizes of the example inputs traced at export: all >= 2 and distinct, so that no dynamic dim
@@ -78,6 +79,7 @@ def export_graph(
             verbose=False,
         )
     program.save(str(path), external_data=True)
+    fault_point(f"external-data:{path.stem}")
     del program
     gc.collect()
     _name_dims(path, graph.INPUTS + graph.OUTPUTS, config)

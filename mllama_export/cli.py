@@ -39,9 +39,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from .commands import build, inspect, plan, run, synth
+    from .commands import build, inspect, plan, run, synth, validate
 
-    for module in (synth, build, run, inspect, plan):
+    for module in (synth, build, run, inspect, plan, validate):
         main.add_command(module.command)
 
 

@@ -11,25 +11,52 @@ from mllama_export.errors import MllamaExportError
 
 @click.command("run")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--prompt", help="Prompt text; with --chat it becomes one user message.")
-@click.option("--token-ids", help="Prompt as comma-separated token ids, e.g. 500,12,13.")
+@click.option(
+    "--prompt",
+    help="Prompt text, tokenized as transformers' MllamaProcessor does. Put <|image|> where "
+    "each image goes, or leave it out to place all images before the text. With --chat it "
+    "becomes one user message.",
+)
+@click.option(
+    "--token-ids",
+    help="Prompt as comma-separated token ids, e.g. 500,512,12,13 (used as given; no "
+    "tokenizer, no BOS added). Instead of --prompt.",
+)
 @click.option(
     "--image",
     "images",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="Image file; repeat for several images.",
+    help="Image file (PNG, JPEG, ...); repeat for several images, in the order of their "
+    "<|image|> tokens. At most the artifacts' max_images.",
 )
-@click.option("--chat", is_flag=True, help="Wrap --prompt and the images in the chat template.")
+@click.option(
+    "--chat",
+    is_flag=True,
+    help="Render the images and --prompt as one user turn with the checkpoint's chat template "
+    "(images first), adding the assistant header.",
+)
 @click.option(
     "--max-new-tokens", type=int, default=32, show_default=True, help="Tokens to generate at most."
 )
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy.")
+@click.option(
+    "--temperature",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Sampling temperature; 0 picks the likeliest token (greedy).",
+)
 @click.option(
     "--top-k", type=int, default=0, show_default=True, help="Sample among the k best (0: all)."
 )
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
-@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option(
+    "--top-p",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Sample among the likeliest tokens holding this probability mass.",
+)
+@click.option("--seed", type=int, default=None, help="Seed for sampling, for repeatable output.")
 @click.option(
     "--backend",
     type=click.Choice(["onnxruntime", "tensorrt"]),
@@ -44,7 +71,12 @@ from mllama_export.errors import MllamaExportError
     show_default=True,
     help="ONNX Runtime provider.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print token_ids, text and timings as JSON.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print token_ids, text and timings as one JSON object instead of streaming the text.",
+)
 def command(
     folder,
     prompt,
@@ -60,12 +92,20 @@ def command(
     device,
     as_json,
 ):
-    """Generate from an artifact folder: image(s) and prompt in, tokens out (streamed)."""
+    """Generate from an artifact FOLDER: image(s) and prompt in, text out.
+
+    The text is streamed to the terminal as it is generated (whole characters only); --json
+    prints token ids, text and timings at the end instead. Unreadable images, image counts
+    that do not match the <|image|> tokens and requests beyond the artifacts' limits are
+    reported as one-line errors (exit status 2).
+    """
     from mllama_export.engines.runner import Runner
     from mllama_export.engines.sampling import Sampling
 
     if (prompt is None) == (token_ids is None):
         raise MllamaExportError("give exactly one of --prompt and --token-ids")
+    if chat and prompt is None:
+        raise MllamaExportError("--chat needs --prompt (token ids are used as given)")
     sampling = Sampling(temperature, top_k, top_p, seed)
     runner = Runner.from_artifacts(folder, backend, device)
     start = time.perf_counter()
@@ -107,6 +147,11 @@ def _run_ids(runner, token_ids: str, images, max_new_tokens, sampling):
             f"--token-ids {token_ids!r}: expected integers separated by commas"
         ) from err
     batch = None
+    if len(images) > runner.limits.max_images:
+        raise MllamaExportError(
+            f"{len(images)} images were given but these artifacts were built for at most "
+            f"{runner.limits.max_images} per prompt (max_images)"
+        )
     if images:
         if runner.image_config is None:
             raise MllamaExportError(

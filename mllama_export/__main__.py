@@ -1,0 +1,3 @@
+from mllama_export.cli import main
+
+main()

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command("validate")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option(
+    "--backend",
+    type=click.Choice(["onnxruntime", "tensorrt"]),
+    default="onnxruntime",
+    show_default=True,
+    help="What runs the graphs being judged.",
+)
+@click.option(
+    "--reference",
+    type=click.Choice(["graphs", "transformers"]),
+    default="graphs",
+    show_default=True,
+    help="graphs: our PyTorch graphs in float32. transformers: MllamaForConditionalGeneration "
+    "in float32 (artifacts built with --xattn-mask hf only).",
+)
+@click.option(
+    "--thresholds",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Drift limits (JSON, the schema of the packaged thresholds.json).",
+)
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder for drift.json, drift.md and drift.png  [default: FOLDER/drift]",
+)
+@click.option(
+    "--evalset",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder with prompts.jsonl and its images, instead of the built-in evaluation set.",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=0),
+    default=8,
+    show_default=True,
+    help="Decode steps compared per case (teacher-forced).",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The checkpoint the artifacts were built from  [default: the manifest's model.source, "
+    "or the re-synthesized preset]",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="ONNX Runtime provider.",
+)
+def command(folder, backend, reference, thresholds, report_dir, evalset, steps, checkpoint, device):
+    """Judge an artifact folder's drift from the float32 PyTorch reference, stage by stage
+    (vision K/V, prefill logits, every decode step, teacher-forced). Exit 0: pass, 1: drift
+    over the limits, 2: bad input. The last line printed is the verdict."""
+    from mllama_export.validate.evalset import load_evalset
+    from mllama_export.validate.gate import run_gate
+
+    cases = load_evalset(evalset, folder) if evalset is not None else None
+    report = run_gate(
+        folder,
+        backend=backend,
+        reference=reference,
+        thresholds=thresholds,
+        cases=cases,
+        steps=steps,
+        checkpoint=checkpoint,
+        device=device,
+        progress=lambda msg: click.echo(f"  {msg}", err=True),
+    )
+    paths = report.write(report_dir if report_dir is not None else folder / "drift")
+    click.echo(f"wrote {paths['json']}, {paths['md'].name}, {paths['png'].name}")
+    click.echo(report.summary_line())
+    sys.exit(0 if report.passed else 1)
