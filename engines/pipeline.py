@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
+
 from mllama_export.errors import MllamaExportError
 
-from .preprocess import ImageProcessorConfig, ImageSource, preprocess
+from .preprocess import ImageProcessorConfig, ImageSource, PreprocessedImages, preprocess
 from .runner import Generation, Runner
 from .sampling import Sampling
-from .text import Tokenizer
+from .text import IMAGE_TOKEN, Tokenizer
 
 Prompt = str | list[dict[str, Any]]  # plain text, or chat messages with image parts
 
@@ -30,24 +33,66 @@ class TextRunner(Runner):
     tokenizer: Tokenizer | None = None
     image_config: ImageProcessorConfig | None = None
 
-    def encode(self, prompt: Prompt, images: Sequence[ImageSource] = ()):
-        """Token ids and preprocessed images, as the reference processor would make them."""
+    def encode(
+        self, prompt: Prompt, images: Sequence[ImageSource] = ()
+    ) -> tuple[list[int], PreprocessedImages | None]:
+        """Token ids and preprocessed images, exactly as transformers' MllamaProcessor makes them.
+
+        A plain string is what `processor(images=images, text=prompt)` gives, quirks included:
+        the processor puts BOS text after any leading `<|image|>` tokens and its tokenizer then
+        adds another BOS, so "hi" -> [BOS, BOS, hi] and "<|image|>hi" -> [BOS, IMG, BOS, hi];
+        image tokens elsewhere in the text stay where they are. One convenience beyond the
+        processor (which refuses it): a string with no `<|image|>` at all but with images gets
+        one `<|image|>` per image in front, i.e. the ids of `"<|image|>" * n + prompt`.
+
+        Chat messages ({"role", "content"} dicts whose content is a string or a list of
+        {"type": "text", "text": ...} and {"type": "image"} parts) give the ids of the usual
+        reference flow: `processor.apply_chat_template(messages, add_generation_prompt=True)`,
+        then `processor(images=images, text=rendered, add_special_tokens=False)` (one BOS).
+
+        The number of `<|image|>` tokens must equal the number of images (one image per
+        token, in order), and the images may not exceed the artifacts' max_images; either
+        mistake, and any unreadable image, raises MllamaExportError naming the problem.
+        """
         tok = self._need_tokenizer()
+        images = _as_image_list(images)
         if isinstance(prompt, str):
-            text = prompt
-            if images and tok.image_token_id not in tok.encode(text, add_bos=False):
-                # A plain prompt with images: the images go first, as in the model card's examples.
-                text = "<|image|>" * len(images) + text
-        else:
+            text, add_special_tokens, what = prompt, True, "the prompt"
+            if images and IMAGE_TOKEN not in text:
+                text = IMAGE_TOKEN * len(images) + text
+        elif isinstance(prompt, list | tuple):
             text = tok.apply_chat_template(prompt, add_generation_prompt=True)
-        ids = tok.encode(text, add_bos=True)
+            add_special_tokens, what = False, "the chat messages"
+        else:
+            raise MllamaExportError(
+                f"prompt is a {type(prompt).__name__}; expected a string or a list of chat "
+                "messages ({'role': ..., 'content': ...} dicts)"
+            )
+        self._check_image_count(text.count(IMAGE_TOKEN), len(images), what)
+        ids = tok.processor_encode(text, add_special_tokens=add_special_tokens)
         if not images:
             return ids, None
         if self.image_config is None:
             raise MllamaExportError(
                 "these artifacts have no preprocessor_config.json; images cannot be read"
             )
-        return ids, preprocess([list(images)], self.image_config)
+        return ids, preprocess([images], self.image_config)
+
+    def _check_image_count(self, tokens: int, images: int, what: str) -> None:
+        if tokens != images:
+            chat = what != "the prompt"
+            raise MllamaExportError(
+                f"{what} hold{'' if chat else 's'} {tokens} {IMAGE_TOKEN} token"
+                f"{'s' * (tokens != 1)}{' (one per image part)' if chat else ''} but {images} "
+                f"image{'s' * (images != 1)} {'was' if images == 1 else 'were'} given; give "
+                f"one image per {'image part' if chat else IMAGE_TOKEN + ' token'}"
+            )
+        if images > self.limits.max_images:
+            raise MllamaExportError(
+                f"{images} images were given but these artifacts were built for at most "
+                f"{self.limits.max_images} per prompt (max_images); give fewer images or "
+                "rebuild with a larger max_images"
+            )
 
     def generate(
         self,
@@ -91,6 +136,15 @@ class TextRunner(Runner):
                 "these artifacts have no tokenizer.json; pass token ids (generate_ids, --token-ids)"
             )
         return self.tokenizer
+
+
+def _as_image_list(images: Sequence[ImageSource] | ImageSource | None) -> list[ImageSource]:
+    # One path, bytes or PIL image is one image, not a sequence of characters or bytes.
+    if images is None:
+        return []
+    if isinstance(images, str | os.PathLike | bytes | bytearray | memoryview | Image.Image):
+        return [images]
+    return list(images)
 
 
 @dataclass

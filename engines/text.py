@@ -313,6 +313,18 @@ class Tokenizer:
         add = add_bos and not (bos is not None and text.startswith(bos))
         return self.backend.encode(text, add_special_tokens=add).ids
 
+    def processor_encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids exactly as transformers' MllamaProcessor makes them for one text.
+
+        The processor first runs `build_string_from_input` (BOS text inserted after any leading
+        image tokens unless the text holds BOS anywhere), then calls the tokenizer, whose
+        post-processor adds one more BOS when `add_special_tokens` is true (its default). So a
+        plain "hi" becomes [BOS, BOS, h, i] and "<|image|>hi" becomes [BOS, IMG, BOS, h, i];
+        a rendered chat template, passed with add_special_tokens=False, keeps its single BOS.
+        """
+        text = build_string_from_input(text, self.bos_token or "", IMAGE_TOKEN)
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         # transformers 5 skips clean_up_tokenization_spaces for BPE, so the raw decode matches.
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -348,6 +360,20 @@ class Tokenizer:
             )
         except jinja2.exceptions.TemplateError as e:
             raise MllamaExportError(f"The chat template rejected the messages: {e}") from e
+
+
+def build_string_from_input(prompt: str, bos_token: str, image_token: str = IMAGE_TOKEN) -> str:
+    """transformers' mllama `build_string_from_input`: BOS text after the leading image tokens.
+
+    Text that contains BOS anywhere is returned unchanged.
+    """
+    if not bos_token or bos_token in prompt:
+        return prompt
+    leading = 0
+    while prompt.startswith(image_token):
+        prompt = prompt[len(image_token) :]
+        leading += 1
+    return f"{image_token * leading}{bos_token}{prompt}"
 
 
 class StreamDecoder:
