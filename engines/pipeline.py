@@ -57,9 +57,11 @@ class TextRunner(Runner):
         tok = self._need_tokenizer()
         images = _as_image_list(images)
         if isinstance(prompt, str):
-            text, add_special_tokens, what = prompt, True, "the prompt"
-            if images and IMAGE_TOKEN not in text:
-                text = IMAGE_TOKEN * len(images) + text
+            text, add_special_tokens, what = (
+                with_image_tokens(prompt, len(images)),
+                True,
+                "the prompt",
+            )
         elif isinstance(prompt, list | tuple):
             text = tok.apply_chat_template(prompt, add_generation_prompt=True)
             add_special_tokens, what = False, "the chat messages"
@@ -157,3 +159,11 @@ class _Run:
     def finish(self, _pieces) -> TextGeneration:
         ids = self.result.token_ids[0]
         return TextGeneration(self.tokenizer.decode(ids), ids, self.prompt_ids, self.result.timings)
+
+
+def with_image_tokens(prompt: str, num_images: int) -> str:
+    """A plain prompt given images but no <|image|> gets one per image in front, where the
+    model card's examples put them (the reference processor would refuse it instead)."""
+    if num_images and IMAGE_TOKEN not in prompt:
+        return IMAGE_TOKEN * num_images + prompt
+    return prompt

@@ -1,0 +1,302 @@
+"""The evaluation set the accuracy gate runs: fixed and deterministic, or a user's own.
+
+``build_evalset(config)`` derives a small set of cases from the model config alone (token ids
+from its vocabulary, random image tiles from seeded numpy), so the same artifacts are always
+judged on the same inputs. Together the cases cover: prompts of several lengths, a text-only
+prompt, an image of every supported aspect ratio (hence every tile count), text before the
+image (where the ``meta`` and ``hf`` cross-attention masks differ), two images in one prompt,
+consecutive images, and batches of prompts of different lengths (left padding).
+
+``load_evalset(folder, artifacts)`` reads a user's ``prompts.jsonl``::
+
+    {"prompt": "Describe the image.", "images": ["cat.png"]}
+    {"token_ids": [128000, 128256, 791, 2217], "images": ["dog.jpg"], "name": "dog"}
+    {"prompt": "A text-only prompt."}
+
+one JSON object per line (blank lines and lines starting with ``#`` are skipped): exactly one
+of ``prompt`` (text, tokenized with the artifact folder's tokenizer; a prompt with images but
+no ``<|image|>`` gets the image tokens in front, as ``mllama-export run`` does) and
+``token_ids`` (one ``<|image|>`` id per image); ``images`` (optional) are files beside
+``prompts.jsonl`` (or absolute paths), preprocessed with the artifact folder's
+``preprocessor_config.json``; ``name`` (optional) names the case in the report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mllama_export.engines.preprocess import PreprocessedImages
+from mllama_export.engines.runner import Limits
+from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.config import MllamaConfig
+
+__all__ = ["EvalCase", "build_evalset", "load_evalset", "EVALSET_FILE"]
+
+EVALSET_FILE = "prompts.jsonl"
+_KEYS = ("prompt", "token_ids", "images", "name")
+
+
+@dataclass(eq=False)
+class EvalCase:
+    """One batch the gate runs through vision, prefill and the decode steps."""
+
+    name: str
+    prompts: list[list[int]]  # token ids per row, unpadded
+    images: PreprocessedImages | None = None  # one row per prompt; None: text only
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.images is None else sum(len(t) for t in self.images.num_tiles)
+
+
+# -- the fixed evaluation set ----------------------------------------------------------------
+
+
+def build_evalset(
+    config: MllamaConfig, limits: Limits | None = None, steps: int = 8, seed: int = 0
+) -> list[EvalCase]:
+    """The fixed evaluation set for ``config``, fitted to the artifacts' ``limits``.
+
+    Prompt lengths are clipped so that prompt plus ``steps + 1`` tokens fit ``max_seq_len``;
+    batches are at most ``max_batch`` rows; prompts with more images than ``max_images`` are
+    split. Every aspect ratio is still covered whatever the limits.
+    """
+    limits = limits or Limits(max_batch=4, max_seq_len=512, max_images=2)
+    longest = limits.max_seq_len - (steps + 1)
+    if longest < 4:
+        raise MllamaExportError(
+            f"the artifacts were built for {limits.max_seq_len} tokens in all; the evaluation "
+            f"set needs prompts of at least 4 tokens plus {steps + 1} generated ones "
+            f"(use fewer --steps, at most {max(limits.max_seq_len - 5, 0)})"
+        )
+    maker = _CaseMaker(config, seed, longest)
+    ratios = list(range(1, config.vision.max_aspect_ratio_id + 1))
+    tiles = {r: _tiles(config, r) for r in ratios}
+    one_tile = min(ratios, key=lambda r: (tiles[r], r))
+    most_tiles = max(ratios, key=lambda r: (tiles[r], -r))
+    rest = [r for r in ratios if r not in (one_tile, most_tiles)]
+
+    cases = [
+        maker.case("text-only", [(8, [])]),
+        maker.case("image-first", [(12, [(1, one_tile)])]),
+        # Text before the image: the rows where the meta and hf masks differ.
+        maker.case("text-then-image", [(40, [(4, most_tiles)])]),
+    ]
+    pairs, singles = (rest[:2], rest[2:]) if limits.max_images >= 2 else ([], rest)
+    if len(pairs) == 2:
+        cases.append(maker.case("two-images", [(16, [(1, pairs[0]), (6, pairs[1])])]))
+    else:
+        singles = pairs + singles
+    lengths = (6, 11, 17, 29, 9, 23, 14, 35)
+    for n, start in enumerate(range(0, len(singles), limits.max_batch)):
+        chunk = singles[start : start + limits.max_batch]
+        rows = [(lengths[(start + i) % len(lengths)], [(1, r)]) for i, r in enumerate(chunk)]
+        cases.append(maker.case(f"batch-{len(chunk)}" + (f"-{n}" if n else ""), rows))
+    if limits.max_batch >= 2 and limits.max_images >= 2:
+        # A padded batch mixing a text-only row with two consecutive images (which share the
+        # text after them): padding images and rows that see no image in one batch.
+        cases.append(maker.case("batch-mixed", [(5, []), (14, [(1, one_tile), (2, most_tiles)])]))
+    return cases
+
+
+def _tiles(config: MllamaConfig, ratio_id: int) -> int:
+    h, w = config.vision.supported_aspect_ratios[ratio_id - 1]
+    return h * w
+
+
+class _CaseMaker:
+    """Prompts from the config's vocabulary, random tiles from seeded numpy; one seed per case."""
+
+    def __init__(self, config: MllamaConfig, seed: int, longest: int):
+        t = config.text
+        self.config, self.seed, self.longest = config, seed, longest
+        self.count = 0
+        special = {t.bos_token_id, *t.eos_token_ids, config.image_token_id}
+        if t.pad_token_id is not None:
+            special.add(t.pad_token_id)
+        # Regular text tokens: below the special ones where these sit at the top of the
+        # vocabulary (as in Llama 3), else the whole vocabulary minus the special ids.
+        low = min(special)
+        self.high = low if low >= t.vocab_size // 2 else t.vocab_size
+        self.special = special
+
+    def case(self, name: str, rows: list[tuple[int, list[tuple[int, int]]]]) -> EvalCase:
+        """rows: (prompt length, [(position of an <|image|> token, aspect ratio id), ...])."""
+        rng = np.random.default_rng([self.seed, self.count])
+        self.count += 1
+        prompts = [self._prompt(rng, length, [p for p, _ in imgs]) for length, imgs in rows]
+        ratios = [[r for _, r in imgs] for _, imgs in rows]
+        images = self._images(rng, ratios) if any(ratios) else None
+        return EvalCase(name, prompts, images)
+
+    def _prompt(self, rng: np.random.Generator, length: int, at: list[int]) -> list[int]:
+        length = max(min(length, self.longest), max(at, default=0) + 2)
+        ids = rng.integers(0, self.high, size=length)
+        while bad := [i for i, tok in enumerate(ids) if int(tok) in self.special]:
+            ids[bad] = rng.integers(0, self.high, size=len(bad))
+        prompt = [self.config.text.bos_token_id, *map(int, ids[1:])]
+        for pos in at:
+            prompt[pos] = self.config.image_token_id
+        return prompt
+
+    def _images(self, rng: np.random.Generator, ratios: list[list[int]]) -> PreprocessedImages:
+        """Tiles of random normalized pixels, in the processor's layout (padding included)."""
+        v = self.config.vision
+        b, n = len(ratios), max(len(r) for r in ratios)
+        pixels = np.zeros(
+            (b, n, v.max_num_tiles, v.num_channels, v.image_size, v.image_size), np.float32
+        )
+        ids = np.zeros((b, n), np.int64)
+        mask = np.zeros((b, n, v.max_num_tiles), np.int64)
+        mask[:, :, 0] = 1  # the processor marks tile 0 of padding images valid too
+        tiles: list[list[int]] = []
+        for row, row_ratios in enumerate(ratios):
+            tiles.append([])
+            for i, ratio_id in enumerate(row_ratios):
+                t = _tiles(self.config, ratio_id)
+                pixels[row, i, :t] = rng.standard_normal((t, *pixels.shape[3:]), np.float32)
+                ids[row, i], mask[row, i, :t] = ratio_id, 1
+                tiles[-1].append(t)
+        return PreprocessedImages(pixels, ids, mask, tiles)
+
+
+# -- a user's evaluation set -----------------------------------------------------------------
+
+
+def load_evalset(folder: str | Path, artifacts: str | Path) -> list[EvalCase]:
+    """The cases of ``folder/prompts.jsonl``, one single-prompt case per line.
+
+    Text is tokenized with the tokenizer of the artifact folder and images are preprocessed
+    with its ``preprocessor_config.json``; every malformed line is an error naming the line.
+    """
+    from mllama_export.exporter.manifest import read_manifest
+
+    folder, artifacts = Path(folder), Path(artifacts)
+    file = folder / EVALSET_FILE if folder.is_dir() else folder
+    if not file.is_file():
+        raise MllamaExportError(
+            f"no {EVALSET_FILE} in {folder}; expected a folder with {EVALSET_FILE} (one JSON "
+            'object per line: {"prompt": "text"} or {"token_ids": [...]}, with optional '
+            '"images": ["file.png", ...]) and the images beside it'
+        )
+    config = MllamaConfig.from_hf_dict(read_manifest(artifacts)["model"]["config"])
+    reader = _UserCases(file, artifacts, config)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise MllamaExportError(f"cannot read {file}: {err}") from err
+    cases = [
+        reader.case(n, line)
+        for n, line in enumerate(lines, start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not cases:
+        raise MllamaExportError(f"{file} holds no prompts; expected one JSON object per line")
+    names = [c.name for c in cases]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise MllamaExportError(f"{file}: case names must be unique; repeated: {dupes}")
+    return cases
+
+
+class _UserCases:
+    def __init__(self, file: Path, artifacts: Path, config: MllamaConfig):
+        self.file, self.artifacts, self.config = file, artifacts, config
+        self._tokenizer = self._image_config = None
+
+    def _error(self, n: int, problem: str) -> MllamaExportError:
+        return MllamaExportError(f"{self.file} line {n}: {problem}")
+
+    def case(self, n: int, line: str) -> EvalCase:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise self._error(n, f"not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(entry, dict):
+            raise self._error(
+                n, f'expected a JSON object such as {{"prompt": "..."}}, got {type(entry).__name__}'
+            )
+        unknown = sorted(set(entry) - set(_KEYS))
+        if unknown:
+            raise self._error(n, f"unknown key(s) {unknown}; allowed: {', '.join(_KEYS)}")
+        if ("prompt" in entry) == ("token_ids" in entry):
+            raise self._error(n, 'expected exactly one of "prompt" (text) and "token_ids"')
+        name = entry.get("name", f"line-{n}")
+        if not isinstance(name, str) or not name.strip():
+            raise self._error(n, f'"name" must be a non-empty string, got {name!r}')
+        images = self._image_paths(n, entry.get("images", []))
+        if "prompt" in entry:
+            ids = self._encode(n, entry["prompt"], len(images))
+        else:
+            ids = self._token_ids(n, entry["token_ids"])
+        n_image_tokens = ids.count(self.config.image_token_id)
+        if n_image_tokens != len(images):
+            raise self._error(
+                n,
+                f"{n_image_tokens} <|image|> token(s) (id {self.config.image_token_id}) but "
+                f"{len(images)} image(s); expected one image per image token",
+            )
+        return EvalCase(name, [ids], self._preprocess(n, images) if images else None)
+
+    def _image_paths(self, n: int, images: object) -> list[Path]:
+        if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+            raise self._error(
+                n, f'"images" must be a list of file names, got {json.dumps(images)[:80]}'
+            )
+        paths = [self.file.parent / i for i in images]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise self._error(n, f"image file(s) not found: {missing}")
+        return paths
+
+    def _token_ids(self, n: int, ids: object) -> list[int]:
+        rows = self.config.text.embedding_rows
+        if (
+            not isinstance(ids, list)
+            or not ids
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+        ):
+            raise self._error(
+                n, f'"token_ids" must be a non-empty list of integers, got {json.dumps(ids)[:80]}'
+            )
+        bad = [t for t in ids if not 0 <= t < rows]
+        if bad:
+            raise self._error(n, f"token ids {bad[:5]} outside the vocabulary 0..{rows - 1}")
+        return list(ids)
+
+    def _encode(self, n: int, prompt: object, num_images: int) -> list[int]:
+        if not isinstance(prompt, str) or not prompt:
+            raise self._error(n, f'"prompt" must be a non-empty string, got {prompt!r:.80}')
+        if self._tokenizer is None:
+            from mllama_export.engines.text import Tokenizer
+
+            if not (self.artifacts / "tokenizer.json").is_file():
+                raise self._error(
+                    n,
+                    f"a text prompt needs a tokenizer, and {self.artifacts} has no "
+                    'tokenizer.json; give "token_ids" instead',
+                )
+            self._tokenizer = Tokenizer.from_dir(self.artifacts)
+        tok = self._tokenizer
+        from mllama_export.engines.pipeline import with_image_tokens
+
+        # The same ids `mllama-export run` and transformers' processor give this prompt.
+        return tok.processor_encode(with_image_tokens(prompt, num_images))
+
+    def _preprocess(self, n: int, images: Sequence[Path]) -> PreprocessedImages:
+        from mllama_export.engines.preprocess import ImageProcessorConfig, preprocess
+
+        if self._image_config is None:
+            path = self.artifacts / "preprocessor_config.json"
+            if not path.is_file():
+                raise self._error(n, f"images need {path.name}, which {self.artifacts} lacks")
+            self._image_config = ImageProcessorConfig.from_file(path)
+        try:
+            return preprocess([list(images)], self._image_config)
+        except MllamaExportError as err:
+            raise self._error(n, str(err)) from err
