@@ -75,7 +75,10 @@ def main() -> None:
             BuildOptions(str(ckpt), out, max_batch=8, max_seq_len=256, xattn_mask="hf"),
             progress=lambda m: None,
         )
-        runner = Runner.from_artifacts(out)
+        runners = {
+            "ort run": Runner.from_artifacts(out),
+            "ort io-binding": Runner.from_artifacts(out, io_binding=True),
+        }
         hf = MllamaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
         params = sum(p.numel() for p in hf.parameters())
         print(
@@ -83,25 +86,16 @@ def main() -> None:
             f"{args.new_tokens} new tokens, {args.threads} threads, median of {args.repeats}"
         )
         print(
-            f"{'batch':>5} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'bytes copied/step':>18}"
+            f"{'batch':>5} {'runner':>15} {'tok/s':>8} {'hf tok/s':>9} {'ratio':>6} {'bytes copied/step':>18}"
         )
         for batch in (1, 8):
-            row(runner, hf, config, batch, args)
+            row(runners, hf, batch, args)
 
 
-def row(runner, hf, config, batch, args) -> None:
+def row(runners, hf, batch, args) -> None:
     rng = np.random.default_rng(batch)
     prompts = [[1, *rng.integers(3, 31000, args.prompt_len - 1).tolist()] for _ in range(batch)]
-    n = args.new_tokens
-    results = []
-
-    def ours():
-        results.append(runner.generate_ids(prompts, None, n, stop_tokens=set()))
-
-    median_time(ours, args.repeats)
-    ours_decode = statistics.median(r.timings["decode_s"] for r in results)
-    steps = results[-1].timings["decode_steps"] * batch
-    ids = torch.tensor(prompts)
+    n, ids = args.new_tokens, torch.tensor(prompts)
 
     def hf_generate(k):
         with torch.inference_mode():
@@ -114,15 +108,22 @@ def row(runner, hf, config, batch, args) -> None:
                 pad_token_id=0,
             )
 
-    assert hf_generate(n)[:, ids.shape[1] :].tolist() == results[-1].token_ids, "outputs differ"
+    expected = hf_generate(n)[:, ids.shape[1] :].tolist()
     hf_decode = median_time(lambda: hf_generate(n), args.repeats) - median_time(
         lambda: hf_generate(1), args.repeats
     )
-    ours_tps, hf_tps = steps / ours_decode, steps / hf_decode
-    print(
-        f"{batch:>5} {ours_tps:>11.1f} {hf_tps:>9.1f} {ours_tps / hf_tps:>5.2f}x "
-        f"{results[-1].cache_bytes_per_step:>18,}"
-    )
+    for name, runner in runners.items():
+        results = [
+            runner.generate_ids(prompts, None, n, stop_tokens=set()) for _ in range(args.repeats)
+        ]
+        assert results[-1].token_ids == expected, f"{name}: outputs differ from transformers"
+        decode = statistics.median(r.timings["decode_s"] for r in results)
+        tokens = results[-1].timings["decode_steps"] * batch
+        ours_tps, hf_tps = tokens / decode, tokens / hf_decode
+        print(
+            f"{batch:>5} {name:>15} {ours_tps:>8.1f} {hf_tps:>9.1f} {ours_tps / hf_tps:>5.2f}x "
+            f"{results[-1].cache_bytes_per_step:>18,}"
+        )
 
 
 if __name__ == "__main__":

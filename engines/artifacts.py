@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
+from functools import lru_cache
 from pathlib import Path
 
 from mllama_export.errors import MllamaExportError
@@ -16,25 +19,48 @@ from .runner import Limits
 from .text import Tokenizer
 
 BACKENDS = ("onnxruntime", "tensorrt")
+DEVICES = ("cpu", "cuda")
 
 
 def load_runner(
-    folder: str | Path, backend: str = "onnxruntime", device: str = "cpu"
+    folder: str | Path,
+    backend: str = "onnxruntime",
+    device: str = "cpu",
+    io_binding: bool | None = None,
 ) -> TextRunner:
+    """io_binding: keep caches in device buffers bound by pointer; on by default on CUDA,
+    where it keeps them on the GPU (bfloat16 artifacts excepted: numpy has no such type)."""
     folder = Path(folder)
+    if backend not in BACKENDS:
+        raise MllamaExportError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise MllamaExportError(f"unknown device {device!r}; available: {', '.join(DEVICES)}")
     manifest = read_manifest(folder)
+    check_writer_version(folder, manifest)
     verify_files(folder, manifest)
     config = MllamaConfig.from_hf_dict(manifest["model"]["config"])
     if backend == "tensorrt":
         reason = manifest.get("tensorrt", {}).get("reason", "no engines in the manifest")
         raise MllamaExportError(f"{folder} has no TensorRT engines: {reason}")
-    if backend != "onnxruntime":
-        raise MllamaExportError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     graphs = manifest["graphs"]
+    bind = (
+        io_binding
+        if io_binding is not None
+        else device == "cuda" and manifest["io_dtype"] != "bfloat16"
+    )
+    tokens = config.vision.max_num_tiles * config.vision.num_patches
     for graph in graphs.values():
         check_external_data(folder, folder / graph["file"])
+        check_onnx_runnable(folder / graph["file"])
     backends = [
-        OnnxRuntimeBackend(folder / graphs[name]["file"], cls.INPUTS, cls.OUTPUTS, device)
+        OnnxRuntimeBackend(
+            folder / graphs[name]["file"],
+            cls.INPUTS,
+            cls.OUTPUTS,
+            device,
+            io_binding=bind,
+            tokens_per_image=tokens,
+        )
         for name, cls in (
             ("vision", VisionGraph),
             ("prefill", PrefillGraph),
@@ -48,3 +74,74 @@ def load_runner(
         runner.image_config = ImageProcessorConfig.from_file(folder / "preprocessor_config.json")
     runner.manifest = manifest
     return runner
+
+
+def _major(version: str) -> int | None:
+    match = re.match(r"\s*(\d+)\.", str(version))
+    return int(match.group(1)) if match else None
+
+
+def check_writer_version(folder: Path, manifest: dict) -> None:
+    """Artifacts written by another major version of mllama-export are refused: the graphs'
+    inputs, outputs or semantics may have changed between them."""
+    written = (manifest.get("versions") or {}).get("mllama-export")
+    try:
+        installed = importlib.metadata.version("mllama-export")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if written is None or _major(written) is None or _major(installed) is None:
+        return
+    if _major(written) != _major(installed):
+        raise MllamaExportError(
+            f"{folder} was built by mllama-export {written}; this is mllama-export {installed}, "
+            f"which runs artifacts of major version {_major(installed)} only; rebuild them with "
+            f"this version, or install mllama-export {_major(written)}.x to run them"
+        )
+
+
+def check_onnx_runnable(onnx_file: Path) -> None:
+    """The ONNX file's IR version and ai.onnx opset must be ones the installed ONNX Runtime
+    runs; asked of ONNX Runtime itself with a one-node model of the same versions."""
+    import onnx
+
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    opset = max(
+        (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None
+    )
+    problem = _ort_refuses(model.ir_version, opset)
+    if problem is not None:
+        import onnxruntime
+
+        raise MllamaExportError(
+            f"{onnx_file.parent.name}/{onnx_file.name} has ONNX IR version {model.ir_version} and opset {opset}, which "
+            f"the installed onnxruntime {onnxruntime.__version__} cannot run ({problem}); "
+            "upgrade onnxruntime, or rebuild the artifacts with an opset it supports "
+            "(mllama-export build --opset 19..21)"
+        )
+
+
+@lru_cache(maxsize=32)
+def _ort_refuses(ir_version: int, opset: int | None) -> str | None:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    imports = [helper.make_opsetid("", opset if opset is not None else 13)]
+    probe = helper.make_model(graph, opset_imports=imports)
+    probe.ir_version = ir_version
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own untyped errors
+        text = str(err)
+        for pattern in (
+            r"max supported IR version: \d+",
+            r"official support for domain \S+ is till opset \d+",
+        ):
+            if found := re.search(pattern, text):
+                return found.group(0)
+        return text.strip().splitlines()[-1][-200:] if text.strip() else type(err).__name__
+    return None

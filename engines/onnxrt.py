@@ -10,6 +10,7 @@ from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.contract import TensorSpec
 
 from .backend import check_feed
+from .store import TorchStore
 
 
 def providers(device: str) -> list[str]:
@@ -37,10 +38,15 @@ class OnnxRuntimeBackend:
         outputs: tuple[TensorSpec, ...],
         device: str = "cpu",
         optimization: str = "all",
+        io_binding: bool = False,
+        tokens_per_image: int = 0,
     ):
         import onnxruntime as ort
 
         self.inputs, self.outputs, self.label = inputs, outputs, Path(path).stem
+        self.tokens_per_image = (
+            tokens_per_image  # image_tokens = num_images x this (tiles x patches)
+        )
         options = ort.SessionOptions()
         # FP8 Q/DQ graphs must stay at BASIC: higher levels fuse Q/DQ into int8-only kernels.
         options.graph_optimization_level = {
@@ -53,8 +59,63 @@ class OnnxRuntimeBackend:
         except Exception as err:  # ORT raises its own untyped errors for unreadable models
             raise MllamaExportError(f"ONNX Runtime cannot load {path}: {err}") from err
         self._names = [s.name for s in outputs]
+        # With I/O binding, inputs and outputs are torch tensors on the provider's device,
+        # bound by pointer: caches stay there between calls and are never copied per step.
+        self.store = TorchStore("cuda" if device == "cuda" else "cpu") if io_binding else None
+        types = {o.type for o in self.session.get_outputs()} | {
+            i.type for i in self.session.get_inputs()
+        }
+        if io_binding and not types <= _ORT_TYPES.keys():
+            raise MllamaExportError(
+                f"I/O binding supports {sorted(_ORT_TYPES)}; {Path(path).name} uses {sorted(types)} "
+                "(ONNX Runtime's Python binding takes numpy types, and numpy has no bfloat16)"
+            )
+        self._out_meta = {
+            o.name: (o.shape, _ORT_TYPES.get(o.type)) for o in self.session.get_outputs()
+        }
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(self.label, self.inputs, feed)
+        if self.store is not None:
+            return self._infer_bound(feed)
         outs = self.session.run(self._names, feed)
         return dict(zip(self._names, outs, strict=True))
+
+    def _infer_bound(self, feed: dict) -> dict:
+        binding = self.session.io_binding()
+        device = self.store.device
+        where = (device.type, device.index or 0)
+        sizes: dict[str, int] = {}
+        tensors = {}
+        for spec in self.inputs:
+            tensor = self.store.put(feed[spec.name])
+            tensors[spec.name] = tensor  # kept alive until the run ends
+            sizes.update(zip(spec.dims, tensor.shape, strict=True))
+            binding.bind_input(
+                spec.name, *where, _numpy_type(tensor), tuple(tensor.shape), tensor.data_ptr()
+            )
+        if "num_images" in sizes:
+            sizes.setdefault("image_tokens", sizes["num_images"] * self.tokens_per_image)
+        outputs = {}
+        for name in self._names:
+            dims, dtype = self._out_meta[name]
+            shape = tuple(d if isinstance(d, int) else sizes[d] for d in dims)
+            outputs[name] = out = self.store.zeros(shape, dtype)
+            binding.bind_output(name, *where, dtype, shape, out.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(int64)": np.dtype(np.int64),
+}
+
+
+def _numpy_type(tensor) -> np.dtype:
+    import torch
+
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[
+        tensor.dtype
+    ]

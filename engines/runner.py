@@ -15,6 +15,7 @@ from mllama_export.graphs.config import MllamaConfig
 from .backend import Backend
 from .preprocess import PreprocessedImages as Images
 from .sampling import Sampling, TokenPicker
+from .store import NumpyStore
 from .text import cross_attention_mask_from_ids
 
 if TYPE_CHECKING:
@@ -48,14 +49,19 @@ def numpy_dtype(name: str) -> np.dtype:
 
 
 class _Cache:
-    """Self-attention K/V in buffers sized once per generation; each step fills one slot."""
+    """Self-attention K/V in buffers sized once per generation; each step fills one slot.
 
-    def __init__(self, present_k: np.ndarray, present_v: np.ndarray, mask: np.ndarray, cap: int):
+    The buffers live in the decode backend's store (host arrays, or device tensors bound by
+    pointer), so the past is never copied: not into a new tensor, not across to the host.
+    """
+
+    def __init__(self, present_k, present_v, mask: np.ndarray, cap: int, store, dtype):
         layers, b, heads, s, dim = present_k.shape
-        self.k = np.zeros((layers, b, heads, cap, dim), present_k.dtype)
-        self.v = np.zeros_like(self.k)
-        self.mask = np.zeros((b, cap), np.int64)
-        self.k[:, :, :, :s], self.v[:, :, :, :s], self.mask[:, :s] = present_k, present_v, mask
+        self.k = store.zeros((layers, b, heads, cap, dim), dtype)
+        self.v = store.zeros((layers, b, heads, cap, dim), dtype)
+        self.mask = store.zeros((b, cap), np.dtype(np.int64))
+        self.k[:, :, :, :s], self.v[:, :, :, :s] = present_k, present_v
+        self.mask[:, :s] = store.put(mask)
         self.length = s
 
     def append(self, new_k: np.ndarray, new_v: np.ndarray) -> int:
@@ -64,7 +70,7 @@ class _Cache:
         self.v[:, :, :, self.length] = new_v[:, :, :, 0]
         self.mask[:, self.length] = 1
         self.length += 1
-        return new_k.nbytes + new_v.nbytes + self.mask.shape[0] * self.mask.itemsize
+        return new_k.nbytes + new_v.nbytes + self.mask.shape[0] * 8
 
 
 class Runner:
@@ -81,15 +87,22 @@ class Runner:
     ):
         self.config, self.limits, self.dtype = config, limits, numpy_dtype(model_dtype)
         self.vision, self.prefill, self.decode = vision, prefill, decode
+        self.store = getattr(decode, "store", None) or NumpyStore()
 
     @classmethod
     def from_artifacts(
-        cls, folder, backend: str = "onnxruntime", device: str = "cpu"
+        cls,
+        folder,
+        backend: str = "onnxruntime",
+        device: str = "cpu",
+        io_binding: bool | None = None,
     ) -> TextRunner:
-        """Loads an artifact folder written by `mllama-export build`, after checking its files."""
+        """Loads an artifact folder written by `mllama-export build`, after checking its files.
+
+        io_binding keeps caches in device buffers bound by pointer (default: on for CUDA)."""
         from .artifacts import load_runner
 
-        return load_runner(folder, backend, device)
+        return load_runner(folder, backend, device, io_binding)
 
     def generate_ids(
         self,
@@ -126,10 +139,18 @@ class Runner:
         start = time.perf_counter()
         out = self.prefill.infer({**feed, "cross_key": xk, "cross_value": xv})
         result.timings["prefill_s"] = time.perf_counter() - start
+        logits = self.store.host(out["logits"][:, -1])
         if keep_logits:
-            result.prefill_logits = out["logits"]
+            result.prefill_logits = self.store.host(out["logits"])
         capacity = feed["input_ids"].shape[1] + max_new_tokens
-        cache = _Cache(out["present_key"], out["present_value"], feed["attention_mask"], capacity)
+        cache = _Cache(
+            out["present_key"],
+            out["present_value"],
+            feed["attention_mask"],
+            capacity,
+            self.store,
+            self.dtype,
+        )
         step_inputs = {
             "position_ids": feed["position_ids"][:, -1:].copy(),
             "cross_attention_mask": feed["cross_attention_mask"][:, -1:].copy(),
@@ -137,7 +158,7 @@ class Runner:
             "cross_value": xv,
         }
         yield from self._decode_loop(
-            out["logits"][:, -1], cache, step_inputs, result, max_new_tokens, stop, sampling
+            logits, cache, step_inputs, result, max_new_tokens, stop, sampling
         )
 
     def _decode_loop(self, logits, cache, step_inputs, result, max_new_tokens, stop, sampling):
@@ -160,9 +181,10 @@ class Runner:
                 {**step_inputs, **feed, "past_key": cache.k, "past_value": cache.v}
             )
             result.cache_bytes_per_step = cache.append(out["new_key"], out["new_value"])
+            logits = self.store.host(out["logits"][:, -1])
             if result.prefill_logits is not None:
-                result.step_logits.append(out["logits"][:, -1])
-            tokens, steps = pick(out["logits"][:, -1]), steps + 1
+                result.step_logits.append(logits)
+            tokens, steps = pick(logits), steps + 1
         result.timings.update(decode_s=time.perf_counter() - start, decode_steps=steps)
 
     def _prompt_feed(
@@ -229,7 +251,7 @@ class Runner:
             t, v = self.config.text, self.config.vision
             tokens = v.max_num_tiles * v.num_patches
             shape = (len(t.cross_attention_layers), batch, t.num_kv_heads, tokens, t.head_dim)
-            return np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)
+            return self.store.zeros(shape, self.dtype), self.store.zeros(shape, self.dtype)
         start = time.perf_counter()
         out = self.vision.infer(
             {

@@ -25,11 +25,12 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="session", params=["torch", "onnxruntime"])
+@pytest.fixture(scope="session", params=["torch", "onnxruntime", "onnxruntime-iobinding"])
 def runner(request, tiny_model, ort_artifacts) -> Runner:
     if request.param == "torch":
         return torch_runner(tiny_model)
-    return Runner.from_artifacts(ort_artifacts)
+    # io-binding: caches in torch buffers bound by pointer, the CUDA provider's code path
+    return Runner.from_artifacts(ort_artifacts, io_binding=request.param.endswith("iobinding"))
 
 
 def hf_generate(hf, runner, prompts, images, n):
