@@ -1,0 +1,355 @@
+"""TensorRT optimization profiles as plain data, derived from the build options and the model.
+
+No TensorRT here: the exporter turns these into Polygraphy profiles and trtexec flags, the
+manifest stores them as JSON, and the TensorRT backend picks one per call with
+`select_profile`. The scheme (docs/tensorrt.md):
+
+- vision: one profile per (batch bucket x num_images bucket); tiles are fixed by the model
+  (every image is padded to max tiles), so batch x images is all that varies.
+- prefill: one profile per prompt-length bucket; batch and num_images span their whole range.
+- decode: one profile per (batch bucket x past-length bucket); past_sequence is the cache
+  capacity (prompt length + max_new_tokens), num_images spans its whole range.
+
+A bucket is a contiguous range [lo, hi]; consecutive buckets of one dim touch without gaps
+or overlaps (the next starts at hi + 1), and the last ends exactly at the build limit. Every
+profile tunes its kernels at the top of its buckets (opt = max for bucketed dims and for
+the dims spanning their whole range alike), so no call in a bucket is larger than the shape
+its kernels were chosen for. Dims that several inputs share (batch, sequence, num_images,
+past_sequence, and image_tokens = num_images x tiles x patches) take the same value in every
+input of a profile, because each input's shapes are read off one table of dim sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mllama_export.errors import MllamaExportError
+from mllama_export.graphs import contract
+from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.contract import TensorSpec, static_dims
+
+GRAPH_INPUTS: dict[str, tuple[TensorSpec, ...]] = {
+    "vision": contract.VISION_INPUTS,
+    "prefill": contract.PREFILL_INPUTS,
+    "decode": contract.DECODE_INPUTS,
+}
+
+Range = tuple[int, int, int]  # (min, opt, max)
+Shape = tuple[int, ...]
+
+
+class HasLimits(Protocol):
+    """BuildOptions or the runner's Limits: what the artifacts promise to accept."""
+
+    max_batch: int
+    max_seq_len: int
+    max_images: int
+
+
+@dataclass(frozen=True)
+class ProfileScheme:
+    """Where the bucket edges fall. Each dim's edges are first, first*growth, ... below the
+    limit, then the limit itself: batch 1 | 2 | 3-4 | 5-8 ..., prompt 1-64 | 65-128 | ...,
+    past 1-256 | 257-1024 | ... Fewer, wider buckets build faster; more, narrower ones tune
+    closer to each call."""
+
+    batch_first: int = 1
+    batch_growth: int = 2
+    images_first: int = 1
+    images_growth: int = 2
+    sequence_first: int = 64  # prefill GEMMs scale with the prompt: double each bucket
+    sequence_growth: int = 2
+    # Decode's linear layers depend on batch only; the past only sizes the attention, so its
+    # buckets can grow faster and keep the profile count down on long contexts.
+    past_first: int = 256
+    past_growth: int = 4
+
+    def __post_init__(self):
+        for name in ("batch", "images", "sequence", "past"):
+            first, growth = getattr(self, f"{name}_first"), getattr(self, f"{name}_growth")
+            if first < 1 or growth < 2:
+                raise MllamaExportError(
+                    f"profile scheme {name}: first edge {first} and growth {growth} "
+                    "(need first >= 1 and growth >= 2)"
+                )
+
+
+DEFAULT_SCHEME = ProfileScheme()
+
+
+def buckets(limit: int, first: int, growth: int) -> list[tuple[int, int]]:
+    """Contiguous ranges covering exactly 1..limit: [1, first], [first+1, first*growth], ...,
+    the last one ending at limit."""
+    if limit < 1:
+        raise MllamaExportError(f"cannot bucket the range 1..{limit}: the limit must be >= 1")
+    edges, edge = [], first
+    while edge < limit:
+        edges.append(edge)
+        edge *= growth
+    edges.append(limit)
+    ranges, lo = [], 1
+    for hi in edges:
+        ranges.append((lo, hi))
+        lo = hi + 1
+    return ranges
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """One optimization profile of one graph: per-dim ranges and per-input shapes."""
+
+    graph: str
+    index: int
+    ranges: dict[str, Range]  # every dynamic dim the graph's inputs use, image_tokens included
+    inputs: dict[str, tuple[str, ...]]  # input name -> its named dims, in the graph's order
+    shapes: dict[str, tuple[Shape, Shape, Shape]] = field(repr=False)  # name -> (min, opt, max)
+
+    @classmethod
+    def from_ranges(
+        cls,
+        graph: str,
+        index: int,
+        ranges: Mapping[str, Range],
+        specs: Sequence[TensorSpec],
+        fixed: Mapping[str, int],
+    ) -> ShapeProfile:
+        """Shapes of every input read off one table of dim sizes, so shared dims agree."""
+        used = {d for s in specs for d in s.dims if d in contract.DYNAMIC_DIMS}
+        missing = used - set(ranges)
+        if missing:
+            raise MllamaExportError(f"{graph} profile {index} has no range for {sorted(missing)}")
+        table = [{**fixed, **{d: r[k] for d, r in ranges.items()}} for k in range(3)]
+        shapes = {s.name: tuple(s.shape(sizes) for sizes in table) for s in specs}
+        return cls(
+            graph,
+            index,
+            {d: tuple(ranges[d]) for d in contract.DYNAMIC_DIMS if d in used},
+            {s.name: s.dims for s in specs},
+            shapes,
+        )
+
+    def contains(self, feed_shapes: Mapping[str, Sequence[int]]) -> bool:
+        for name, (lo, _, hi) in self.shapes.items():
+            shape = feed_shapes.get(name)
+            if shape is None or len(shape) != len(lo):
+                return False
+            if any(not a <= int(x) <= b for a, x, b in zip(lo, shape, hi, strict=True)):
+                return False
+        return True
+
+    def volume(self) -> int:
+        """Elements of all inputs at the profile's max shapes: what 'smallest' compares."""
+        total = 0
+        for _, _, hi in self.shapes.values():
+            n = 1
+            for d in hi:
+                n *= d
+            total += n
+        return total
+
+    def describe(self) -> str:
+        return ", ".join(f"{d} {lo}..{hi}" for d, (lo, _, hi) in self.ranges.items())
+
+    def trtexec_shapes(self) -> dict[str, str]:
+        """{'min': 'input_ids:1x1,position_ids:1x1,...', 'opt': ..., 'max': ...}, the values
+        of trtexec's --minShapes/--optShapes/--maxShapes for this profile."""
+        return {
+            key: ",".join(
+                f"{name}:{'x'.join(str(d) for d in shapes[k])}"
+                for name, shapes in self.shapes.items()
+            )
+            for k, key in enumerate(("min", "opt", "max"))
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "graph": self.graph,
+            "index": self.index,
+            "dims": {d: {"min": r[0], "opt": r[1], "max": r[2]} for d, r in self.ranges.items()},
+            "inputs": {
+                name: {
+                    "dims": list(self.inputs[name]),
+                    "min": list(s[0]),
+                    "opt": list(s[1]),
+                    "max": list(s[2]),
+                }
+                for name, s in self.shapes.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ShapeProfile:
+        try:
+            return cls(
+                str(data["graph"]),
+                int(data["index"]),
+                {d: (int(r["min"]), int(r["opt"]), int(r["max"])) for d, r in data["dims"].items()},
+                {name: tuple(v["dims"]) for name, v in data["inputs"].items()},
+                {
+                    name: tuple(tuple(int(x) for x in v[k]) for k in ("min", "opt", "max"))
+                    for name, v in data["inputs"].items()
+                },
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise MllamaExportError(
+                f"malformed optimization profile in the manifest ({err!r}); rebuild the engines"
+            ) from err
+
+
+def graph_profiles(
+    graph: str,
+    config: MllamaConfig,
+    limits: HasLimits,
+    scheme: ProfileScheme = DEFAULT_SCHEME,
+) -> list[ShapeProfile]:
+    """The profiles of one graph, smallest first, covering exactly what `limits` promise:
+    batch 1..max_batch, num_images 1..max_images, sequence and past_sequence 1..max_seq_len."""
+    if graph not in GRAPH_INPUTS:
+        raise MllamaExportError(f"unknown graph {graph!r}; expected one of {list(GRAPH_INPUTS)}")
+    for name in ("max_batch", "max_seq_len", "max_images"):
+        if getattr(limits, name) < 1:
+            raise MllamaExportError(f"cannot make profiles for {name} {getattr(limits, name)}")
+    s = scheme
+    whole_batch = [(1, limits.max_batch)]
+    whole_images = [(1, limits.max_images)]
+    batch = buckets(limits.max_batch, s.batch_first, s.batch_growth)
+    images = buckets(limits.max_images, s.images_first, s.images_growth)
+    grid: list[dict[str, tuple[int, int]]]
+    if graph == "vision":
+        grid = [{"batch": b, "num_images": n} for b in batch for n in images]
+    elif graph == "prefill":
+        seq = buckets(limits.max_seq_len, s.sequence_first, s.sequence_growth)
+        grid = [
+            {"batch": whole_batch[0], "num_images": whole_images[0], "sequence": q} for q in seq
+        ]
+    else:
+        past = buckets(limits.max_seq_len, s.past_first, s.past_growth)
+        grid = [
+            {"batch": b, "num_images": whole_images[0], "past_sequence": p}
+            for b in batch
+            for p in past
+        ]
+    fixed = static_dims(config)
+    per_image = config.vision.max_num_tiles * config.vision.num_patches
+    profiles = []
+    for index, cell in enumerate(grid):
+        ranges: dict[str, Range] = {d: (lo, hi, hi) for d, (lo, hi) in cell.items()}
+        lo, opt, hi = ranges["num_images"]
+        ranges["image_tokens"] = (lo * per_image, opt * per_image, hi * per_image)
+        profiles.append(ShapeProfile.from_ranges(graph, index, ranges, GRAPH_INPUTS[graph], fixed))
+    return profiles
+
+
+def all_profiles(
+    config: MllamaConfig, limits: HasLimits, scheme: ProfileScheme = DEFAULT_SCHEME
+) -> dict[str, list[ShapeProfile]]:
+    return {g: graph_profiles(g, config, limits, scheme) for g in GRAPH_INPUTS}
+
+
+def coverage(profiles: Sequence[ShapeProfile]) -> dict[str, tuple[int, int]]:
+    """The lowest and highest value of each dim over all profiles."""
+    out: dict[str, tuple[int, int]] = {}
+    for p in profiles:
+        for d, (lo, _, hi) in p.ranges.items():
+            a, b = out.get(d, (lo, hi))
+            out[d] = (min(a, lo), max(b, hi))
+    return out
+
+
+def feed_dims(
+    profiles: Sequence[ShapeProfile], feed_shapes: Mapping[str, Sequence[int]]
+) -> dict[str, list[tuple[str, int]]]:
+    """Each dynamic dim's values in a feed, with the input each came from."""
+    seen: dict[str, list[tuple[str, int]]] = {}
+    if not profiles:
+        return seen
+    for name, dims in profiles[0].inputs.items():
+        shape = feed_shapes.get(name)
+        if shape is None or len(shape) != len(dims):
+            continue
+        for d, x in zip(dims, shape, strict=True):
+            if d in profiles[0].ranges:
+                seen.setdefault(d, []).append((name, int(x)))
+    return seen
+
+
+def select_profile(
+    profiles: Sequence[ShapeProfile], feed_shapes: Mapping[str, Sequence[int]]
+) -> int:
+    """The position in `profiles` of the smallest profile containing every input's shape.
+
+    The feed must be consistent first: every input present with its rank, the model's fixed
+    dims as built, each shared dim equal across inputs, image_tokens = num_images x tiles x
+    patches. Raises MllamaExportError naming the shapes, what is wrong and the ranges built."""
+    if not profiles:
+        raise MllamaExportError("no optimization profiles to choose from; rebuild the engines")
+    problems = shape_problems(profiles, feed_shapes)
+    if not problems:
+        best = None
+        for i, p in enumerate(profiles):
+            if p.contains(feed_shapes) and (best is None or p.volume() < profiles[best].volume()):
+                best = i
+        if best is not None:
+            return best
+        seen = feed_dims(profiles, feed_shapes)
+        problems = [
+            f"{d} {seen[d][0][1]} outside {lo}..{hi}"
+            for d, (lo, hi) in coverage(profiles).items()
+            if d in seen and not lo <= seen[d][0][1] <= hi
+        ]
+    shapes = ", ".join(f"{n} {list(s)}" for n, s in feed_shapes.items())
+    covered = ", ".join(f"{d} {lo}..{hi}" for d, (lo, hi) in coverage(profiles).items())
+    raise MllamaExportError(
+        f"no {profiles[0].graph} optimization profile fits the shapes {shapes}"
+        + (f" ({'; '.join(problems)})" if problems else "")
+        + f"; the engine's {len(profiles)} profiles cover {covered}"
+    )
+
+
+def shape_problems(
+    profiles: Sequence[ShapeProfile], feed_shapes: Mapping[str, Sequence[int]]
+) -> list[str]:
+    """What makes a feed inconsistent with the graph, whatever the profile ranges."""
+    expected = profiles[0].inputs
+    wrong = sorted(
+        n
+        for n in set(expected) | set(feed_shapes)
+        if n not in feed_shapes or n not in expected or len(feed_shapes[n]) != len(expected[n])
+    )
+    if wrong:
+        layout = "; ".join(f"{n} [{', '.join(d)}]" for n, d in expected.items())
+        return [f"inputs {', '.join(wrong)} missing, unknown or of the wrong rank ({layout})"]
+    problems = _fixed_mismatches(profiles[0], feed_shapes)
+    seen = feed_dims(profiles, feed_shapes)
+    for d, values in seen.items():
+        if len({x for _, x in values}) > 1:
+            problems.append(
+                f"{d} differs between inputs (" + ", ".join(f"{x} in {n}" for n, x in values) + ")"
+            )
+    return problems + _image_token_mismatch(profiles[0], seen)
+
+
+def _fixed_mismatches(profile: ShapeProfile, feed_shapes: Mapping[str, Sequence[int]]) -> list:
+    out = []
+    for name, dims in profile.inputs.items():
+        shape = feed_shapes.get(name)
+        if shape is None or len(shape) != len(dims):
+            continue
+        lo = profile.shapes[name][0]
+        for axis, (d, x) in enumerate(zip(dims, shape, strict=True)):
+            if d not in profile.ranges and int(x) != lo[axis]:
+                out.append(f"{name} axis {axis} ({d}) is {x}; the model fixes it at {lo[axis]}")
+    return out
+
+
+def _image_token_mismatch(profile: ShapeProfile, seen: dict) -> list:
+    if "image_tokens" not in profile.ranges or not seen.get("image_tokens"):
+        return []
+    per_image = profile.ranges["image_tokens"][0] // profile.ranges["num_images"][0]
+    images = seen.get("num_images", [("", None)])[0][1]
+    tokens = seen["image_tokens"][0][1]
+    if images is not None and tokens != images * per_image:
+        return [f"image_tokens {tokens} is not num_images {images} x {per_image} (tiles x patches)"]
+    return []
