@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from mllama_export.errors import MllamaExportError
@@ -56,6 +57,11 @@ class TextRunner(Runner):
         """
         tok = self._need_tokenizer()
         images = _as_image_list(images)
+        if isinstance(prompt, str) and not prompt.strip() and not images:
+            raise MllamaExportError(
+                f"the prompt is {'empty' if not prompt else 'only whitespace'} and no image was "
+                "given; expected some text, or an image with an empty prompt"
+            )
         if isinstance(prompt, str):
             text, add_special_tokens, what = (
                 with_image_tokens(prompt, len(images)),
@@ -79,6 +85,10 @@ class TextRunner(Runner):
                 "these artifacts have no preprocessor_config.json; images cannot be read"
             )
         return ids, preprocess([images], self.image_config)
+
+    def iter_steps(self, prompts, images, *args, **kwargs) -> Iterator[np.ndarray]:
+        _check_prompt_ids(prompts, self.config.text.embedding_rows)
+        return super().iter_steps(prompts, images, *args, **kwargs)
 
     def _check_image_count(self, tokens: int, images: int, what: str) -> None:
         if tokens != images:
@@ -146,7 +156,40 @@ def _as_image_list(images: Sequence[ImageSource] | ImageSource | None) -> list[I
         return []
     if isinstance(images, str | os.PathLike | bytes | bytearray | memoryview | Image.Image):
         return [images]
+    if not isinstance(images, Sequence):
+        raise MllamaExportError(
+            f"images is {type(images).__name__} {images!r:.60}; expected a file path, bytes, a "
+            "PIL.Image.Image, or a list of them"
+        )
     return list(images)
+
+
+def _is_token(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _check_prompt_ids(prompts: object, rows: int) -> None:
+    """Prompts as a list of token-id lists, every id a row of the embedding."""
+    rows_ok = isinstance(prompts, list | tuple | np.ndarray) and all(
+        isinstance(p, list | tuple | np.ndarray) for p in prompts
+    )
+    if not rows_ok:
+        raise MllamaExportError(
+            f"prompts is {type(prompts).__name__} {prompts!r:.60}; expected a list of token-id "
+            "lists, one per prompt, e.g. [[500, 512, 12]]"
+        )
+    for i, prompt in enumerate(prompts):
+        bad = [t for t in prompt if not _is_token(t)]
+        if bad:
+            raise MllamaExportError(
+                f"prompt {i} holds {bad[0]!r} ({type(bad[0]).__name__}); expected integer token ids"
+            )
+        outside = [int(t) for t in prompt if not 0 <= t < rows]
+        if outside:
+            raise MllamaExportError(
+                f"prompt {i} holds token id(s) {outside[:5]} outside the vocabulary; expected "
+                f"ids in 0..{rows - 1}"
+            )
 
 
 @dataclass

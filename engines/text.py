@@ -263,7 +263,10 @@ class Tokenizer:
         try:
             backend = tokenizers.Tokenizer.from_file(str(tokenizer_json))
         except Exception as e:  # tokenizers raises a bare Exception
-            raise MllamaExportError(f"{tokenizer_json} is not a valid tokenizer: {e}") from e
+            raise MllamaExportError(
+                f"{tokenizer_json} is not a valid tokenizer: {e}; expected the tokenizer.json "
+                "of a Hugging Face (tokenizers) tokenizer"
+            ) from e
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (folder / name).is_file():
@@ -346,7 +349,17 @@ class Tokenizer:
                 "chat_template.jinja or chat_template.json."
             )
         if not messages:
-            raise MllamaExportError("Cannot apply the chat template to an empty conversation.")
+            raise MllamaExportError(
+                "Cannot apply the chat template to an empty conversation; expected at least one "
+                "{'role': 'user', 'content': ...} message."
+            )
+        for i, message in enumerate(messages):
+            if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+                raise MllamaExportError(
+                    f"Chat message {i} is {message!r:.80}; expected a dict with a 'role' "
+                    "('system', 'user', 'assistant', ...) and a 'content' (a string or a list "
+                    "of {'type': 'text', 'text': ...} and {'type': 'image'} parts)."
+                )
         if self._compiled is None:
             self._compiled = compile_chat_template(self.chat_template)
         special = {k: self._special(k) for k in _TEMPLATE_TOKEN_KEYS if self.config.get(k)}

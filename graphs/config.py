@@ -166,7 +166,7 @@ class MllamaConfig:
             )
         vision = _vision_from_hf(_Section("vision_config", top.take("vision_config")))
         text = _text_from_hf(_Section("text_config", top.take("text_config")))
-        image_token_id = int(top.take("image_token_index"))
+        image_token_id = top.take_int("image_token_index")
         top.take_optional("tie_word_embeddings", False, expect=False)
         top.finish()
         config = cls(vision=vision, text=text, image_token_id=image_token_id)
@@ -177,6 +177,11 @@ class MllamaConfig:
     def from_hf_config(cls, path: str | Path) -> MllamaConfig:
         """Reads `config.json` from a checkpoint folder (or the file itself)."""
         path = Path(path)
+        if not path.exists():
+            raise MllamaExportError(
+                f"{path} does not exist; expected a Hugging Face checkpoint folder with "
+                "config.json (or the config.json itself)"
+            )
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise MllamaExportError(f"no config.json at {file}; expected a Hugging Face checkpoint")
@@ -261,6 +266,18 @@ class _Section:
         self.taken.add(key)
         return self.raw[key]
 
+    def take_int(self, key: str) -> int:
+        return _number(self.name, key, self.take(key), int)
+
+    def take_float(self, key: str) -> float:
+        return _number(self.name, key, self.take(key), float)
+
+    def take_ints(self, key: str) -> tuple[int, ...]:
+        value = self.take(key)
+        if not isinstance(value, list):
+            raise MllamaExportError(f"{self.name}.{key} is {value!r}; expected a list of integers")
+        return tuple(_number(self.name, key, v, int) for v in value)
+
     def take_optional(self, key: str, default: Any, expect: Any = None) -> Any:
         value = self.raw.get(key, default)
         self.taken.add(key)
@@ -279,24 +296,49 @@ class _Section:
             )
 
 
+def _number(section: str, key: str, value: Any, kind: type) -> Any:
+    """An integer (or a number, for floats) from JSON; strings, booleans and floats with a
+    fraction where an integer belongs are refused by name."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and kind is int:
+        ok = float(value).is_integer()
+    if not ok:
+        expected = "an integer" if kind is int else "a number"
+        raise MllamaExportError(f"{section}.{key} is {value!r}; expected {expected}")
+    return kind(value)
+
+
+def _aspect_ratios_from(s: _Section) -> tuple[tuple[int, int], ...]:
+    ratios = s.take("supported_aspect_ratios")
+    ok = isinstance(ratios, list) and all(
+        isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) for r in ratios
+    )
+    if not ok:
+        raise MllamaExportError(
+            f"{s.name}.supported_aspect_ratios is {json.dumps(ratios)[:80]}; expected a list "
+            "of [tiles high, tiles wide] pairs of integers, e.g. [[1, 1], [1, 2]]"
+        )
+    return tuple((int(h), int(w)) for h, w in ratios)
+
+
 def _vision_from_hf(s: _Section) -> VisionConfig:
     s.take_optional("model_type", "mllama_vision_model", expect="mllama_vision_model")
     s.take_optional("hidden_act", "gelu", expect="gelu")
-    ratios = s.take("supported_aspect_ratios")
+    ratios = _aspect_ratios_from(s)
     config = VisionConfig(
-        hidden_size=int(s.take("hidden_size")),
-        num_layers=int(s.take("num_hidden_layers")),
-        num_global_layers=int(s.take("num_global_layers")),
-        num_heads=int(s.take("attention_heads")),
-        intermediate_size=int(s.take("intermediate_size")),
-        output_dim=int(s.take("vision_output_dim")),
-        image_size=int(s.take("image_size")),
-        patch_size=int(s.take("patch_size")),
-        num_channels=int(s.take("num_channels")),
-        max_num_tiles=int(s.take("max_num_tiles")),
-        intermediate_layers=tuple(int(i) for i in s.take("intermediate_layers_indices")),
-        supported_aspect_ratios=tuple((int(h), int(w)) for h, w in ratios),
-        norm_eps=float(s.take("norm_eps")),
+        hidden_size=s.take_int("hidden_size"),
+        num_layers=s.take_int("num_hidden_layers"),
+        num_global_layers=s.take_int("num_global_layers"),
+        num_heads=s.take_int("attention_heads"),
+        intermediate_size=s.take_int("intermediate_size"),
+        output_dim=s.take_int("vision_output_dim"),
+        image_size=s.take_int("image_size"),
+        patch_size=s.take_int("patch_size"),
+        num_channels=s.take_int("num_channels"),
+        max_num_tiles=s.take_int("max_num_tiles"),
+        intermediate_layers=s.take_ints("intermediate_layers_indices"),
+        supported_aspect_ratios=ratios,
+        norm_eps=s.take_float("norm_eps"),
     )
     s.finish()
     return config
@@ -306,10 +348,18 @@ def _rope_from_hf(s: _Section) -> RopeConfig:
     # transformers 5.x writes `rope_parameters` (theta inside); published checkpoints carry the
     # 4.x pair `rope_theta` + `rope_scaling`, and 5.x in memory may add the theta to the latter.
     key = "rope_parameters" if "rope_parameters" in s.raw else "rope_scaling"
-    params = dict(s.take(key) or {"rope_type": "default"})
+    params = s.take(key) or {"rope_type": "default"}
+    if not isinstance(params, dict):
+        raise MllamaExportError(
+            f"text_config.{key} is {params!r}; expected an object such as "
+            '{"rope_type": "llama3", "factor": 8.0, ...}'
+        )
+    params = dict(params)
     theta = params.pop("rope_theta", None)
+    if theta is not None:
+        theta = _number(f"text_config.{key}", "rope_theta", theta, float)
     if theta is None or "rope_theta" in s.raw:
-        outer = s.take("rope_theta")
+        outer = s.take_float("rope_theta")
         if theta is not None and float(theta) != float(outer):
             raise MllamaExportError(f"text_config has two rope thetas, {outer} and {theta}")
         theta = outer
@@ -325,10 +375,10 @@ def _rope_from_hf(s: _Section) -> RopeConfig:
     config = RopeConfig(
         theta=float(theta),
         kind="llama3",
-        factor=float(rope.take("factor")),
-        low_freq_factor=float(rope.take("low_freq_factor")),
-        high_freq_factor=float(rope.take("high_freq_factor")),
-        original_max_position_embeddings=int(rope.take("original_max_position_embeddings")),
+        factor=rope.take_float("factor"),
+        low_freq_factor=rope.take_float("low_freq_factor"),
+        high_freq_factor=rope.take_float("high_freq_factor"),
+        original_max_position_embeddings=rope.take_int("original_max_position_embeddings"),
     )
     rope.finish()
     return config
@@ -342,19 +392,22 @@ def _text_from_hf(s: _Section) -> TextConfig:
     eos = s.take("eos_token_id")
     pad = s.take("pad_token_id")
     config = TextConfig(
-        vocab_size=int(s.take("vocab_size")),
-        hidden_size=int(s.take("hidden_size")),
-        num_layers=int(s.take("num_hidden_layers")),
-        num_heads=int(s.take("num_attention_heads")),
-        num_kv_heads=int(s.take("num_key_value_heads")),
-        intermediate_size=int(s.take("intermediate_size")),
-        cross_attention_layers=tuple(int(i) for i in s.take("cross_attention_layers")),
-        rms_norm_eps=float(s.take("rms_norm_eps")),
+        vocab_size=s.take_int("vocab_size"),
+        hidden_size=s.take_int("hidden_size"),
+        num_layers=s.take_int("num_hidden_layers"),
+        num_heads=s.take_int("num_attention_heads"),
+        num_kv_heads=s.take_int("num_key_value_heads"),
+        intermediate_size=s.take_int("intermediate_size"),
+        cross_attention_layers=s.take_ints("cross_attention_layers"),
+        rms_norm_eps=s.take_float("rms_norm_eps"),
         rope=_rope_from_hf(s),
-        max_position_embeddings=int(s.take("max_position_embeddings")),
-        bos_token_id=int(s.take("bos_token_id")),
-        eos_token_ids=tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])),
-        pad_token_id=None if pad is None else int(pad),
+        max_position_embeddings=s.take_int("max_position_embeddings"),
+        bos_token_id=s.take_int("bos_token_id"),
+        eos_token_ids=tuple(
+            _number(s.name, "eos_token_id", e, int)
+            for e in (eos if isinstance(eos, list) else [eos])
+        ),
+        pad_token_id=None if pad is None else _number(s.name, "pad_token_id", pad, int),
     )
     s.finish()
     return config

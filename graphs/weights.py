@@ -48,17 +48,30 @@ def checkpoint_name(name: str) -> str:
 
 def shard_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it, from the index or the single file."""
-    if not folder.is_dir():
-        raise MllamaExportError(f"checkpoint folder {folder} does not exist or is not a folder")
+    check_folder(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise MllamaExportError(f"cannot read {index}: {err}; expected a 'weight_map'") from err
+            raise MllamaExportError(
+                f"cannot read {index}: {type(err).__name__}: {err}; expected a JSON object with "
+                "a 'weight_map' of tensor name -> shard file"
+            ) from err
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) for f in weight_map.values()
+        ):
+            raise MllamaExportError(
+                f"{index}: 'weight_map' is {type(weight_map).__name__}; expected an object of "
+                "tensor name -> shard file name"
+            )
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
-            raise MllamaExportError(f"{index.name} names shards that do not exist: {missing}")
+            present = sorted(p.name for p in folder.glob("*.safetensors"))
+            raise MllamaExportError(
+                f"{index} names shards that do not exist: {missing}; safetensors files "
+                f"present: {present or 'none'}"
+            )
         return {name: folder / f for name, f in weight_map.items()}
     single = folder / "model.safetensors"
     if single.is_file():
@@ -75,12 +88,28 @@ def shard_files(folder: Path) -> dict[str, Path]:
     )
 
 
+def check_folder(folder: Path) -> None:
+    if folder.is_file():
+        raise MllamaExportError(
+            f"{folder} is a file; expected a checkpoint folder (config.json and "
+            "model.safetensors or model.safetensors.index.json with its shards)"
+        )
+    if not folder.is_dir():
+        raise MllamaExportError(
+            f"checkpoint folder {folder} does not exist; expected a folder with config.json and "
+            "safetensors weights"
+        )
+
+
 def _keys(file: Path) -> list[str]:
     try:
         with safe_open(file, framework="pt") as f:
             return list(f.keys())
     except (SafetensorError, OSError) as err:
-        raise MllamaExportError(f"{file} is not a readable safetensors file: {err}") from err
+        raise MllamaExportError(
+            f"{file} is not a readable safetensors file ({err}); expected a complete "
+            "safetensors file: re-download or re-write it"
+        ) from err
 
 
 def iter_checkpoint(folder: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
@@ -99,7 +128,10 @@ def iter_checkpoint(folder: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
                         )
                     yield name, our_name(name), f.get_tensor(name)
         except (SafetensorError, OSError) as err:
-            raise MllamaExportError(f"{file} is truncated or corrupt: {err}") from err
+            raise MllamaExportError(
+                f"{file} is truncated or corrupt ({err}); expected a complete safetensors "
+                "file: re-download or re-write it"
+            ) from err
 
 
 def load_model(
@@ -107,6 +139,7 @@ def load_model(
 ) -> MllamaModel:
     """Builds the model from a checkpoint folder: every tensor used, every shape checked."""
     folder = Path(folder)
+    check_folder(folder)
     config = MllamaConfig.from_hf_config(folder)
     with torch.device("meta"):
         model = MllamaModel(config, semantics)
@@ -123,7 +156,8 @@ def load_model(
     if unknown or missing:
         raise MllamaExportError(
             f"checkpoint {folder} does not match its config: "
-            f"{len(missing)} tensors missing {missing[:5]}, {len(unknown)} unexpected {unknown[:5]}"
+            f"{len(missing)} tensors missing {missing[:5]}, {len(unknown)} unexpected {unknown[:5]}; "
+            "expected exactly the tensors of the Llama 3.2 Vision model its config.json describes"
         )
     model.load_state_dict(loaded, assign=True, strict=True)
     _materialize_buffers(model, config)

@@ -216,7 +216,11 @@ class _UserCases:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as err:
-            raise self._error(n, f"not valid JSON ({err.msg} at column {err.colno})") from None
+            raise self._error(
+                n,
+                f"not valid JSON ({err.msg} at column {err.colno}); expected one JSON object per "
+                'line, such as {"prompt": "Describe the image.", "images": ["cat.png"]}',
+            ) from None
         if not isinstance(entry, dict):
             raise self._error(
                 n, f'expected a JSON object such as {{"prompt": "..."}}, got {type(entry).__name__}'
@@ -251,7 +255,11 @@ class _UserCases:
         paths = [self.file.parent / i for i in images]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
-            raise self._error(n, f"image file(s) not found: {missing}")
+            raise self._error(
+                n,
+                f"image file(s) not found: {missing}; expected image files beside "
+                f"{self.file.name} (or absolute paths)",
+            )
         return paths
 
     def _token_ids(self, n: int, ids: object) -> list[int]:

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import click
 
+from mllama_export.errors import MllamaExportError
+
 
 @click.command("inspect")
 @click.argument("folder", type=click.Path(path_type=Path))
@@ -12,6 +14,17 @@ def command(folder: Path) -> None:
     from mllama_export.exporter.manifest import read_manifest
 
     m = read_manifest(folder)
+    try:
+        _show(m)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise MllamaExportError(
+            f"{folder / 'manifest.json'} lacks or mangles the entry {err}; expected a manifest "
+            "written by `mllama-export build` (rebuild the artifacts)"
+        ) from err
+
+
+def _show(m: dict) -> None:
+    trt = m.get("tensorrt") if isinstance(m.get("tensorrt"), dict) else {}
     text = m["model"]["config"]["text_config"]
     rows = [
         ("source", m["model"]["source"]),
@@ -25,10 +38,11 @@ def command(folder: Path) -> None:
         ),
         ("precision", f"{m['precision']} (I/O {m['io_dtype']})"),
         ("limits", ", ".join(f"{k} {v}" for k, v in m["limits"].items())),
-        ("tensorrt", m["tensorrt"]["reason"] if not m["tensorrt"]["built"] else "built"),
+        ("tensorrt", "built" if trt.get("built") else trt.get("reason", "not built")),
         (
             "built",
-            f"{m['built_at']} with " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
+            f"{m.get('built_at', '?')} with "
+            + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v),
         ),
     ]
     width = max(len(k) for k, _ in rows)

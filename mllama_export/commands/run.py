@@ -152,6 +152,12 @@ def _run_ids(runner, token_ids: str, images, max_new_tokens, sampling):
             f"{len(images)} images were given but these artifacts were built for at most "
             f"{runner.limits.max_images} per prompt (max_images)"
         )
+    image_id = runner.config.image_token_id
+    if ids and ids.count(image_id) != len(images):
+        raise MllamaExportError(
+            f"--token-ids hold {ids.count(image_id)} <|image|> token(s) (id {image_id}) but "
+            f"{len(images)} --image were given; expected one {image_id} per image, in order"
+        )
     if images:
         if runner.image_config is None:
             raise MllamaExportError(

@@ -52,6 +52,11 @@ def command(name: str, out: Path, seed: int, shards: int, dtype: str) -> None:
         raise MllamaExportError(f"--shards {shards}: expected at least 1")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MllamaExportError(f"{out} exists and is not an empty folder; choose another --out")
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise MllamaExportError(
+            f"--out {out}: {parent} is a file; expected a folder to write the checkpoint into"
+        )
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     write_checkpoint(preset(name), out, seed=seed, shards=shards, dtype=torch_dtype)
     click.echo(f"wrote a synthetic {name} checkpoint to {out}")
