@@ -40,8 +40,34 @@ def load_runner(
     verify_files(folder, manifest)
     config = MllamaConfig.from_hf_dict(manifest["model"]["config"])
     if backend == "tensorrt":
+        backends = _tensorrt_backends(folder, manifest, device, io_binding)
+    else:
+        backends = _onnxruntime_backends(folder, manifest, config, device, io_binding)
+    runner = TextRunner(config, *backends, Limits(**manifest["limits"]), manifest["io_dtype"])
+    if (folder / "tokenizer.json").is_file():
+        runner.tokenizer = Tokenizer.from_dir(folder)
+    if (folder / "preprocessor_config.json").is_file():
+        runner.image_config = ImageProcessorConfig.from_file(folder / "preprocessor_config.json")
+    runner.manifest = manifest
+    return runner
+
+
+GRAPH_CLASSES = (("vision", VisionGraph), ("prefill", PrefillGraph), ("decode", DecodeGraph))
+
+
+def _tensorrt_backends(folder: Path, manifest: dict, device: str, io_binding: bool | None) -> list:
+    if not manifest.get("tensorrt", {}).get("built"):
         reason = manifest.get("tensorrt", {}).get("reason", "no engines in the manifest")
         raise MllamaExportError(f"{folder} has no TensorRT engines: {reason}")
+    from .tensorrt import tensorrt_backends
+
+    specs = {name: (cls.INPUTS, cls.OUTPUTS) for name, cls in GRAPH_CLASSES}
+    return tensorrt_backends(
+        folder, manifest, specs, device, device_outputs=io_binding is not False
+    )
+
+
+def _onnxruntime_backends(folder: Path, manifest: dict, config, device: str, io_binding) -> list:
     graphs = manifest["graphs"]
     bind = (
         io_binding
@@ -52,28 +78,20 @@ def load_runner(
     for graph in graphs.values():
         check_external_data(folder, folder / graph["file"])
         check_onnx_runnable(folder / graph["file"])
-    backends = [
+    # FP8 Q/DQ graphs need BASIC: higher levels fuse them into int8-only kernels.
+    optimization = manifest.get("onnxruntime", {}).get("graph_optimization", "all")
+    return [
         OnnxRuntimeBackend(
             folder / graphs[name]["file"],
             cls.INPUTS,
             cls.OUTPUTS,
             device,
+            optimization=optimization,
             io_binding=bind,
             tokens_per_image=tokens,
         )
-        for name, cls in (
-            ("vision", VisionGraph),
-            ("prefill", PrefillGraph),
-            ("decode", DecodeGraph),
-        )
+        for name, cls in GRAPH_CLASSES
     ]
-    runner = TextRunner(config, *backends, Limits(**manifest["limits"]), manifest["io_dtype"])
-    if (folder / "tokenizer.json").is_file():
-        runner.tokenizer = Tokenizer.from_dir(folder)
-    if (folder / "preprocessor_config.json").is_file():
-        runner.image_config = ImageProcessorConfig.from_file(folder / "preprocessor_config.json")
-    runner.manifest = manifest
-    return runner
 
 
 def _major(version: str) -> int | None:

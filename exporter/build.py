@@ -19,8 +19,10 @@ from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, V
 from mllama_export.graphs.synth import write_checkpoint
 from mllama_export.graphs.weights import load_model
 
+from .engines import build_engines
+from .fp8 import ORT_OPTIMIZATION, check_fp8_graph, onnx_weight_names, quantize_fp8
 from .manifest import INCOMPLETE_MARKER, fault_point, versions, write_manifest
-from .onnx_export import export_graph
+from .onnx_export import example_inputs, export_graph
 from .options import PRESET_NAMES, BuildOptions
 from .verify import verify_graph
 
@@ -45,8 +47,7 @@ def build(options: BuildOptions, progress: Progress = print) -> Path:
     build killed outright leaves only its hidden folder, which the next build removes.
     """
     out = Path(options.out)
-    if out.exists() and not options.force:
-        raise MllamaExportError(f"{out} already exists; pass --force to replace it")
+    _check_before_work(options, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with build_lock(out):
         for stale in out.parent.glob(f".{out.name}.partial-*"):
@@ -64,21 +65,54 @@ def build(options: BuildOptions, progress: Progress = print) -> Path:
     return out
 
 
+def _check_before_work(options: BuildOptions, out: Path) -> None:
+    """Everything that can be refused is refused before a lock, a folder or a tensor exists."""
+    if out.exists() and not options.force:
+        raise MllamaExportError(f"{out} already exists; pass --force to replace it")
+    for parent in out.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise MllamaExportError(f"--out {out}: {parent} is a file, not a folder")
+    model = Path(options.model)
+    if model.is_dir() and out.absolute().resolve().is_relative_to(model.resolve()):
+        raise MllamaExportError(
+            f"--out {out} is inside --model {model}; a --force rebuild would delete the "
+            "checkpoint. Choose an output folder outside it."
+        )
+    is_preset = options.model in PRESET_NAMES and not model.exists()
+    if not is_preset and not model.is_dir():
+        raise MllamaExportError(
+            f"--model {options.model!r} is neither a checkpoint folder nor a preset "
+            f"({', '.join(PRESET_NAMES)})"
+        )
+    options.check(preset(options.model) if is_preset else MllamaConfig.from_hf_config(model))
+
+
 @contextmanager
 def build_lock(out: Path) -> Iterator[None]:
-    """An exclusive flock beside the output folder; the kernel drops it if the build dies."""
+    """An exclusive flock beside the output folder; the kernel drops it if the build dies.
+
+    The lock file is removed on the way out. A build that opened it just before that removal
+    finds its file unlinked once it holds the lock, and takes a fresh one.
+    """
     lock_path = out.parent / f".{out.name}.lock"
-    with lock_path.open("w") as lock:
+    while True:
+        lock = lock_path.open("w")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
+            lock.close()
             raise MllamaExportError(
                 f"another build into {out} is running (lock {lock_path}); wait for it to finish"
             ) from err
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
+            break
+        lock.close()
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
 
 
 def _replace(work: Path, out: Path) -> None:
@@ -92,9 +126,11 @@ def _replace(work: Path, out: Path) -> None:
 def _build_into(options: BuildOptions, work: Path, progress: Progress) -> None:
     checkpoint = _resolve_checkpoint(options, work, progress)
     config = MllamaConfig.from_hf_config(checkpoint)
-    options.check(config)
     progress(f"loading {checkpoint} ({options.precision}, xattn-mask {options.xattn_mask})")
-    model = load_model(checkpoint, options.xattn_mask, options.dtype)
+    fp8 = options.precision == "fp8"
+    # FP8 calibrates in float32 and quantizes from the float32 weights (then float16 elsewhere)
+    model = load_model(checkpoint, options.xattn_mask, torch.float32 if fp8 else options.dtype)
+    quantization = quantize_fp8(model, config, options, progress) if fp8 else None
     (work / "onnx").mkdir()
     graphs, checks = {}, {}
     for name, graph_cls in GRAPHS.items():
@@ -105,6 +141,14 @@ def _build_into(options: BuildOptions, work: Path, progress: Progress) -> None:
         export_graph(graph_cls(model), config, options, path)
         fault_point(f"exported:{name}")
         graphs[name] = _graph_entry(graph_cls, path, work, time.perf_counter() - start)
+        if quantization is not None:
+            args = example_inputs(graph_cls.INPUTS, config, options.dtype)
+            names = onnx_weight_names(graph_cls(model), model, args)
+            modules = {n: model.get_submodule(n) for n in names.values()}
+            layout = check_fp8_graph(path, names, modules)
+            graphs[name]["quantized_layers"] = layout["quantized_layers"]
+            # Q/DQ inside: a strongly typed engine; without: an ordinary float16 one
+            graphs[name]["precision"] = "fp8" if layout["quantized_layers"] else "fp16"
         progress(f"checking the {name} graph against PyTorch")
         checks[name] = verify_graph(graph_cls(model), path, config, options)
         graphs[name]["check"] = checks[name]
@@ -113,22 +157,18 @@ def _build_into(options: BuildOptions, work: Path, progress: Progress) -> None:
             shutil.copy(checkpoint / side, work / side)
     if checkpoint.parent == work:
         shutil.rmtree(checkpoint)
-    write_manifest(work, _manifest(options, config, model, graphs))
+    tensorrt = build_engines(work, graphs, config, options, progress)
+    write_manifest(work, _manifest(options, config, model, graphs, quantization, tensorrt))
 
 
 def _resolve_checkpoint(options: BuildOptions, work: Path, progress: Progress) -> Path:
+    """The checkpoint folder (checked in _check_before_work), or a preset synthesized now."""
     if options.model in PRESET_NAMES and not Path(options.model).exists():
         progress(
             f"writing a synthetic {options.model} checkpoint (random weights, seed {options.seed})"
         )
         return write_checkpoint(preset(options.model), work / "synthetic-checkpoint", options.seed)
-    path = Path(options.model)
-    if not path.is_dir():
-        raise MllamaExportError(
-            f"--model {options.model!r} is neither a checkpoint folder nor a preset "
-            f"({', '.join(PRESET_NAMES)})"
-        )
-    return path
+    return Path(options.model)
 
 
 def _spec_json(spec: TensorSpec, dtype: str) -> dict:
@@ -145,9 +185,14 @@ def _graph_entry(graph_cls, path: Path, work: Path, seconds: float) -> dict:
 
 
 def _manifest(
-    options: BuildOptions, config: MllamaConfig, model: MllamaModel, graphs: dict
+    options: BuildOptions,
+    config: MllamaConfig,
+    model: MllamaModel,
+    graphs: dict,
+    quantization: dict | None,
+    tensorrt: dict,
 ) -> dict:
-    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[options.precision]
+    dtype = str(options.dtype).removeprefix("torch.")  # fp8: float16 outside the FP8 GEMMs
     for name, graph_cls in GRAPHS.items():
         graphs[name]["inputs"] = [_spec_json(s, dtype) for s in graph_cls.INPUTS]
         graphs[name]["outputs"] = [_spec_json(s, dtype) for s in graph_cls.OUTPUTS]
@@ -168,19 +213,12 @@ def _manifest(
         "build_options": options.to_json(),
         "versions": versions(),
         "graphs": graphs,
-        "tensorrt": _tensorrt_status(),
+        **({"quantization": quantization} if quantization is not None else {}),
+        # the ONNX Runtime graph optimization level the graphs need (FP8 Q/DQ: basic)
+        "onnxruntime": {"graph_optimization": ORT_OPTIMIZATION if quantization else "all"},
+        "tensorrt": tensorrt,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def _tensorrt_status() -> dict:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as err:
-        return {"built": False, "reason": f"TensorRT is not installed ({err})"}
-    if not torch.cuda.is_available():
-        return {"built": False, "reason": "no CUDA GPU is visible"}
-    return {"built": False, "reason": "engine building is not part of this build yet"}
 
 
 def summarize_check(check: dict) -> str:

@@ -13,6 +13,7 @@ from torch.export import Dim
 
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import DYNAMIC_DIMS, TensorSpec, static_dims
+from mllama_export.graphs.quant import ONNX_TRANSLATIONS
 
 from .manifest import fault_point
 from .options import BuildOptions
@@ -73,6 +74,8 @@ def export_graph(
             input_names=[s.name for s in graph.INPUTS],
             output_names=[s.name for s in graph.OUTPUTS],
             dynamic_shapes=shapes,
+            # FP8 layers (graphs/quant.py) become standard QuantizeLinear/DequantizeLinear
+            custom_translation_table=ONNX_TRANSLATIONS,
             opset_version=options.opset,
             dynamo=True,
             external_data=True,

@@ -11,7 +11,14 @@ from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.text import MASK_SEMANTICS
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# precision -> the dtype of the graphs' weights and activations. fp8 quantizes the text
+# decoder's Linear layers (weights and inputs, explicit Q/DQ); everything else is float16.
+PRECISIONS = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp8": torch.float16,
+}
 PRESET_NAMES = ("tiny", "11b", "90b")
 
 
@@ -27,6 +34,7 @@ class BuildOptions:
     opset: int = 19
     seed: int = 0  # for synthesized presets
     force: bool = False
+    fp8_vision: bool = False  # fp8 only: quantize the vision encoder and projector too
 
     @property
     def dtype(self) -> torch.dtype:
@@ -42,6 +50,8 @@ class BuildOptions:
         problems = []
         if self.precision not in PRECISIONS:
             problems.append(f"precision {self.precision!r} (available: {', '.join(PRECISIONS)})")
+        if self.fp8_vision and self.precision != "fp8":
+            problems.append(f"fp8-vision with precision {self.precision} (it needs fp8)")
         if self.xattn_mask not in MASK_SEMANTICS:
             problems.append(
                 f"xattn-mask {self.xattn_mask!r} (available: {', '.join(MASK_SEMANTICS)})"

@@ -20,7 +20,10 @@ CHECK_SIZES = (
     {"batch": 3, "num_images": 2, "sequence": 4, "past_sequence": 6},
 )
 # The same arithmetic in two runtimes: float32 differs in rounding only; 16-bit rounds each op.
-LIMITS = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2}
+# fp8: PyTorch's fake quantization (graphs/quant.py) and ONNX Runtime's Q/DQ kernels round
+# identically, so what remains is fp16's op rounding, which now and then moves a GEMM input
+# across an FP8 rounding boundary (one FP8 step, 6%, on that element).
+LIMITS = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2, "fp8": 0.15}
 
 
 def verify_graph(graph, path: Path, config: MllamaConfig, options: BuildOptions) -> dict:
@@ -29,7 +32,9 @@ def verify_graph(graph, path: Path, config: MllamaConfig, options: BuildOptions)
             "ran": False,
             "reason": "ONNX Runtime's CPU provider has no bfloat16 kernels; checked structurally only",
         }
-    backend = OnnxRuntimeBackend(path, graph.INPUTS, graph.OUTPUTS)
+    # FP8 Q/DQ runs on ONNX Runtime only at graph optimization BASIC (exporter/fp8.py)
+    optimization = "basic" if options.precision == "fp8" else "all"
+    backend = OnnxRuntimeBackend(path, graph.INPUTS, graph.OUTPUTS, optimization=optimization)
     worst: dict[str, float] = {}
     for seed, sizes in enumerate(CHECK_SIZES):
         args = example_inputs(graph.INPUTS, config, options.dtype, sizes, seed=seed + 1)

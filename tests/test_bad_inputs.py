@@ -60,7 +60,7 @@ class LeftoverLock(AssertionError):
 # options and the checkpoint, and never removes the file. Rows refused after the lock is taken
 # are expected to fail with LeftoverLock, and only with it: a wrong message or any other file
 # left behind still fails them. Set this to False once build.py removes its lock file.
-BUILD_LEAVES_LOCK = True
+BUILD_LEAVES_LOCK = False
 AFTER_LOCK = pytest.mark.xfail(
     BUILD_LEAVES_LOCK,
     raises=LeftoverLock,
@@ -526,22 +526,12 @@ ROWS = [
         lambda c: ["build", "--model", c.ckpt(), "--out", c.file("f", "x") / "o"],
         "is a file",
         "--out",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="build.py runs out.parent.mkdir() unchecked: a parent of --out that is a "
-            "file gives a FileExistsError traceback (exit 1)",
-        ),
     ),
     cli(
         "build-out-is-the-model-folder",
         lambda c: ["build", "--model", c.ckpt(), "--out", c.tmp / "ckpt", "--force"],
         "--out",
         "--model",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="build.py/options.py do not refuse --out equal to (or inside) --model: with "
-            "--force a finished build would replace, i.e. delete, the checkpoint it read",
-        ),
     ),
     cli(
         "build-zero-batch",

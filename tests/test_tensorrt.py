@@ -745,8 +745,11 @@ def test_fp8_engine_against_onnxruntime_on_the_same_onnx(tiny_dir, tmp_path):
                 for k, v in feed.items()
             }
             out_trt, ref = backend.infer(feed), ort.infer(feed)
+            # FP8 engines: 16-bit rounding noise moves values across FP8 steps, so two runtimes
+            # of the same Q/DQ graph differ by up to ~1e-1 (docs/accuracy.md); 16-bit by far less.
+            limit = 0.15 if manifest["precision"] == "fp8" else 5e-2
             for key in ref:
-                assert rel_l2(out_trt[key], ref[key]) < 5e-2, (name, point, key)
+                assert rel_l2(out_trt[key], ref[key]) < limit, (name, point, key)
 
 
 def _model_dtype(manifest):

@@ -17,10 +17,12 @@ import click
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
+    type=click.Choice(["fp32", "fp16", "bf16", "fp8"]),
     default="fp32",
     show_default=True,
-    help="Precision of the graphs' weights and activations.",
+    help="Precision of the graphs' weights and activations. fp8: the text decoder's linear "
+    "layers get FP8 (E4M3) weights and inputs as explicit Q/DQ in the ONNX, scales calibrated "
+    "on the built-in evaluation set; everything else is fp16.",
 )
 @click.option(
     "--max-batch", type=int, default=4, show_default=True, help="Largest batch of prompts."
@@ -46,8 +48,24 @@ import click
 @click.option("--opset", type=int, default=19, show_default=True, help="ONNX opset (19 to 21).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for preset weights.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option(
+    "--fp8-vision",
+    is_flag=True,
+    help="With --precision fp8: quantize the vision encoder's and the projector's linear "
+    "layers too (default: the vision encoder stays fp16).",
+)
 def command(
-    model, out, precision, max_batch, max_seq_len, max_images, xattn_mask, opset, seed, force
+    model,
+    out,
+    precision,
+    max_batch,
+    max_seq_len,
+    max_images,
+    xattn_mask,
+    opset,
+    seed,
+    force,
+    fp8_vision,
 ):
     """Export the vision, prefill and decode graphs to ONNX, check them against PyTorch, and
     write them with a manifest. TensorRT engines follow where TensorRT and a GPU exist."""
@@ -56,7 +74,17 @@ def command(
     from mllama_export.exporter.options import BuildOptions
 
     options = BuildOptions(
-        model, out, precision, max_batch, max_seq_len, max_images, xattn_mask, opset, seed, force
+        model,
+        out,
+        precision,
+        max_batch,
+        max_seq_len,
+        max_images,
+        xattn_mask,
+        opset,
+        seed,
+        force,
+        fp8_vision,
     )
     build(options, progress=lambda msg: click.echo(f"  {msg}", err=True))
     manifest = read_manifest(out)

@@ -1,0 +1,76 @@
+"""FP8 calibration: the largest input magnitude each quantized Linear sees on a calibration set.
+
+The calibration set runs through our PyTorch graphs in float32, chained by the same Runner
+code as the artifacts (vision once per image set, prefill, then greedy decode steps), with a
+forward pre-hook on every Linear to be quantized recording max |input| (per tensor). The
+activation scale is then amax / 448 (graphs/quant.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from mllama_export.engines.backend import TorchBackend
+from mllama_export.engines.runner import Limits, Runner
+from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, VisionGraph
+
+CALIBRATION_STEPS = 8  # decode steps per case, as the accuracy gate's default
+
+
+def calibrate(
+    model: MllamaModel,
+    names: Sequence[str],
+    cases: Sequence,
+    limits: Limits,
+    steps: int = CALIBRATION_STEPS,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """{layer name: max |input|} over every call of each named Linear while ``cases``
+    (``validate.evalset.EvalCase``: prompts and preprocessed images) are generated greedily
+    for ``steps`` + 1 tokens. ``model`` must be in float32."""
+    if not cases:
+        raise MllamaExportError("FP8 calibration needs at least one calibration case")
+    amax = dict.fromkeys(names, 0.0)
+    seen = dict.fromkeys(names, 0)
+
+    def hook(name):
+        def record(module, args):
+            x = args[0]
+            if x.numel():
+                amax[name] = max(amax[name], float(x.detach().abs().max()))
+                seen[name] += 1
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    runner = Runner(
+        model.config,
+        TorchBackend(VisionGraph(model)),
+        TorchBackend(PrefillGraph(model)),
+        TorchBackend(DecodeGraph(model)),
+        limits,
+    )
+    try:
+        with torch.inference_mode():
+            for case in cases:
+                runner.generate_ids(case.prompts, case.images, steps + 1, stop_tokens=set())
+                if progress is not None:
+                    progress(f"calibrated on {case.name}")
+    finally:
+        for handle in handles:
+            handle.remove()
+    unused = [n for n in names if not seen[n]]
+    if unused:
+        raise MllamaExportError(
+            f"FP8 calibration never ran {', '.join(unused[:3])}"
+            + (f" and {len(unused) - 3} more" if len(unused) > 3 else "")
+            + "; the calibration set needs images (the cross-attention K/V and vision layers "
+            "run only on images)"
+        )
+    bad = [n for n, v in amax.items() if not torch.isfinite(torch.tensor(v))]
+    if bad:
+        raise MllamaExportError(f"FP8 calibration saw non-finite inputs in {', '.join(bad)}")
+    return amax

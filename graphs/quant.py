@@ -1,0 +1,160 @@
+"""FP8 (E4M3) fake quantization that exports as real ONNX QuantizeLinear/DequantizeLinear.
+
+The form TensorRT recommends for FP8 (explicit quantization, strongly typed network, no
+precision flags): every quantized GEMM reads
+
+    x --QuantizeLinear(s_x)--> float8e4m3fn --DequantizeLinear(s_x)--> MatMul <-- DequantizeLinear(s_w, axis=1) <-- W8
+
+with a per-tensor activation scale ``s_x`` (a constant) and per-output-channel weight scales
+``s_w``; ``W8`` is a float8e4m3fn initializer of shape ``[in, out]`` (stored transposed, so
+that the MatMul reads it as it is: no Transpose between the DequantizeLinear and the MatMul,
+and the output channel is axis 1). Everything else stays in the graph's 16-bit (or 32-bit)
+type.
+
+Two custom ops carry this through ``torch.export``; their eager kernels are the PyTorch
+reference (fake quantization) and :data:`ONNX_TRANSLATIONS` turns them into the standard
+ONNX ops at export. Both sides compute ``x / s`` in float32, round to nearest even with
+saturation to +-448 (the ONNX ``saturate=1`` default), and multiply back in float32 before
+rounding once to the graph's type, which is what ONNX Runtime's CPU kernels do.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import torch
+from torch import nn
+
+FP8_MAX = 448.0  # largest finite float8e4m3fn
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """float8e4m3fn of ``x`` (any float dtype): round to nearest even, saturate to +-448,
+    NaN stays NaN (infinities saturate, as ONNX QuantizeLinear with saturate=1)."""
+    return x.float().clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+@torch.library.custom_op("mllama_export::fp8_qdq", mutates_args=())
+def fp8_qdq(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """QuantizeLinear then DequantizeLinear with one scale: x rounded onto the FP8 grid."""
+    s = scale.float()
+    return (to_fp8(x.float() / s).float() * s).to(x.dtype)
+
+
+@fp8_qdq.register_fake
+def _(x, scale):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mllama_export::fp8_dequantize", mutates_args=())
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    """DequantizeLinear of an FP8 tensor with per-channel scales along ``axis``."""
+    shape = [1] * q.dim()
+    shape[axis] = -1
+    return (q.float() * scale.float().view(shape)).to(scale.dtype)
+
+
+@fp8_dequantize.register_fake
+def _(q, scale, axis):
+    return torch.empty(q.shape, dtype=scale.dtype, device=q.device)
+
+
+def _qdq_onnx(x, scale):
+    from onnxscript import ir
+    from onnxscript import opset19 as op
+
+    # QuantizeLinear's output type is its zero point's: an FP8 zero makes it float8e4m3fn.
+    zero = op.Constant(value=ir.tensor(np.zeros((), ml_dtypes.float8_e4m3fn), name="fp8_zero"))
+    return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero, saturate=1), scale)
+
+
+def _dequantize_onnx(q, scale, axis: int):
+    from onnxscript import opset19 as op
+
+    return op.DequantizeLinear(q, scale, axis=axis)
+
+
+# torch.onnx.export(custom_translation_table=...): the custom ops as standard ONNX ops.
+ONNX_TRANSLATIONS = {
+    torch.ops.mllama_export.fp8_qdq.default: _qdq_onnx,
+    torch.ops.mllama_export.fp8_dequantize.default: _dequantize_onnx,
+}
+
+
+def scale_from_amax(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """amax / 448 in ``dtype`` (the scale is a tensor of the graph's type in ONNX), never zero
+    or subnormal: an all-zero channel or activation gets the smallest normal scale."""
+    tiny = torch.finfo(dtype).tiny
+    return (amax.float() / FP8_MAX).clamp(min=tiny).to(dtype)
+
+
+class FP8Linear(nn.Module):
+    """A Linear whose input and weight are FP8: weights stored as float8e4m3fn [in, out] with
+    one scale per output channel, the input quantized per tensor with a calibrated scale."""
+
+    WEIGHT_DTYPE = FP8_DTYPE
+
+    def __init__(self, linear: nn.Linear, input_amax: float, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()  # [out, in]
+        weight_scale = scale_from_amax(w.abs().amax(dim=1), dtype)
+        self.register_buffer("weight", to_fp8(w / weight_scale.float()[:, None]).t().contiguous())
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("input_scale", scale_from_amax(torch.tensor(input_amax), dtype))
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        self.register_buffer("bias", bias)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) must not turn the FP8 weight into 16 bits: only the device moves.
+        weight = self.weight
+        super()._apply(fn, recurse)
+        self.weight = weight.to(self.weight_scale.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        w = fp8_dequantize(self.weight, self.weight_scale, 1)
+        y = torch.matmul(fp8_qdq(x, self.input_scale), w)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"input_scale={float(self.input_scale):.3e}"
+        )
+
+
+def quantizable_linears(model: nn.Module, vision: bool = False) -> list[str]:
+    """Names of the Linear layers FP8 quantizes in an MllamaModel, in module order.
+
+    Default: the text decoder's attention projections (self- and cross-attention q/k/v/o;
+    the cross-attention k/v run in the vision graph, on the projected image tokens) and MLPs
+    (gate/up/down). Never the embeddings, lm_head or norms. ``vision`` adds the vision
+    encoder's attention and MLP linears and the multimodal projector.
+    """
+    prefixes = ("text.layers.", "vision.", "projector") if vision else ("text.layers.",)
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(prefixes)
+    ]
+
+
+def quantize_model(model: nn.Module, input_amax: dict[str, float], dtype: torch.dtype) -> None:
+    """Casts ``model``'s parameters (float32) to ``dtype`` and replaces every Linear named in
+    ``input_amax`` by an FP8Linear with that calibrated input amax; weights are quantized
+    from their float32 values."""
+    replacements = {}
+    for name, amax in input_amax.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name} is a {type(linear).__name__}, not a Linear")
+        replacements[name] = FP8Linear(linear, amax, dtype)
+    with torch.no_grad():  # parameters only, as load_model casts: RoPE's inv_freq stays float32
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
+    for name, module in replacements.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
