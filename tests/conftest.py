@@ -91,3 +91,33 @@ def random_images(config, tiles_per_prompt: list[list[int]], seed: int = 0) -> I
         for ratios in tiles_per_prompt
     ]
     return Images(pixels, ids, mask, tiles)
+
+
+def hf_inputs(runner: Runner, prompts, images) -> dict:
+    """transformers' inputs for what the runner feeds: the same left-padded ids and masks."""
+    feed = runner._prompt_feed(prompts, images)
+    kwargs = {
+        "input_ids": torch.from_numpy(feed["input_ids"]),
+        "attention_mask": torch.from_numpy(feed["attention_mask"]),
+    }
+    if images is not None:
+        kwargs.update(
+            pixel_values=torch.from_numpy(images.pixel_values),
+            aspect_ratio_ids=torch.from_numpy(images.aspect_ratio_ids),
+            aspect_ratio_mask=torch.from_numpy(images.aspect_ratio_mask),
+            cross_attention_mask=torch.from_numpy(feed["cross_attention_mask"]),
+        )
+    return kwargs
+
+
+def hf_generate(hf, runner: Runner, prompts, images, n: int) -> list[list[int]]:
+    """transformers' greedy generate, exactly n new tokens per prompt."""
+    inputs = hf_inputs(runner, prompts, images)
+    out = hf.generate(
+        **inputs,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=hf.config.text_config.pad_token_id,
+    )
+    return out[:, inputs["input_ids"].shape[1] :].tolist()

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from conftest import random_images, torch_runner
+from conftest import hf_generate, random_images, torch_runner
 
 from mllama_export.engines.runner import Runner
 
@@ -31,28 +30,6 @@ def runner(request, tiny_model, ort_artifacts) -> Runner:
         return torch_runner(tiny_model)
     # io-binding: caches in torch buffers bound by pointer, the CUDA provider's code path
     return Runner.from_artifacts(ort_artifacts, io_binding=request.param.endswith("iobinding"))
-
-
-def hf_generate(hf, runner, prompts, images, n):
-    feed = runner._prompt_feed(prompts, images)
-    kwargs = {}
-    if images is not None:
-        kwargs = {
-            "pixel_values": torch.from_numpy(images.pixel_values),
-            "aspect_ratio_ids": torch.from_numpy(images.aspect_ratio_ids),
-            "aspect_ratio_mask": torch.from_numpy(images.aspect_ratio_mask),
-            "cross_attention_mask": torch.from_numpy(feed["cross_attention_mask"]),
-        }
-    out = hf.generate(
-        input_ids=torch.from_numpy(feed["input_ids"]),
-        attention_mask=torch.from_numpy(feed["attention_mask"]),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        pad_token_id=hf.config.text_config.pad_token_id,
-        **kwargs,
-    )
-    return out[:, feed["input_ids"].shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("case", CASES)

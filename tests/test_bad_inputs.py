@@ -13,13 +13,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
-import io
 import json
 import os
 import shutil
 import stat
-import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
+from imagefiles import bomb_png, png_bytes
 from safetensors.torch import load_file, save_file
 
 from mllama_export.cli import main
@@ -160,7 +157,7 @@ class Ctx:
         return path
 
     def png(self, name: str = "ok.png", size: tuple[int, int] = (40, 30)) -> Path:
-        return self.file(name, _png_bytes(*size))
+        return self.file(name, png_bytes(*size))
 
     def thresholds(self, change: Callable[[dict], Any]) -> Path:
         from importlib import resources
@@ -176,23 +173,6 @@ class Ctx:
 
     def build_args(self, *extra) -> list:
         return ["build", "--model", self.ckpt(), "--out", self.tmp / "o", *extra]
-
-
-def _png_bytes(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.effect_noise((width, height), 60).convert("RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _bomb_png(side: int) -> bytes:
-    """A 60-byte PNG whose header claims side x side RGB pixels."""
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    body = _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"")) + _chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + body
 
 
 def _flip_byte(path: Path) -> None:
@@ -1044,7 +1024,7 @@ ROWS = [
     cli("image-missing", _run_image("missing.png", None), "no such file", "an existing image file"),
     cli(
         "image-truncated",
-        _run_image("cut.png", _png_bytes(64, 64)[:600]),
+        _run_image("cut.png", png_bytes(64, 64)[:600]),
         "the file is truncated",
         "expected an image file Pillow can decode",
     ),
@@ -1062,7 +1042,7 @@ ROWS = [
     ),
     cli(
         "image-bomb",
-        _run_image("bomb.png", _bomb_png(30000)),
+        _run_image("bomb.png", bomb_png(30000)),
         "decompression bomb",
         "expected at most 178,956,970 pixels",
     ),

@@ -9,15 +9,13 @@ tiny ONNX artifacts (hf cross-attention mask semantics).
 
 from __future__ import annotations
 
-import io
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from imagefiles import bomb_png, png_bytes
 from PIL import Image
 
 from mllama_export.cli import main
@@ -262,28 +260,11 @@ def test_stream_never_splits_a_multibyte_character(runner, monkeypatch):
 # --- bad images and bad image counts: one clear error each -------------------------------------
 
 
-def _png_bytes(width: int = 64, height: int = 64) -> bytes:
-    buffer = io.BytesIO()
-    Image.effect_noise((width, height), 60).convert("RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _bomb_png(side: int) -> bytes:
-    """A tiny PNG whose header claims side x side RGB pixels."""
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    body = _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"")) + _chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + body
-
-
 BAD_IMAGES = {
-    "truncated": (lambda: _png_bytes()[:600], "truncated"),
+    "truncated": (lambda: png_bytes()[:600], "truncated"),
     "not-an-image": (lambda: b"this is text, not a picture\n", "not in a recognised image format"),
     "empty": (lambda: b"", "empty (0 bytes)"),
-    "decompression-bomb": (lambda: _bomb_png(30000), "decompression bomb"),
+    "decompression-bomb": (lambda: bomb_png(30000), "decompression bomb"),
     "missing": (None, "no such file"),
 }
 

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
-import struct
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from imagefiles import bomb_png, png_bytes
 from PIL import Image, ImageOps
 
 from mllama_export.engines import preprocess as pp
@@ -348,23 +346,6 @@ def test_bad_config_files_are_errors(tmp_path: Path) -> None:
 # --- bad images ------------------------------------------------------------------------------
 
 
-def _png_bytes(width: int = 64, height: int = 64) -> bytes:
-    buffer = io.BytesIO()
-    Image.effect_noise((width, height), 60).convert("RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _bomb_png(side: int) -> bytes:
-    """A ~70-byte PNG whose header claims side x side RGB pixels."""
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    body = _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"")) + _chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + body
-
-
 def _read_error(source: Any) -> str:
     with pytest.raises(MllamaExportError) as info:
         pp.load_image(source)
@@ -374,7 +355,7 @@ def _read_error(source: Any) -> str:
 
 def test_truncated_files(tmp_path: Path) -> None:
     png = tmp_path / "cut.png"
-    png.write_bytes(_png_bytes()[:600])
+    png.write_bytes(png_bytes()[:600])
     message = _read_error(png)
     assert f"cannot read image '{png}'" in message and "truncated" in message
     assert "expected an image file Pillow can decode" in message
@@ -385,7 +366,7 @@ def test_truncated_files(tmp_path: Path) -> None:
 
 
 def test_corrupt_file(tmp_path: Path) -> None:
-    data = bytearray(_png_bytes())
+    data = bytearray(png_bytes())
     data[100:140] = bytes(40)  # inside the IDAT chunk: breaks its CRC and the zlib stream
     path = tmp_path / "corrupt.png"
     path.write_bytes(bytes(data))
@@ -422,7 +403,7 @@ def test_decompression_bomb(
         # Our own limit must hold even when a caller switched Pillow's off.
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     path = tmp_path / "bomb.png"
-    path.write_bytes(_bomb_png(30000))
+    path.write_bytes(bomb_png(30000))
     assert path.stat().st_size < 100
     start = time.perf_counter()
     message = _read_error(path)

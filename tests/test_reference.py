@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import random_images, torch_runner
+from conftest import hf_generate, hf_inputs, random_images, torch_runner
 
 REL_L2 = 1e-5
 
@@ -15,22 +15,9 @@ def rel_l2(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def reference_logits(hf, feed, images):
-    kwargs = {}
-    if images is not None:
-        kwargs = {
-            "pixel_values": torch.from_numpy(images.pixel_values),
-            "aspect_ratio_ids": torch.from_numpy(images.aspect_ratio_ids),
-            "aspect_ratio_mask": torch.from_numpy(images.aspect_ratio_mask),
-            "cross_attention_mask": torch.from_numpy(feed["cross_attention_mask"]),
-        }
+def reference_logits(hf, runner, prompts, images):
     with torch.no_grad():
-        out = hf(
-            input_ids=torch.from_numpy(feed["input_ids"]),
-            attention_mask=torch.from_numpy(feed["attention_mask"]),
-            **kwargs,
-        )
-    return out.logits.numpy()
+        return hf(**hf_inputs(runner, prompts, images)).logits.numpy()
 
 
 def our_logits(runner, prompts, images):
@@ -40,7 +27,10 @@ def our_logits(runner, prompts, images):
 def assert_logits_match(tiny_hf, tiny_model, prompts, images):
     runner = torch_runner(tiny_model)
     feed = runner._prompt_feed(prompts, images)
-    ours, ref = our_logits(runner, prompts, images), reference_logits(tiny_hf, feed, images)
+    ours, ref = (
+        our_logits(runner, prompts, images),
+        reference_logits(tiny_hf, runner, prompts, images),
+    )
     real = feed["attention_mask"] != 0  # padding rows are garbage on both sides
     for row in range(len(prompts)):
         for pos in np.flatnonzero(real[row]):
@@ -78,28 +68,6 @@ def test_padded_batch_of_two(tiny_hf, tiny_model):
     assert_logits_match(tiny_hf, tiny_model, prompts, images)
 
 
-def reference_generate(hf, runner, prompts, images, n):
-    feed = runner._prompt_feed(prompts, images)
-    kwargs = {}
-    if images is not None:
-        kwargs = {
-            "pixel_values": torch.from_numpy(images.pixel_values),
-            "aspect_ratio_ids": torch.from_numpy(images.aspect_ratio_ids),
-            "aspect_ratio_mask": torch.from_numpy(images.aspect_ratio_mask),
-            "cross_attention_mask": torch.from_numpy(feed["cross_attention_mask"]),
-        }
-    out = hf.generate(
-        input_ids=torch.from_numpy(feed["input_ids"]),
-        attention_mask=torch.from_numpy(feed["attention_mask"]),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        pad_token_id=hf.config.text_config.pad_token_id,
-        **kwargs,
-    )
-    return out[:, feed["input_ids"].shape[1] :].tolist()
-
-
 @pytest.mark.parametrize(
     "prompts, ratios",
     [
@@ -117,7 +85,7 @@ def test_greedy_generation_matches_transformers(tiny_hf, tiny_model, prompts, ra
     images = random_images(tiny_model.config, ratios, seed=4) if ratios else None
     runner = torch_runner(tiny_model)
     ours = runner.generate_ids(prompts, images, max_new_tokens=20, stop_tokens=set()).token_ids
-    assert ours == reference_generate(tiny_hf, runner, prompts, images, 20)
+    assert ours == hf_generate(tiny_hf, runner, prompts, images, 20)
 
 
 def test_rope_frequencies_match_transformers(tiny_hf, tiny_model):
