@@ -140,7 +140,7 @@ def _build_into(options: BuildOptions, work: Path, progress: Progress) -> None:
         fault_point(f"export:{name}")
         export_graph(graph_cls(model), config, options, path)
         fault_point(f"exported:{name}")
-        graphs[name] = _graph_entry(graph_cls, path, work, time.perf_counter() - start)
+        graphs[name] = _graph_entry(path, work, time.perf_counter() - start)
         if quantization is not None:
             args = example_inputs(graph_cls.INPUTS, config, options.dtype)
             names = onnx_weight_names(graph_cls(model), model, args)
@@ -180,7 +180,7 @@ def _spec_json(spec: TensorSpec, dtype: str) -> dict:
     }
 
 
-def _graph_entry(graph_cls, path: Path, work: Path, seconds: float) -> dict:
+def _graph_entry(path: Path, work: Path, seconds: float) -> dict:
     return {"file": str(path.relative_to(work)), "export_s": round(seconds, 2)}
 
 

@@ -451,15 +451,6 @@ def _validate(c: MllamaConfig) -> None:
         raise MllamaExportError("inconsistent config.json: " + "; ".join(problems))
 
 
-def _aspect_ratios(max_tiles: int) -> list[list[int]]:
-    return [
-        [h, w]
-        for h in range(1, max_tiles + 1)
-        for w in range(1, max_tiles + 1)
-        if h * w <= max_tiles
-    ]
-
-
 _11B_HF: dict[str, Any] = MllamaConfig(
     vision=VisionConfig(
         hidden_size=1280,
