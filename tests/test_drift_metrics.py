@@ -392,3 +392,13 @@ def test_write_produces_json_markdown_and_a_real_png(tmp_path):
 
     with Image.open(paths["png"]) as im:
         assert im.size[0] >= 1000 and im.size[1] >= 500
+
+
+def test_top1_counts_a_near_tie_flip_only_beyond_the_tie_tolerance():
+    reference = np.array([[3.00, 2.90, 0.0], [3.0, 1.0, 0.0]])
+    actual = np.array([[2.95, 2.96, 0.0], [1.0, 3.0, 0.0]])  # both rows flip their argmax
+    assert compare(actual, reference, logits=True).top1_agreement == 0.0
+    tied = compare(actual, reference, logits=True, tie_tolerance=0.25)
+    # row 0: the reference scores the flipped choice 0.1 below its best -> a tie
+    # row 1: 2.0 below its best -> a real disagreement, whatever the tolerance allows
+    assert tied.top1_agreement == 0.5

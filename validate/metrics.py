@@ -41,7 +41,10 @@ class Metrics:
 
     rows: number of rows.
     top1_agreement: fraction of rows where ``argmax(actual) == argmax(reference)``
-        (``numpy.argmax``: the lowest index wins a tie, as in greedy decoding).
+        (``numpy.argmax``: the lowest index wins a tie, as in greedy decoding), where a
+        row also agrees when the reference scores the actual's choice within
+        ``tie_tolerance`` of its own best: a near-tie that an error already allowed by
+        ``max_abs_error`` can flip is not a disagreement (0 counts exact argmax only).
     top5_agreement: top-5 accuracy of the actual logits with the reference's argmax
         as the label -- the standard top-k accuracy definition: the fraction of rows
         whose reference top-1 token is among the actual's 5 highest-scoring tokens,
@@ -90,7 +93,9 @@ def _as_float_array(x: object, name: str) -> np.ndarray:
     return arr
 
 
-def compare(actual: np.ndarray, reference: np.ndarray, logits: bool) -> Metrics:
+def compare(
+    actual: np.ndarray, reference: np.ndarray, logits: bool, tie_tolerance: float = 0.0
+) -> Metrics:
     """Compare a backend output with the reference output of the same shape.
 
     ``logits=True`` treats the last axis as the vocabulary and adds the top-1, top-5
@@ -145,7 +150,10 @@ def compare(actual: np.ndarray, reference: np.ndarray, logits: bool) -> Metrics:
         if logits and not ref_bad.any():
             ref_top = np.argmax(rb, axis=1)
             act_top = np.argmax(ab_f, axis=1)
-            top1_hits += int(np.sum((ref_top == act_top) & row_ok))
+            ref_best = np.take_along_axis(rb, ref_top[:, None], axis=1)[:, 0]
+            ref_at_act = np.take_along_axis(rb, act_top[:, None], axis=1)[:, 0]
+            agree = (ref_top == act_top) | (ref_at_act >= ref_best - tie_tolerance)
+            top1_hits += int(np.sum(agree & row_ok))
             at_ref = np.take_along_axis(ab_f, ref_top[:, None], axis=1)
             higher = np.sum(ab_f > at_ref, axis=1)
             top5_hits += int(np.sum((higher < k) & row_ok))
