@@ -54,41 +54,23 @@ import click
     help="With --precision fp8: quantize the vision encoder's and the projector's linear "
     "layers too (default: the vision encoder stays fp16).",
 )
-def command(
-    model,
-    out,
-    precision,
-    max_batch,
-    max_seq_len,
-    max_images,
-    xattn_mask,
-    opset,
-    seed,
-    force,
-    fp8_vision,
-):
+def command(**options):
     """Export the vision, prefill and decode graphs to ONNX, check them against PyTorch, and
     write them with a manifest. TensorRT engines follow where TensorRT and a GPU exist."""
     from mllama_export.exporter.build import build, summarize_check
     from mllama_export.exporter.manifest import read_manifest
     from mllama_export.exporter.options import BuildOptions
 
-    options = BuildOptions(
-        model,
-        out,
-        precision,
-        max_batch,
-        max_seq_len,
-        max_images,
-        xattn_mask,
-        opset,
-        seed,
-        force,
-        fp8_vision,
-    )
+    # Every option is named after its BuildOptions field.
+    options = BuildOptions(**options)
+    out = options.out
     build(options, progress=lambda msg: click.echo(f"  {msg}", err=True))
     manifest = read_manifest(out)
     for name, graph in manifest["graphs"].items():
         click.echo(f"{name:8s} {graph['file']}  (vs PyTorch: {summarize_check(graph['check'])})")
-    click.echo(f"TensorRT engines not built: {manifest['tensorrt']['reason']}")
+    tensorrt = manifest["tensorrt"]
+    if tensorrt.get("built"):
+        click.echo(f"TensorRT engines built in {out / 'engines'}")
+    else:
+        click.echo(f"TensorRT engines not built: {tensorrt['reason']}")
     click.echo(f"wrote {out}")

@@ -8,6 +8,8 @@ import click
 
 from mllama_export.errors import MllamaExportError
 
+from ._shared import backend_option, device_option
+
 
 @click.command("run")
 @click.argument("folder", type=click.Path(path_type=Path))
@@ -57,20 +59,8 @@ from mllama_export.errors import MllamaExportError
     help="Sample among the likeliest tokens holding this probability mass.",
 )
 @click.option("--seed", type=int, default=None, help="Seed for sampling, for repeatable output.")
-@click.option(
-    "--backend",
-    type=click.Choice(["onnxruntime", "tensorrt"]),
-    default="onnxruntime",
-    show_default=True,
-    help="What runs the graphs.",
-)
-@click.option(
-    "--device",
-    type=click.Choice(["cpu", "cuda"]),
-    default="cpu",
-    show_default=True,
-    help="ONNX Runtime provider.",
-)
+@backend_option("What runs the graphs.")
+@device_option
 @click.option(
     "--json",
     "as_json",

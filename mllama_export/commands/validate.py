@@ -5,16 +5,12 @@ from pathlib import Path
 
 import click
 
+from ._shared import backend_option, device_option
+
 
 @click.command("validate")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option(
-    "--backend",
-    type=click.Choice(["onnxruntime", "tensorrt"]),
-    default="onnxruntime",
-    show_default=True,
-    help="What runs the graphs being judged.",
-)
+@backend_option("What runs the graphs being judged.")
 @click.option(
     "--reference",
     type=click.Choice(["graphs", "transformers"]),
@@ -56,13 +52,7 @@ import click
     help="The checkpoint the artifacts were built from  [default: the manifest's model.source, "
     "or the re-synthesized preset]",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["cpu", "cuda"]),
-    default="cpu",
-    show_default=True,
-    help="ONNX Runtime provider.",
-)
+@device_option
 def command(folder, backend, reference, thresholds, report_dir, evalset, steps, checkpoint, device):
     """Judge an artifact folder's drift from the float32 PyTorch reference, stage by stage
     (vision K/V, prefill logits, every decode step, teacher-forced). Exit 0: pass, 1: drift
