@@ -18,7 +18,8 @@ from .preprocess import ImageProcessorConfig
 from .runner import Limits
 from .text import Tokenizer
 
-BACKENDS = ("onnxruntime", "tensorrt")
+# onnx-reference: onnx.reference on the CPU, slow; it runs bfloat16, which ORT's CPU cannot
+BACKENDS = ("onnxruntime", "onnx-reference", "tensorrt")
 DEVICES = ("cpu", "cuda")
 
 
@@ -41,6 +42,8 @@ def load_runner(
     config = MllamaConfig.from_hf_dict(manifest["model"]["config"])
     if backend == "tensorrt":
         backends = _tensorrt_backends(folder, manifest, device, io_binding)
+    elif backend == "onnx-reference":
+        backends = _reference_backends(folder, manifest, device)
     else:
         backends = _onnxruntime_backends(folder, manifest, config, device, io_binding)
     runner = TextRunner(config, *backends, Limits(**manifest["limits"]), manifest["io_dtype"])
@@ -65,6 +68,23 @@ def _tensorrt_backends(folder: Path, manifest: dict, device: str, io_binding: bo
     return tensorrt_backends(
         folder, manifest, specs, device, device_outputs=io_binding is not False
     )
+
+
+def _reference_backends(folder: Path, manifest: dict, device: str) -> list:
+    if device != "cpu":
+        raise MllamaExportError(
+            f"the onnx-reference backend runs on the CPU only (asked: {device}); use "
+            "--backend onnxruntime or tensorrt for the GPU"
+        )
+    from .onnxref import OnnxReferenceBackend
+
+    graphs = manifest["graphs"]
+    for graph in graphs.values():
+        check_external_data(folder, folder / graph["file"])
+    return [
+        OnnxReferenceBackend(folder / graphs[name]["file"], cls.INPUTS, cls.OUTPUTS)
+        for name, cls in GRAPH_CLASSES
+    ]
 
 
 def _onnxruntime_backends(folder: Path, manifest: dict, config, device: str, io_binding) -> list:

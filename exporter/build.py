@@ -15,18 +15,17 @@ import torch
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig, preset
 from mllama_export.graphs.contract import TensorSpec
-from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, VisionGraph
 from mllama_export.graphs.synth import write_checkpoint
-from mllama_export.graphs.weights import load_model
+from mllama_export.graphs.weights import Checkpoint, load_model
 
 from .engines import build_engines
 from .fp8 import ORT_OPTIMIZATION, check_fp8_graph, onnx_weight_names, quantize_fp8
-from .manifest import INCOMPLETE_MARKER, fault_point, versions, write_manifest
-from .onnx_export import example_inputs, export_graph
+from .manifest import INCOMPLETE_MARKER, versions, write_manifest
+from .onnx_export import example_inputs
 from .options import PRESET_NAMES, BuildOptions
-from .verify import verify_graph
+from .streaming import DATA_FILES, GRAPHS, StreamingExport, check_depth, refuse_fp8_without_memory
+from .verify import BF16_UNCHECKED, verify_graph, verify_reduced
 
-GRAPHS = {"vision": VisionGraph, "prefill": PrefillGraph, "decode": DecodeGraph}
 SIDE_FILES = (
     "config.json",
     "preprocessor_config.json",
@@ -84,7 +83,9 @@ def _check_before_work(options: BuildOptions, out: Path) -> None:
             f"--model {options.model!r} is neither a checkpoint folder nor a preset "
             f"({', '.join(PRESET_NAMES)})"
         )
-    options.check(preset(options.model) if is_preset else MllamaConfig.from_hf_config(model))
+    config = preset(options.model) if is_preset else MllamaConfig.from_hf_config(model)
+    options.check(config)
+    refuse_fp8_without_memory(options, config)
 
 
 @contextmanager
@@ -126,21 +127,49 @@ def _replace(work: Path, out: Path) -> None:
 def _build_into(options: BuildOptions, work: Path, progress: Progress) -> None:
     checkpoint = _resolve_checkpoint(options, work, progress)
     config = MllamaConfig.from_hf_config(checkpoint)
-    progress(f"loading {checkpoint} ({options.precision}, xattn-mask {options.xattn_mask})")
-    fp8 = options.precision == "fp8"
-    # FP8 calibrates in float32 and quantizes from the float32 weights (then float16 elsewhere)
-    model = load_model(checkpoint, options.xattn_mask, torch.float32 if fp8 else options.dtype)
-    quantization = quantize_fp8(model, config, options, progress) if fp8 else None
+    weights = Checkpoint(checkpoint, config)  # strict: every tensor, shape and dtype
+    depth = check_depth(options, config)
+    model, quantization = _load_for_check(options, checkpoint, config, depth, progress)
+    amax = {n: layer["input_amax"] for n, layer in (quantization or {}).get("layers", {}).items()}
     (work / "onnx").mkdir()
-    graphs, checks = {}, {}
+    written = StreamingExport(weights, options, amax).export_all(work / "onnx", progress)
+    graphs = {name: _graph_entry(name, written[name]) for name in GRAPHS}
+    if options.precision == "bf16":
+        checks = {name: dict(BF16_UNCHECKED) for name in GRAPHS}
+    elif model is None:
+        scratch = work / ".reduced-check"
+        checks = verify_reduced(checkpoint, config, options, scratch, progress)
+    else:
+        checks = _check_full(model, config, options, work, quantization, graphs, progress)
+    for name, check in checks.items():
+        graphs[name]["check"] = check
+    for side in SIDE_FILES:
+        if (checkpoint / side).is_file():
+            shutil.copy(checkpoint / side, work / side)
+    if checkpoint.parent == work:
+        shutil.rmtree(checkpoint)
+    tensorrt = build_engines(work, graphs, config, options, progress)
+    manifest = _manifest(options, config, options.xattn_mask, graphs, quantization, tensorrt)
+    write_manifest(work, manifest)
+
+
+def _load_for_check(options, checkpoint, config, depth, progress):
+    """(the whole model in memory, FP8 quantization entry) when the check (and FP8
+    calibration) runs on the whole model; (None, None) otherwise. bf16 cannot run here at
+    all (ONNX Runtime's CPU provider has no bf16 kernels), so it loads nothing."""
+    if depth != "full" or options.precision == "bf16":
+        return None, None
+    progress(f"loading {checkpoint} ({options.precision}, xattn-mask {options.xattn_mask})")
+    # FP8 calibrates in float32 and quantizes from the float32 weights (then float16)
+    fp8 = options.precision == "fp8"
+    model = load_model(checkpoint, options.xattn_mask, torch.float32 if fp8 else options.dtype)
+    return model, quantize_fp8(model, config, options, progress) if fp8 else None
+
+
+def _check_full(model, config, options, work, quantization, graphs, progress) -> dict:
+    checks = {}
     for name, graph_cls in GRAPHS.items():
         path = work / "onnx" / f"{name}.onnx"
-        start = time.perf_counter()
-        progress(f"exporting the {name} graph")
-        fault_point(f"export:{name}")
-        export_graph(graph_cls(model), config, options, path)
-        fault_point(f"exported:{name}")
-        graphs[name] = _graph_entry(path, work, time.perf_counter() - start)
         if quantization is not None:
             args = example_inputs(graph_cls.INPUTS, config, options.dtype)
             names = onnx_weight_names(graph_cls(model), model, args)
@@ -150,15 +179,8 @@ def _build_into(options: BuildOptions, work: Path, progress: Progress) -> None:
             # Q/DQ inside: a strongly typed engine; without: an ordinary float16 one
             graphs[name]["precision"] = "fp8" if layout["quantized_layers"] else "fp16"
         progress(f"checking the {name} graph against PyTorch")
-        checks[name] = verify_graph(graph_cls(model), path, config, options)
-        graphs[name]["check"] = checks[name]
-    for side in SIDE_FILES:
-        if (checkpoint / side).is_file():
-            shutil.copy(checkpoint / side, work / side)
-    if checkpoint.parent == work:
-        shutil.rmtree(checkpoint)
-    tensorrt = build_engines(work, graphs, config, options, progress)
-    write_manifest(work, _manifest(options, config, model, graphs, quantization, tensorrt))
+        checks[name] = {**verify_graph(graph_cls(model), path, config, options), "depth": "full"}
+    return checks
 
 
 def _resolve_checkpoint(options: BuildOptions, work: Path, progress: Progress) -> Path:
@@ -180,14 +202,15 @@ def _spec_json(spec: TensorSpec, dtype: str) -> dict:
     }
 
 
-def _graph_entry(path: Path, work: Path, seconds: float) -> dict:
-    return {"file": str(path.relative_to(work)), "export_s": round(seconds, 2)}
+def _graph_entry(name: str, export: dict) -> dict:
+    # weight_bytes_written: the decode graph points at the text weights prefill wrote
+    return {"file": f"onnx/{name}.onnx", "weights": f"onnx/{DATA_FILES[name]}", **export}
 
 
 def _manifest(
     options: BuildOptions,
     config: MllamaConfig,
-    model: MllamaModel,
+    semantics: str,
     graphs: dict,
     quantization: dict | None,
     tensorrt: dict,
@@ -200,8 +223,8 @@ def _manifest(
         "model": {
             "source": options.model,
             "config": config.to_hf_dict(),
-            "xattn_mask": model.semantics,
-            "vision_tap": "layer output" if model.semantics == "hf" else "layer input",
+            "xattn_mask": semantics,
+            "vision_tap": "layer output" if semantics == "hf" else "layer input",
         },
         "precision": options.precision,
         "io_dtype": dtype,
@@ -222,5 +245,8 @@ def _manifest(
 
 
 def summarize_check(check: dict) -> str:
+    if not check.get("ran"):
+        return check["reason"]
     worst = max(check["outputs"].values(), key=lambda m: m["rel_l2"])
-    return f"rel L2 {worst['rel_l2']:.1e}" if check.get("ran") else check["reason"]
+    depth = "" if check.get("depth", "full") == "full" else ", on a reduced-depth copy"
+    return f"rel L2 {worst['rel_l2']:.1e}{depth}"

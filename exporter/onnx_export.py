@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
+import onnxscript.optimizer
 import torch
 from torch.export import Dim
 
@@ -17,6 +19,13 @@ from mllama_export.graphs.quant import ONNX_TRANSLATIONS
 
 from .manifest import fault_point
 from .options import BuildOptions
+from .weightfile import (
+    Source,
+    WeightFile,
+    bind_sources,
+    fold_weight_transposes,
+    tensor_sources,
+)
 
 # Sizes of the example inputs traced at export: all >= 2 and distinct, so that no dynamic dim
 # is specialized to 0 or 1, or confused with another.
@@ -58,11 +67,46 @@ def example_inputs(
 
 
 def export_graph(
-    graph: torch.nn.Module, config: MllamaConfig, options: BuildOptions, path: Path
+    graph: torch.nn.Module,
+    config: MllamaConfig,
+    options: BuildOptions,
+    path: Path,
+    sources: Mapping[str, Source] | None = None,
+    data: WeightFile | None = None,
 ) -> None:
-    """Exports with torch.export (dynamo), weights in `<name>.onnx.data` beside the graph."""
+    """Exports one graph module to ``path``, its weights in ``data`` (default: a new
+    ``<name>.onnx.data`` beside it).
+
+    ``sources`` (by the graph module's tensor paths; default: the graph's own tensors) produce
+    the weights. A graph built on the meta device is traced without any weight in memory, and
+    its weights are then written one tensor at a time (exporter/weightfile.py).
+    """
+    model = _trace(graph, config, options)
+    if sources is None:
+        sources = tensor_sources(graph)
+    bind_sources(model, sources)
+    fold_weight_transposes(model)
+    # the exporter's own optimization (constant folding, dead code), which it could not run
+    # while the weights had no values; folding stays below its size limit (a few KB)
+    onnxscript.optimizer.optimize_ir(model)
+    own = data is None
+    data = data or WeightFile(path.with_name(f"{path.name}.data"))
+    try:
+        data.externalize(model, path.parent)
+    finally:
+        if own:
+            data.__exit__()
+    ir.save(model, path)
+    fault_point(f"external-data:{path.stem}")
+    _name_dims(path, graph.INPUTS + graph.OUTPUTS, config)
+    onnx.checker.check_model(str(path))
+
+
+def _trace(graph: torch.nn.Module, config: MllamaConfig, options: BuildOptions) -> ir.Model:
+    """torch.export (dynamo) to ONNX, unoptimized: on the meta device if the graph is."""
     dims = dims_for(config, options)
-    args = example_inputs(graph.INPUTS, config, options.dtype)
+    device = next(graph.parameters()).device
+    args = tuple(a.to(device) for a in example_inputs(graph.INPUTS, config, options.dtype))
     shapes = {s.name: {i: dims[d] for i, d in s.dynamic_axes().items()} for s in graph.INPUTS}
     # torch.onnx logs a warning per missing torchvision op, which this model never uses.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -78,15 +122,10 @@ def export_graph(
             custom_translation_table=ONNX_TRANSLATIONS,
             opset_version=options.opset,
             dynamo=True,
-            external_data=True,
+            optimize=False,
             verbose=False,
         )
-    program.save(str(path), external_data=True)
-    fault_point(f"external-data:{path.stem}")
-    del program
-    gc.collect()
-    _name_dims(path, graph.INPUTS + graph.OUTPUTS, config)
-    onnx.checker.check_model(str(path))
+    return program.model
 
 
 def _name_dims(path: Path, specs: tuple[TensorSpec, ...], config: MllamaConfig) -> None:

@@ -20,6 +20,7 @@ PRECISIONS = {
     "fp8": torch.float16,
 }
 PRESET_NAMES = ("tiny", "11b", "90b")
+CHECK_DEPTHS = ("auto", "full", "reduced")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class BuildOptions:
     seed: int = 0  # for synthesized presets
     force: bool = False
     fp8_vision: bool = False  # fp8 only: quantize the vision encoder and projector too
+    # the check against PyTorch: the whole model, a reduced-depth copy, or whichever fits
+    check_depth: str = "auto"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -52,6 +55,14 @@ class BuildOptions:
             problems.append(f"precision {self.precision!r} (available: {', '.join(PRECISIONS)})")
         if self.fp8_vision and self.precision != "fp8":
             problems.append(f"fp8-vision with precision {self.precision} (it needs fp8)")
+        if self.check_depth not in CHECK_DEPTHS:
+            problems.append(
+                f"check-depth {self.check_depth!r} (available: {', '.join(CHECK_DEPTHS)})"
+            )
+        elif self.check_depth == "reduced" and self.precision == "fp8":
+            problems.append(
+                "check-depth reduced with precision fp8 (FP8 calibrates the whole model)"
+            )
         if self.xattn_mask not in MASK_SEMANTICS:
             problems.append(
                 f"xattn-mask {self.xattn_mask!r} (available: {', '.join(MASK_SEMANTICS)})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,16 @@ CHECK_SIZES = (
 LIMITS = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2, "fp8": 0.15}
 
 
+# bf16 graphs are checked structurally only (onnx.checker, the contract's names and dims)
+BF16_UNCHECKED = {
+    "ran": False,
+    "reason": "ONNX Runtime's CPU provider has no bfloat16 kernels; checked structurally only",
+}
+
+
 def verify_graph(graph, path: Path, config: MllamaConfig, options: BuildOptions) -> dict:
     if options.precision == "bf16":
-        return {
-            "ran": False,
-            "reason": "ONNX Runtime's CPU provider has no bfloat16 kernels; checked structurally only",
-        }
+        return dict(BF16_UNCHECKED)
     # FP8 Q/DQ runs on ONNX Runtime only at graph optimization BASIC (exporter/fp8.py)
     optimization = "basic" if options.precision == "fp8" else "all"
     backend = OnnxRuntimeBackend(path, graph.INPUTS, graph.OUTPUTS, optimization=optimization)
@@ -63,3 +68,30 @@ def verify_graph(graph, path: Path, config: MllamaConfig, options: BuildOptions)
 def _rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     actual, expected = actual.astype(np.float64), expected.astype(np.float64)
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+def verify_reduced(
+    checkpoint: Path, config: MllamaConfig, options: BuildOptions, scratch: Path, progress
+) -> dict[str, dict]:
+    """The check on a reduced-depth copy of the model (its first layers, the checkpoint's own
+    weights), exported by the same streaming path into ``scratch``, which is removed after."""
+    from mllama_export.graphs.weights import Checkpoint, load_model
+
+    from .streaming import GRAPHS, StreamingExport, describe_reduced, reduced_config
+
+    small = reduced_config(config)
+    depth = describe_reduced(small, config, options)
+    progress(f"checking the graphs against PyTorch on a {depth}")
+    scratch.mkdir()
+    try:
+        StreamingExport(Checkpoint(checkpoint, small, subset=True), options).export_all(scratch)
+        model = load_model(checkpoint, options.xattn_mask, options.dtype, config=small)
+        return {
+            name: {
+                **verify_graph(cls(model), scratch / f"{name}.onnx", small, options),
+                "depth": depth,
+            }
+            for name, cls in GRAPHS.items()
+        }
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

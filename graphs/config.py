@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -449,6 +449,80 @@ def _validate(c: MllamaConfig) -> None:
         )
     if problems:
         raise MllamaExportError("inconsistent config.json: " + "; ".join(problems))
+
+
+def truncated(
+    config: MllamaConfig,
+    text_layers: int,
+    vision_layers: int,
+    global_layers: int,
+    cross_layers: tuple[int, ...] | None = None,
+) -> MllamaConfig:
+    """The same geometry with only the first layers of each stack.
+
+    Layer i of the result is layer i of `config`, so a checkpoint of the result holds a subset
+    of the original's tensors under the same names (with the default `cross_layers`, the
+    original cross-attention layers below `text_layers`). The vision taps keep their count, so
+    the projector keeps its shape; taps past the last kept layer read that layer instead.
+    """
+    t, v = config.text, config.vision
+    _check_depth("text_layers", text_layers, t.num_layers)
+    _check_depth("vision_layers", vision_layers, v.num_layers)
+    _check_depth("global_layers", global_layers, v.num_global_layers)
+    cross = _kept_cross_layers(t, text_layers, cross_layers)
+    taps = tuple(min(i, vision_layers - 1) for i in v.intermediate_layers)
+    result = MllamaConfig(
+        vision=replace(
+            v, num_layers=vision_layers, num_global_layers=global_layers, intermediate_layers=taps
+        ),
+        text=replace(t, num_layers=text_layers, cross_attention_layers=cross),
+        image_token_id=config.image_token_id,
+    )
+    _validate(result)
+    return result
+
+
+def _check_depth(name: str, layers: int, original: int) -> None:
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= original:
+        raise MllamaExportError(
+            f"{name} {layers!r}: a truncated model keeps between 1 and the original {original} layers"
+        )
+
+
+def _kept_cross_layers(
+    t: TextConfig, text_layers: int, cross_layers: tuple[int, ...] | None
+) -> tuple[int, ...]:
+    if cross_layers is None:
+        cross = tuple(i for i in t.cross_attention_layers if i < text_layers)
+    else:
+        _check_cross_layers(cross_layers, text_layers)
+        cross = tuple(sorted(cross_layers))
+    if not cross:
+        raise MllamaExportError(
+            f"the first {text_layers} text layers hold no cross-attention layer (the original "
+            f"ones are {list(t.cross_attention_layers)}); a Mllama decoder needs at least one: "
+            "keep more text layers or name cross_layers"
+        )
+    if len(cross) == text_layers:
+        # The prefill and decode graphs return the self-attention KV cache: it must not be empty.
+        raise MllamaExportError(
+            f"cross-attention layers {list(cross)} leave none of the {text_layers} text layers "
+            "for self-attention; at least one is needed"
+        )
+    return cross
+
+
+def _check_cross_layers(cross_layers: tuple[int, ...], text_layers: int) -> None:
+    ints = all(isinstance(i, int) and not isinstance(i, bool) for i in cross_layers)
+    if not ints or len(set(cross_layers)) != len(cross_layers) or not cross_layers:
+        raise MllamaExportError(
+            f"cross_layers {cross_layers!r}: expected one or more distinct integer layer indices"
+        )
+    if any(not 0 <= i < text_layers for i in cross_layers):
+        raise MllamaExportError(
+            f"cross_layers {list(cross_layers)}: each must be within 0..{text_layers - 1}, "
+            f"the {text_layers} text layers kept"
+        )
 
 
 _11B_HF: dict[str, Any] = MllamaConfig(

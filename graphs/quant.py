@@ -89,6 +89,15 @@ def scale_from_amax(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (amax.float() / FP8_MAX).clamp(min=tiny).to(dtype)
 
 
+def fp8_weight(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Linear weight [out, in] -> (float8e4m3fn [in, out], per-output-channel scales in
+    ``dtype``), quantized from its float32 values. The streaming export (exporter/weightfile.py)
+    calls this on each checkpoint tensor, so its bytes are FP8Linear's."""
+    w = weight.float()
+    scale = scale_from_amax(w.abs().amax(dim=1), dtype)
+    return to_fp8(w / scale.float()[:, None]).t().contiguous(), scale
+
+
 class FP8Linear(nn.Module):
     """A Linear whose input and weight are FP8: weights stored as float8e4m3fn [in, out] with
     one scale per output channel, the input quantized per tensor with a calibrated scale."""
@@ -98,9 +107,8 @@ class FP8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, input_amax: float, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach().float()  # [out, in]
-        weight_scale = scale_from_amax(w.abs().amax(dim=1), dtype)
-        self.register_buffer("weight", to_fp8(w / weight_scale.float()[:, None]).t().contiguous())
+        weight, weight_scale = fp8_weight(linear.weight.detach(), dtype)
+        self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("input_scale", scale_from_amax(torch.tensor(input_amax), dtype))
         bias = None if linear.bias is None else linear.bias.detach().to(dtype)
@@ -120,9 +128,10 @@ class FP8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
+        # a layer on the meta device (the streaming export's) has no scale value to show
+        scale = "meta" if self.input_scale.is_meta else f"{float(self.input_scale):.3e}"
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"input_scale={float(self.input_scale):.3e}"
+            f"in_features={self.in_features}, out_features={self.out_features}, input_scale={scale}"
         )
 
 

@@ -93,12 +93,11 @@ class VisionTransformer(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         # x: [N, L, D] -> x: [N, L, D], tapped: len(taps) x [N, L, D]
         tapped = []
+        # a layer may be tapped more than once: a truncated copy clamps its taps to its depth
         for i, layer in enumerate(self.layers):
-            if i in self.taps_before:
-                tapped.append(x)
+            tapped.extend([x] * self.taps_before.count(i))
             x = layer(x, allowed)
-            if i in self.taps_after:
-                tapped.append(x)
+            tapped.extend([x] * self.taps_after.count(i))
         return x, tapped
 
 

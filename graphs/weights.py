@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from mllama_export.errors import MllamaExportError
 
 from .config import MllamaConfig
+from .layers import rope_inv_freq
 from .model import MllamaModel
 
 # (checkpoint prefix, our prefix), first match wins. The first four rows are the names that the
@@ -28,7 +31,6 @@ WEIGHT_TABLE: tuple[tuple[str, str], ...] = (
     ("model.multi_modal_projector.", "projector."),
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def our_name(checkpoint_name: str) -> str | None:
@@ -112,11 +114,80 @@ def _keys(file: Path) -> list[str]:
         ) from err
 
 
-def iter_checkpoint(folder: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(checkpoint name, our name, tensor) for every tensor, one shard open at a time, mmapped."""
+# safetensors dtype names -> torch; anything else (integers, FP8) is not a Llama checkpoint
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# what one read of the streaming export holds: blocks of rows, each opened and mapped anew
+BLOCK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    name: str  # as the checkpoint names it
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: F32, F16, BF16, ...
+
+
+class Checkpoint:
+    """A checkpoint folder checked against a config from the safetensors headers alone (every
+    tensor used, every shape and dtype right), then read one tensor at a time.
+
+    ``subset`` accepts a checkpoint with more tensors than the config needs: the reduced-depth
+    copy of a model (graphs/config.py truncated) reads the first layers of the full checkpoint.
+    """
+
+    def __init__(self, folder: str | Path, config: MllamaConfig, subset: bool = False):
+        self.folder, self.config = Path(folder), config
+        with torch.device("meta"):
+            expected = {n: tuple(t.shape) for n, t in MllamaModel(config).state_dict().items()}
+        stored = _headers(self.folder)
+        unknown = [s.name for ours, s in stored.items() if ours not in expected and not subset]
+        missing = sorted(checkpoint_name(n) for n in expected.keys() - stored.keys())
+        if unknown or missing:
+            raise MllamaExportError(
+                f"checkpoint {self.folder} does not match its config: "
+                f"{len(missing)} tensors missing {missing[:5]}, {len(unknown)} unexpected "
+                f"{unknown[:5]}; expected exactly the tensors of the Llama 3.2 Vision model "
+                "its config.json describes"
+            )
+        self.tensors = {n: stored[n] for n in sorted(expected)}
+        for ours, shape in expected.items():
+            _check_tensor(self.tensors[ours], shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor by our name, as stored. Each read opens its file anew, so that the
+        memory map (and the pages it touched) goes away with the tensor."""
+        stored = self.tensors[name]
+        try:
+            with safe_open(stored.file, framework="pt") as f:
+                return f.get_tensor(stored.name)
+        except (SafetensorError, OSError) as err:
+            raise _corrupt(stored.file, err) from err
+
+    def blocks(self, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """One tensor by our name as consecutive blocks of rows, each cast to ``dtype``: what
+        the streaming export writes, never more than a block of it in memory at once."""
+        stored = self.tensors[name]
+        row_bytes = math.prod(stored.shape[1:]) * SAFETENSORS_DTYPES[stored.dtype].itemsize
+        rows = stored.shape[0] if stored.shape else 1
+        step = max(1, BLOCK_BYTES // max(row_bytes, 1))
+        for start in range(0, rows, step):
+            # no local keeps a block across the yield: the next is read after it is dropped
+            yield _rows(stored, start, start + step).to(dtype)
+
+    def nbytes(self) -> int:
+        return sum(
+            math.prod(s.shape) * SAFETENSORS_DTYPES[s.dtype].itemsize for s in self.tensors.values()
+        )
+
+
+def _headers(folder: Path) -> dict[str, StoredTensor]:
+    """Our name -> where and what each checkpoint tensor is; names outside the weight table
+    are kept under their own name, so that the strict check reports them."""
     by_file: dict[Path, list[str]] = {}
     for name, file in shard_files(folder).items():
         by_file.setdefault(file, []).append(name)
+    found = {}
     for file, names in by_file.items():
         try:
             with safe_open(file, framework="pt") as f:
@@ -126,57 +197,73 @@ def iter_checkpoint(folder: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
                         raise MllamaExportError(
                             f"the index puts {name} in {file.name}, which lacks it"
                         )
-                    yield name, our_name(name), f.get_tensor(name)
+                    part = f.get_slice(name)
+                    stored = StoredTensor(name, file, tuple(part.get_shape()), part.get_dtype())
+                    found[our_name(name) or f"?{name}"] = stored
         except (SafetensorError, OSError) as err:
-            raise MllamaExportError(
-                f"{file} is truncated or corrupt ({err}); expected a complete safetensors "
-                "file: re-download or re-write it"
-            ) from err
+            raise _corrupt(file, err) from err
+    return found
+
+
+def _rows(stored: StoredTensor, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of a stored tensor (all of a 0-d one), its file mapped for this read
+    only, so that the pages it touched leave the process with the rows."""
+    try:
+        with safe_open(stored.file, framework="pt") as f:
+            if not stored.shape:
+                return f.get_tensor(stored.name)
+            return f.get_slice(stored.name)[start:stop]
+    except (SafetensorError, OSError) as err:
+        raise _corrupt(stored.file, err) from err
+
+
+def _corrupt(file: Path, err: Exception) -> MllamaExportError:
+    return MllamaExportError(
+        f"{file} is truncated or corrupt ({err}); expected a complete safetensors "
+        "file: re-download or re-write it"
+    )
 
 
 def load_model(
-    folder: str | Path, semantics: str = "meta", dtype: torch.dtype = torch.float32
+    folder: str | Path,
+    semantics: str = "meta",
+    dtype: torch.dtype = torch.float32,
+    config: MllamaConfig | None = None,
 ) -> MllamaModel:
-    """Builds the model from a checkpoint folder: every tensor used, every shape checked."""
+    """Builds the model from a checkpoint folder: every tensor used, every shape checked.
+
+    With ``config`` (a truncated copy of the checkpoint's own), only the tensors it needs.
+    """
     folder = Path(folder)
     check_folder(folder)
-    config = MllamaConfig.from_hf_config(folder)
+    full = MllamaConfig.from_hf_config(folder)
+    checkpoint = Checkpoint(folder, config or full, subset=config is not None)
     with torch.device("meta"):
-        model = MllamaModel(config, semantics)
-    expected = {n: p.shape for n, p in model.state_dict().items()}
-    loaded: dict[str, torch.Tensor] = {}
-    unknown = []
-    for theirs, ours, tensor in iter_checkpoint(folder):
-        if ours not in expected:
-            unknown.append(theirs)
-            continue
-        _check_tensor(theirs, tensor, expected[ours])
-        loaded[ours] = tensor.to(dtype)
-    missing = sorted(checkpoint_name(n) for n in expected.keys() - loaded.keys())
-    if unknown or missing:
-        raise MllamaExportError(
-            f"checkpoint {folder} does not match its config: "
-            f"{len(missing)} tensors missing {missing[:5]}, {len(unknown)} unexpected {unknown[:5]}; "
-            "expected exactly the tensors of the Llama 3.2 Vision model its config.json describes"
-        )
-    model.load_state_dict(loaded, assign=True, strict=True)
-    _materialize_buffers(model, config)
+        model = MllamaModel(checkpoint.config, semantics)
+    state = {name: checkpoint.read(name).to(dtype) for name in checkpoint.tensors}
+    model.load_state_dict(state, assign=True, strict=True)
+    _materialize_buffers(model, checkpoint.config)
     return model.eval()
 
 
-def _check_tensor(name: str, tensor: torch.Tensor, shape: torch.Size) -> None:
-    if tensor.shape != shape:
+def _check_tensor(stored: StoredTensor, shape: tuple[int, ...]) -> None:
+    if stored.shape != shape:
         raise MllamaExportError(
-            f"tensor {name} has shape {list(tensor.shape)}; the config implies {list(shape)}"
+            f"tensor {stored.name} has shape {list(stored.shape)}; the config implies {list(shape)}"
         )
-    if tensor.dtype not in FLOAT_DTYPES:
+    if stored.dtype not in SAFETENSORS_DTYPES:
         raise MllamaExportError(
-            f"tensor {name} is {tensor.dtype}; expected float32, float16 or bfloat16"
+            f"tensor {stored.name} is {stored.dtype}; expected float32, float16 or bfloat16 "
+            "(F32, F16 or BF16)"
         )
+
+
+def computed_buffers(config: MllamaConfig) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers (the rope frequencies): not in the checkpoint, rebuilt."""
+    return {"text.rotary.inv_freq": rope_inv_freq(config.text.rope, config.text.head_dim)}
 
 
 def _materialize_buffers(model: MllamaModel, config: MllamaConfig) -> None:
-    # Non-persistent buffers (the rope frequencies) are not in the checkpoint; rebuild them.
-    from .layers import rope_inv_freq
-
-    model.text.rotary.inv_freq = rope_inv_freq(config.text.rope, config.text.head_dim)
+    for name, tensor in computed_buffers(config).items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, tensor)

@@ -1,4 +1,5 @@
-"""One suite, every backend: PyTorch graphs and ONNX Runtime on the exported files.
+"""One suite, every backend: PyTorch graphs, ONNX Runtime and onnx.reference on the exported
+files.
 
 Each backend is held to the same facts: logits equal to transformers (hf semantics, fp32),
 greedy tokens equal to transformers' generate, and equal to each other at every step.
@@ -24,10 +25,14 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="session", params=["torch", "onnxruntime", "onnxruntime-iobinding"])
+@pytest.fixture(
+    scope="session", params=["torch", "onnxruntime", "onnxruntime-iobinding", "onnx-reference"]
+)
 def runner(request, tiny_model, ort_artifacts) -> Runner:
     if request.param == "torch":
         return torch_runner(tiny_model)
+    if request.param == "onnx-reference":
+        return Runner.from_artifacts(ort_artifacts, backend="onnx-reference")
     # io-binding: caches in torch buffers bound by pointer, the CUDA provider's code path
     return Runner.from_artifacts(ort_artifacts, io_binding=request.param.endswith("iobinding"))
 

@@ -4,7 +4,7 @@ One table: each row sets one bad input up in tmp_path, then runs one CLI command
 API call on it. Every row checks that the error names what was wrong and what was expected (or
 what exists), and that no file or folder under tmp_path, under the artifact copies or under the
 session fixtures was created, changed or removed. CLI rows also check exit status 2 and that no
-traceback is printed. Building is stubbed out after the checks (`export_graph` raises), so a
+traceback is printed. Building is stubbed out after the checks (`StreamingExport` raises), so a
 bad input that a build fails to refuse shows up at once instead of after a 36 s export.
 """
 
@@ -643,7 +643,7 @@ ROWS = [
         _tensors_build(
             lambda t: t.update({"vision_model.class_embedding": torch.zeros(32, dtype=torch.int32)})
         ),
-        "torch.int32",
+        "is I32",
         "expected float32, float16 or bfloat16",
         marks=AFTER_LOCK,
     ),
@@ -835,8 +835,8 @@ ROWS = [
     ),
     cli(
         "art-listed-file-missing",
-        _delete("onnx/decode.onnx.data"),
-        "onnx/decode.onnx.data is listed in the manifest but missing",
+        _delete("onnx/text.onnx.data"),
+        "onnx/text.onnx.data is listed in the manifest but missing",
         "rebuild the artifacts",
     ),
     cli(
@@ -893,7 +893,7 @@ ROWS = [
         "artifacts-unknown-backend",
         lambda c: lambda: Runner.from_artifacts(c.shared, "tvm"),
         "unknown backend 'tvm'",
-        "available: onnxruntime, tensorrt",
+        "available: onnxruntime, onnx-reference, tensorrt",
     ),
     api(
         "artifacts-unknown-device",
@@ -1326,7 +1326,7 @@ def test_a_bad_input_gets_one_clear_error_and_changes_nothing(
         raise AssertionError("the build went on to export: the bad input was not refused")
 
     monkeypatch.setattr(
-        importlib.import_module("mllama_export.exporter.build"), "export_graph", no_export
+        importlib.import_module("mllama_export.exporter.build"), "StreamingExport", no_export
     )
     ctx = Ctx(tmp_path, world)
     try:

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from mllama_export.cli import main
+from mllama_export.graphs.weights import load_model
 
 COMMANDS = ["synth", "build", "run", "inspect", "plan"]
 
@@ -70,6 +71,23 @@ def test_synth_writes_a_loadable_sharded_checkpoint(tmp_path):
     assert (tmp_path / "c" / "model.safetensors.index.json").is_file()
 
 
+def test_synth_with_fewer_layers_writes_that_model(tmp_path):
+    out = tmp_path / "short"
+    result = invoke(
+        "synth", "--out", out, "--text-layers", 3, "--dtype", "bf16", "--max-shard-size", "200KB"
+    )
+    assert result.exit_code == 0, result.output
+    # 4 vision and 2 global layers scale with 3 of 6 text layers to 2 and 1.
+    assert "3 text layers (1 cross-attention), 2 vision + 1 global" in result.output
+    model = load_model(out)
+    t, v = model.config.text, model.config.vision
+    assert (t.num_layers, t.cross_attention_layers) == (3, (1,))
+    assert (v.num_layers, v.num_global_layers) == (2, 1)
+    assert (len(model.text.layers), len(model.vision.transformer.layers)) == (3, 2)
+    assert len(model.vision.global_transformer.layers) == 1
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -89,6 +107,15 @@ def test_synth_writes_a_loadable_sharded_checkpoint(tmp_path):
         (["build", "--model", "tiny", "--out", "{art}"], "already exists"),
         (["build", "--model", "tiny", "--out", "{tmp}/o", "--max-batch", "0"], "max-batch 0"),
         (["synth", "--out", "{art}"], "not an empty folder"),
+        (["synth", "--out", "{tmp}/o", "--max-shard-size", "2XB"], "--max-shard-size '2XB'"),
+        (["synth", "--out", "{tmp}/o", "--max-shard-size", "0"], "expected a positive size"),
+        (
+            ["synth", "--out", "{tmp}/o", "--shards", "2", "--max-shard-size", "1MB"],
+            "one or the other",
+        ),
+        (["synth", "--out", "{tmp}/o", "--text-layers", "7"], "between 1 and the original 6"),
+        (["synth", "--out", "{tmp}/o", "--text-layers", "1"], "no cross-attention layer"),
+        (["synth", "--out", "{tmp}/o", "--cross-layers", "1,x"], "comma-separated"),
         (["plan", "--model", "nowhere"], "nowhere"),
     ],
 )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
+import torch
 
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.config import PRESETS, MllamaConfig, preset
+from mllama_export.graphs.config import PRESETS, MllamaConfig, preset, truncated
+from mllama_export.graphs.model import MllamaModel
 
 
 def test_11b_preset_has_the_published_values():
@@ -106,3 +109,90 @@ def test_config_file_errors(tmp_path):
 def test_unknown_preset():
     with pytest.raises(MllamaExportError, match="tiny, 11b, 90b"):
         preset("7b")
+
+
+def test_truncated_keeps_the_geometry():
+    full = preset("11b")
+    short = truncated(full, text_layers=8, vision_layers=4, global_layers=2)
+    t, v = short.text, short.vision
+    assert (t.num_layers, t.cross_attention_layers) == (8, (3,))
+    assert (v.num_layers, v.num_global_layers) == (4, 2)
+    # Taps keep their count, so the projector keeps its input width.
+    assert v.intermediate_layers == (3, 3, 3, 3, 3) and v.output_dim == full.vision.output_dim
+    assert (
+        dataclasses.replace(
+            t, num_layers=40, cross_attention_layers=full.text.cross_attention_layers
+        )
+        == full.text
+    )
+    assert (
+        dataclasses.replace(
+            v,
+            num_layers=32,
+            num_global_layers=8,
+            intermediate_layers=full.vision.intermediate_layers,
+        )
+        == full.vision
+    )
+    assert short.image_token_id == full.image_token_id
+    assert MllamaConfig.from_hf_dict(short.to_hf_dict()) == short
+
+
+def test_truncated_round_trips_through_transformers():
+    transformers = pytest.importorskip("transformers")
+    short = truncated(preset("tiny"), 3, 2, 1)
+    hf = transformers.MllamaConfig(**short.to_hf_dict())
+    assert MllamaConfig.from_hf_dict(hf.to_dict()) == short
+
+
+def test_truncated_cross_layers():
+    tiny = preset("tiny")  # cross-attention layers 1 and 4 of 6
+    assert truncated(tiny, 6, 4, 2) == tiny
+    assert truncated(tiny, 4, 4, 2).text.cross_attention_layers == (1,)
+    assert truncated(tiny, 5, 4, 2).text.cross_attention_layers == (1, 4)
+    assert truncated(tiny, 3, 1, 1, cross_layers=(2, 0)).text.cross_attention_layers == (0, 2)
+    assert truncated(preset("11b"), 2, 2, 1, cross_layers=(1,)).text.self_attention_layers == (0,)
+
+
+@pytest.mark.parametrize(
+    "layers, cross, fragment",
+    [
+        ((0, 4, 2), None, "text_layers 0"),
+        ((7, 4, 2), None, "original 6"),
+        ((6, 0, 2), None, "vision_layers 0"),
+        ((6, 5, 2), None, "original 4"),
+        ((6, 4, 3), None, "global_layers 3"),
+        ((1, 4, 2), None, "no cross-attention layer"),
+        ((3, 4, 2), (3,), "within 0..2"),
+        ((3, 4, 2), (), "one or more"),
+        ((3, 4, 2), (1, 1), "distinct"),
+        ((2, 4, 2), (0, 1), "none of the 2 text layers for self-attention"),
+    ],
+)
+def test_truncated_errors_say_what_is_allowed(layers, cross, fragment):
+    with pytest.raises(MllamaExportError, match=fragment):
+        truncated(preset("tiny"), *layers, cross_layers=cross)
+
+
+@pytest.mark.parametrize(
+    "name, layers",
+    [("tiny", (3, 2, 1)), ("tiny", (2, 1, 1)), ("11b", (8, 6, 2)), ("11b", (4, 1, 1))],
+)
+def test_truncated_weights_are_a_subset_of_the_full_ones(name, layers):
+    # Meta tensors only: the 11B model is never materialized.
+    with torch.device("meta"):
+        full = {n: p.shape for n, p in MllamaModel(preset(name)).state_dict().items()}
+        short = MllamaModel(truncated(preset(name), *layers)).state_dict()
+    assert short.keys() < full.keys()
+    assert all(p.shape == full[n] for n, p in short.items())
+
+
+def test_truncated_vision_keeps_its_output_width():
+    # Taps (1, 3) become (1, 1): the repeated tap must be returned twice, as transformers does.
+    config = truncated(preset("tiny"), 3, 2, 1)
+    v = config.vision
+    torch.manual_seed(0)
+    model = MllamaModel(config)
+    pixels = torch.randn(1, v.max_num_tiles, v.num_channels, v.image_size, v.image_size)
+    features = model.vision(pixels, torch.tensor([1]), torch.tensor([[1, 0, 0, 0]]))
+    assert features.shape[-1] == v.output_dim

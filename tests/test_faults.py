@@ -71,7 +71,7 @@ def test_two_builds_into_one_folder_are_prevented(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("target", ["onnx/decode.onnx", "onnx/prefill.onnx.data", "tokenizer.json"])
+@pytest.mark.parametrize("target", ["onnx/decode.onnx", "onnx/text.onnx.data", "tokenizer.json"])
 def test_a_tampered_artifact_is_refused_naming_the_file(tmp_path, ort_artifacts, target):
     out = tmp_path / "art"
     shutil.copytree(ort_artifacts, out)

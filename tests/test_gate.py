@@ -1,7 +1,8 @@
 """The accuracy gate end to end on tiny artifacts: it passes on correct builds and fails, at the
 stage where drift starts, on broken ones.
 
-Two builds per session (tiny fp32 and fp16, both --xattn-mask hf; ~40 s each). Broken artifacts
+Three builds per session (tiny fp32, fp16 and, from transformers' own save, bf16; all
+--xattn-mask hf; ~40 s each). Broken artifacts
 are made in copies under tmp_path. Changing a file breaks its sha256 in the manifest, and the
 gate refuses such a folder (exit 2 from the CLI): that is the feature that stops a gate from
 judging files other than the ones built. To judge a deliberately perturbed copy, the tests
@@ -52,6 +53,14 @@ def fp16_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bf16_dir(tmp_path_factory, hf_checkpoint) -> Path:
+    """bf16 artifacts of a checkpoint the tests did not write (transformers' save_pretrained)."""
+    out = tmp_path_factory.mktemp("gate") / "hf-bf16"
+    options = BuildOptions(model=str(hf_checkpoint), out=out, xattn_mask="hf", precision="bf16")
+    return build(options, progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
 def hf_reference(fp32_dir) -> GraphsReference:
     manifest = read_manifest(fp32_dir)
     return GraphsReference(resolve_checkpoint(manifest).load("hf"), load_runner(fp32_dir).limits)
@@ -73,17 +82,30 @@ def rehash(folder: Path) -> None:
     write_manifest(folder, manifest)
 
 
-def perturb(folder: Path, graph: str, name: str, change) -> np.ndarray:
-    """Rewrites one external initializer of one graph's weight file in place; returns the old."""
-    model = onnx.load(str(folder / "onnx" / f"{graph}.onnx"), load_external_data=False)
+def perturb(folder: Path, graph: str, name: str, change, only_this_graph=False) -> np.ndarray:
+    """Rewrites one external initializer of one graph in place; returns the old values.
+
+    Prefill and decode share their weights in text.onnx.data: a rewrite in place changes
+    both. ``only_this_graph`` appends the changed copy to the file instead and points only
+    ``graph`` at it.
+    """
+    path = folder / "onnx" / f"{graph}.onnx"
+    model = onnx.load(str(path), load_external_data=False)
     init = next(i for i in model.graph.initializer if i.name == name)
     info = {e.key: e.value for e in init.external_data}
     dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
     with (folder / "onnx" / info["location"]).open("r+b") as f:
         f.seek(int(info.get("offset", 0)))
         old = np.frombuffer(f.read(int(info["length"])), dtype).copy()
-        f.seek(int(info.get("offset", 0)))
+        f.seek(0 if only_this_graph else int(info.get("offset", 0)), 2 if only_this_graph else 0)
+        offset = f.tell()
         f.write(change(old).astype(dtype).tobytes())
+    if only_this_graph:
+        kept = [(e.key, e.value) for e in init.external_data if e.key != "offset"]
+        del init.external_data[:]
+        for key, value in [*kept, ("offset", str(offset))]:
+            init.external_data.add(key=key, value=value)
+        onnx.save(model, str(path))
     return old
 
 
@@ -110,6 +132,17 @@ def test_fp16_passes_against_the_graphs(fp16_dir):
     assert report.passed, report.summary_line()
     # fp16 rounding is visible (~1e-3 relative) but well inside the fp16 limits (1e-2).
     assert 1e-4 < max(r.metrics.rel_l2 for r in report.results) < 5e-3
+
+
+def test_bf16_passes_on_onnx_reference_against_the_graphs_and_transformers(bf16_dir):
+    """ONNX Runtime's CPU provider has no bf16 kernels; onnx.reference runs the same files."""
+    report = run_gate(bf16_dir, backend="onnx-reference")
+    assert report.passed, report.summary_line()
+    # bf16 rounding (8 bits of mantissa) is visible, ~1e-2 relative, inside the 5e-2 limit
+    assert 3e-3 < max(r.metrics.rel_l2 for r in report.results) < 3e-2
+    pytest.importorskip("transformers")
+    report = run_gate(bf16_dir, backend="onnx-reference", reference="transformers", steps=4)
+    assert report.passed, report.summary_line()
 
 
 def test_fp32_passes_against_transformers(fp32_dir):
@@ -159,8 +192,8 @@ def test_a_few_ulps_on_one_weight_stay_within_fp32_rounding(fp32_dir, tmp_path):
 
 def test_a_visible_change_to_the_decode_graphs_weights_fails_at_decode_0(fp32_dir, tmp_path):
     folder = copy_artifacts(fp32_dir, tmp_path)
-    # Prefill and decode carry separate copies of the weights: only decode's is changed.
-    perturb(folder, "decode", "text.embed_tokens.weight", lambda w: w * 1.02)
+    # Prefill and decode share their weights: decode alone is given a changed copy.
+    perturb(folder, "decode", "text.embed_tokens.weight", lambda w: w * 1.02, only_this_graph=True)
     rehash(folder)
     report = run_gate(folder, steps=STEPS)
     assert not report.passed
@@ -318,7 +351,7 @@ def test_cli_exit_codes_and_last_line(fp32_dir, tmp_path):
     assert {p.name for p in (tmp_path / "ok").iterdir()} == {"drift.json", "drift.md", "drift.png"}
 
     broken = copy_artifacts(fp32_dir, tmp_path)
-    perturb(broken, "decode", "text.embed_tokens.weight", lambda w: w * 1.02)
+    perturb(broken, "decode", "text.embed_tokens.weight", lambda w: w * 1.02, only_this_graph=True)
     code, last = invoke(broken, "--steps", "2")
     assert code == 2 and "sha256" in last  # tampered: refused, not judged
     rehash(broken)

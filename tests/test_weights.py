@@ -8,11 +8,17 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import preset
-from mllama_export.graphs.synth import write_checkpoint
+from mllama_export.graphs.synth import (
+    parameter_shapes,
+    random_state_dict,
+    shard_plan,
+    write_checkpoint,
+)
 from mllama_export.graphs.weights import WEIGHT_TABLE, load_model, our_name
 
 
@@ -31,6 +37,85 @@ def test_synthetic_checkpoint_is_deterministic(tmp_path):
     )
     index = json.loads((a / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3
+
+
+def read_tensors(folder):
+    """Our name -> tensor from every safetensors file of a folder, sorted by our name."""
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            names = f.keys()
+            tensors.update({our_name(n): f.get_tensor(n) for n in names})
+    return dict(sorted(tensors.items()))
+
+
+def values_digest(tensors):
+    h = hashlib.sha256()
+    for name, tensor in tensors.items():
+        h.update(name.encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize(
+    "seed, dtype, expected",
+    [
+        (0, torch.float32, "9b491d6162c834564b0ddd3fb60eff8ce34caca0d483486c45913e516ac4d7b7"),
+        (3, torch.bfloat16, "0e65794e71f69231fd4e88dc8d049d5c433d8b7d6130de62ec9f0ebe1b8f964a"),
+    ],
+)
+def test_synthetic_values_do_not_change(tmp_path, seed, dtype, expected):
+    # Digests of what the writer produced before it streamed: the same seed, the same values.
+    out = write_checkpoint(preset("tiny"), tmp_path, seed=seed, dtype=dtype, max_shard_bytes=10**5)
+    assert values_digest(read_tensors(out)) == expected
+
+
+def test_streamed_shards_hold_the_whole_state_dict(tmp_path):
+    whole = random_state_dict(preset("tiny"), seed=3)
+    one = read_tensors(write_checkpoint(preset("tiny"), tmp_path / "1", seed=3))
+    many = read_tensors(write_checkpoint(preset("tiny"), tmp_path / "5", seed=3, shards=5))
+    assert list(one) == list(many) == list(whole)
+    for name, tensor in whole.items():
+        assert torch.equal(one[name], tensor) and torch.equal(many[name], tensor), name
+
+
+def test_max_shard_bytes_fills_shards_and_indexes_every_tensor(tmp_path, tiny_dir):
+    limit = 200_000
+    out = write_checkpoint(preset("tiny"), tmp_path, seed=0, max_shard_bytes=limit)
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) > 2 and not (out / "model.safetensors").exists()
+    assert files[0].name == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    stored = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names = f.keys()
+            sizes = [f.get_slice(n).get_shape() for n in names]
+            stored.update(dict.fromkeys(names, file.name))
+        nbytes = sum(4 * torch.Size(s).numel() for s in sizes)
+        assert nbytes <= limit or len(sizes) == 1, file.name
+    assert index["weight_map"] == dict(sorted(stored.items()))
+    total = sum(4 * s.numel() for s in parameter_shapes(preset("tiny")).values())
+    assert index["metadata"]["total_size"] == total
+    for a, b in zip(load_model(tiny_dir).parameters(), load_model(out).parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_one_shard_has_no_index(tmp_path):
+    out = write_checkpoint(preset("tiny"), tmp_path, max_shard_bytes=10**9)
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
+def test_shard_plan():
+    sizes = {"a": 10, "b": 50, "c": 10, "d": 10, "e": 10, "f": 10}
+    assert shard_plan(sizes, max_shard_bytes=30) == [["a"], ["b"], ["c", "d", "e"], ["f"]]
+    assert shard_plan(sizes, shards=2) == [["a", "b"], ["c", "d", "e", "f"]]
+    assert shard_plan(sizes, shards=6) == [[n] for n in sizes]
+    assert shard_plan({"a": 100, "b": 1, "c": 1}, shards=3) == [["a"], ["b"], ["c"]]
+    with pytest.raises(MllamaExportError, match="one or the other"):
+        shard_plan(sizes, shards=2, max_shard_bytes=30)
+    with pytest.raises(MllamaExportError, match="between 1 and the 6 tensors"):
+        shard_plan(sizes, shards=7)
 
 
 def test_sharded_and_single_file_load_the_same(tmp_path, tiny_dir):
@@ -68,7 +153,7 @@ def copy_with(tiny_dir, tmp_path, mutate):
             lambda t: t.update(
                 {"vision_model.class_embedding": torch.zeros(32, dtype=torch.int32)}
             ),
-            "torch.int32",
+            "is I32",
         ),
     ],
     ids=["missing", "unexpected", "shape", "dtype"],

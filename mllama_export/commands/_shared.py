@@ -8,7 +8,8 @@ import click
 def backend_option(help: str):
     return click.option(
         "--backend",
-        type=click.Choice(["onnxruntime", "tensorrt"]),
+        # onnx-reference: slow, CPU only, runs bfloat16 (engines/onnxref.py)
+        type=click.Choice(["onnxruntime", "onnx-reference", "tensorrt"]),
         default="onnxruntime",
         show_default=True,
         help=help,

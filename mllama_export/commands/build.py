@@ -54,6 +54,14 @@ import click
     help="With --precision fp8: quantize the vision encoder's and the projector's linear "
     "layers too (default: the vision encoder stays fp16).",
 )
+@click.option(
+    "--check-depth",
+    type=click.Choice(["auto", "full", "reduced"]),
+    default="auto",
+    show_default=True,
+    help="The check of each graph against PyTorch: on the whole model, or on a copy of its "
+    "first layers (full size on a small machine). auto: full when it fits in memory.",
+)
 def command(**options):
     """Export the vision, prefill and decode graphs to ONNX, check them against PyTorch, and
     write them with a manifest. TensorRT engines follow where TensorRT and a GPU exist."""

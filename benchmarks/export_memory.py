@@ -1,0 +1,172 @@
+"""Peak memory of `mllama-export build` at the 11B geometry as the depth grows.
+
+Writes synthetic checkpoints of the 11B preset (full width, real head counts and vocabulary,
+bfloat16) at several text depths, with proportionally fewer vision layers, and runs the real
+`mllama-export build` on each in a child process, reading that process's peak resident set
+size from the kernel (wait4's ru_maxrss). The streaming export's peak should not grow with
+depth and should stay below one decoder layer's weights plus 2 GB.
+
+With --baseline-layers, the same checkpoints are also exported the usual way in a child
+process: the whole model loaded, then torch.onnx.export with its own optimizer and save.
+
+    python benchmarks/export_memory.py [--layers 2 4 8] [--baseline-layers 2] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mllama_export.graphs.config import preset, truncated
+from mllama_export.graphs.model import MllamaModel
+
+GB = 1e9
+
+
+def geometry(text_layers: int):
+    """The 11B preset at ``text_layers``; the vision encoder keeps the same share of its
+    depth (32 local and 8 global layers for 40 text layers), at least one of each."""
+    full = preset("11b")
+    share = text_layers / full.text.num_layers
+    cross = tuple(i for i in full.text.cross_attention_layers if i < text_layers)
+    return truncated(
+        full,
+        text_layers,
+        max(1, round(full.vision.num_layers * share)),
+        max(1, round(full.vision.num_global_layers * share)),
+        cross_layers=cross or (text_layers - 1,),
+    )
+
+
+def weight_bytes(config, dtype=torch.bfloat16) -> dict[str, int]:
+    with torch.device("meta"):
+        model = MllamaModel(config)
+    size = dtype.itemsize
+    layer = sum(p.numel() for p in model.text.layers[0].parameters()) * size
+    return {
+        "total": sum(p.numel() for p in model.parameters()) * size,
+        "layer": layer,
+        "largest": max(p.numel() for p in model.parameters()) * size,
+    }
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float]:
+    """(peak RSS in bytes, seconds) of one child process, from the kernel's accounting."""
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{child.stderr.read().decode()[-3000:]}")
+    return usage.ru_maxrss * 1024, seconds
+
+
+def synth(config, out: Path) -> None:
+    """A checkpoint of ``config``, written by the CLI in a child process: a fork of a parent
+    that had held the writer's memory would start with that peak in its ru_maxrss."""
+    v = config.vision
+    cmd = [sys.executable, "-m", "mllama_export", "synth", "--preset", "11b", "--out", str(out)]
+    cmd += ["--text-layers", str(config.text.num_layers), "--vision-layers", str(v.num_layers)]
+    cmd += ["--global-layers", str(v.num_global_layers), "--dtype", "bf16"]
+    cmd += ["--cross-layers", ",".join(map(str, config.text.cross_attention_layers))]
+    cmd += ["--max-shard-size", "5GB"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+BASELINE = """
+import sys, torch
+from pathlib import Path
+from mllama_export.exporter.onnx_export import dims_for, example_inputs
+from mllama_export.exporter.options import BuildOptions
+from mllama_export.exporter.streaming import GRAPHS
+from mllama_export.graphs.weights import load_model
+ckpt, out = Path(sys.argv[1]), Path(sys.argv[2])
+model = load_model(ckpt, dtype=torch.bfloat16)
+options = BuildOptions(model=str(ckpt), out=out, precision="bf16")
+dims = dims_for(model.config, options)
+for name, cls in GRAPHS.items():
+    graph = cls(model)
+    args = example_inputs(graph.INPUTS, model.config, torch.bfloat16)
+    shapes = {s.name: {i: dims[d] for i, d in s.dynamic_axes().items()} for s in graph.INPUTS}
+    with torch.inference_mode():
+        program = torch.onnx.export(graph, args, dynamic_shapes=shapes, dynamo=True,
+            input_names=[s.name for s in graph.INPUTS], opset_version=19)
+    program.save(str(out / f"{name}.onnx"), external_data=True)
+    del program
+"""
+
+
+def measure(layers: int, workdir: Path, baseline: bool) -> dict:
+    config = geometry(layers)
+    ckpt, out = workdir / f"ckpt-{layers}", workdir / f"out-{layers}"
+    synth(config, ckpt)
+    build = [sys.executable, "-m", "mllama_export", "build", "--model", str(ckpt)]
+    build += ["--out", str(out), "--precision", "bf16", "--force"]
+    rss, seconds = run_measured(build)
+    manifest = json.loads((out / "manifest.json").read_text())
+    row = {
+        "text_layers": layers,
+        "vision_layers": f"{config.vision.num_layers}+{config.vision.num_global_layers}",
+        **weight_bytes(config),
+        "peak_rss": rss,
+        "seconds": seconds,
+        "onnx_bytes": sum(p.stat().st_size for p in (out / "onnx").iterdir()),
+        "check": manifest["graphs"]["decode"]["check"].get("depth", "full"),
+    }
+    shutil.rmtree(out)
+    if baseline:
+        out.mkdir()
+        script = [sys.executable, "-c", BASELINE, str(ckpt), str(out)]
+        row["baseline_rss"], row["baseline_seconds"] = run_measured(script)
+        shutil.rmtree(out)
+    shutil.rmtree(ckpt)
+    return row
+
+
+def report(rows: list[dict]) -> None:
+    print(
+        "text layers  vision  weights GB  1 layer GB  largest GB  peak RSS GB  "
+        "vs first  bound GB  ok   time s  baseline RSS GB"
+    )
+    first = rows[0]["peak_rss"]
+    for r in rows:
+        bound = r["layer"] + 2 * GB
+        base = f"{r['baseline_rss'] / GB:8.2f}" if "baseline_rss" in r else "       -"
+        print(
+            f"{r['text_layers']:11d}  {r['vision_layers']:>6s}  {r['total'] / GB:10.2f}  "
+            f"{r['layer'] / GB:10.3f}  {r['largest'] / GB:10.3f}  {r['peak_rss'] / GB:11.2f}  "
+            f"{r['peak_rss'] / first:7.2f}x  {bound / GB:8.2f}  "
+            f"{'yes' if r['peak_rss'] < bound else 'NO':3s}  {r['seconds']:7.0f}  {base}"
+        )
+    spread = max(r["peak_rss"] for r in rows) / min(r["peak_rss"] for r in rows) - 1
+    print(f"peak RSS spread across depths: {spread:.1%} (limit 10%)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--baseline-layers", type=int, nargs="*", default=[])
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="export-memory-"))
+    try:
+        rows = [measure(n, workdir, n in args.baseline_layers) for n in args.layers]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
