@@ -145,6 +145,12 @@ def test_bf16_passes_on_onnx_reference_against_the_graphs_and_transformers(bf16_
     assert report.passed, report.summary_line()
 
 
+def test_fp32_of_a_checkpoint_the_tests_did_not_write_passes(ort_artifacts):
+    report = run_gate(ort_artifacts, steps=4)  # built from transformers' save_pretrained
+    assert report.passed, report.summary_line()
+    assert max(r.metrics.rel_l2 for r in report.results) < 1e-5
+
+
 def test_fp32_passes_against_transformers(fp32_dir):
     pytest.importorskip("transformers")
     report = run_gate(fp32_dir, reference="transformers", steps=4)
