@@ -242,11 +242,3 @@ def _manifest(
         "tensorrt": tensorrt,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def summarize_check(check: dict) -> str:
-    if not check.get("ran"):
-        return check["reason"]
-    worst = max(check["outputs"].values(), key=lambda m: m["rel_l2"])
-    depth = "" if check.get("depth", "full") == "full" else ", on a reduced-depth copy"
-    return f"rel L2 {worst['rel_l2']:.1e}{depth}"

@@ -213,3 +213,16 @@ def check_external_data(folder: Path, onnx_file: Path) -> None:
                         f"{onnx_file.name}: external data of {tensor.name} points outside "
                         f"{folder} ({entry.value}); refusing to load it"
                     )
+
+
+def summarize_check(check: dict, detail: bool = False) -> str:
+    """One line on a graph's check against PyTorch, from its manifest entry: `build`'s
+    output, or with ``detail`` (the limit, the depth in full) `inspect`'s."""
+    if not check.get("ran"):
+        reason = check.get("reason", "not recorded")
+        return f"no ({reason})" if detail else reason
+    worst = max((m["rel_l2"] for m in check.get("outputs", {}).values()), default=0.0)
+    depth = check.get("depth", "full")
+    if detail:
+        return f"rel L2 {worst:.1e} (limit {check.get('limit_rel_l2')}), {depth}"
+    return f"rel L2 {worst:.1e}" + ("" if depth == "full" else ", on a reduced-depth copy")

@@ -24,6 +24,7 @@ from mllama_export.graphs.weights import Checkpoint
 from .manifest import fault_point
 from .onnx_export import export_graph
 from .options import BuildOptions
+from .plan import count_params
 from .weightfile import WeightFile, checkpoint_sources, graph_names
 
 GRAPHS = {"vision": VisionGraph, "prefill": PrefillGraph, "decode": DecodeGraph}
@@ -65,10 +66,10 @@ class StreamingExport:
                     progress(f"exporting the {name} graph")
                 fault_point(f"export:{name}")
                 data = files[DATA_FILES[name]]
-                before, start = data.bytes_read, time.perf_counter()
+                before, start = data.bytes_written, time.perf_counter()
                 self.export(name, folder / f"{name}.onnx", data)
                 written[name] = {
-                    "weight_bytes_written": data.bytes_read - before,
+                    "weight_bytes_written": data.bytes_written - before,
                     "export_s": round(time.perf_counter() - start, 2),
                 }
                 fault_point(f"exported:{name}")
@@ -82,8 +83,11 @@ class StreamingExport:
 
 
 def check_depth(options: BuildOptions, config: MllamaConfig) -> str:
-    """ "full" when the whole model fits in memory for the check against PyTorch (and for FP8
-    calibration), else "reduced"; ``options.check_depth`` may ask for either."""
+    """Where the check against PyTorch runs: "full" when the whole model fits in memory,
+    else "reduced"; ``options.check_depth`` may ask for either. FP8 is always "full": its
+    calibration holds the whole model anyway (refuse_fp8_without_memory guards that)."""
+    if options.precision == "fp8":
+        return "full"
     if options.check_depth != "auto":
         return options.check_depth
     return "full" if memory_needed(options, config) <= available_memory() else "reduced"
@@ -92,12 +96,7 @@ def check_depth(options: BuildOptions, config: MllamaConfig) -> str:
 def memory_needed(options: BuildOptions, config: MllamaConfig) -> int:
     # FP8 calibrates the float32 model
     itemsize = 4 if options.precision == "fp8" else options.dtype.itemsize
-    return CHECK_COPIES * parameter_count(config) * itemsize + CHECK_HEADROOM
-
-
-def parameter_count(config: MllamaConfig) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in MllamaModel(config).parameters())
+    return CHECK_COPIES * count_params(config).total * itemsize + CHECK_HEADROOM
 
 
 def available_memory() -> int:
@@ -140,8 +139,11 @@ def describe_reduced(small: MllamaConfig, full: MllamaConfig, options: BuildOpti
 
 
 def refuse_fp8_without_memory(options: BuildOptions, config: MllamaConfig) -> None:
-    """FP8 needs the whole model in memory anyway (calibration), so its check is full."""
-    if options.precision == "fp8" and check_depth(options, config) != "full":
+    """FP8 calibrates the whole model in float32: refused up front where that does not fit
+    (--check-depth full insists), rather than found out after the export."""
+    if options.precision != "fp8" or options.check_depth == "full":
+        return
+    if memory_needed(options, config) > available_memory():
         raise MllamaExportError(
             f"--precision fp8 calibrates the whole model in float32 "
             f"({memory_needed(options, config) / 1e9:.1f} GB with the check), and this "

@@ -156,7 +156,7 @@ class WeightFile:
     def __init__(self, path: Path):
         self.path = path
         self.written: dict[Hashable, tuple[int, int]] = {}
-        self.bytes_read = 0  # what the sources produced: the export's traffic, for benchmarks
+        self.bytes_written = 0  # this file's new bytes: what the manifest reports per graph
         self._file = path.open("wb")
 
     def __enter__(self) -> WeightFile:
@@ -199,7 +199,7 @@ class WeightFile:
         else:
             self._file.write(tensor.tobytes())
         length = self._file.tell() - offset
-        self.bytes_read += length
+        self.bytes_written += length
         if length != tensor.nbytes:
             raise AssertionError(f"{tensor.name}: wrote {length} bytes, expected {tensor.nbytes}")
         if key is not None:

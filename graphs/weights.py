@@ -175,11 +175,6 @@ class Checkpoint:
             # no local keeps a block across the yield: the next is read after it is dropped
             yield _rows(stored, start, start + step).to(dtype)
 
-    def nbytes(self) -> int:
-        return sum(
-            math.prod(s.shape) * SAFETENSORS_DTYPES[s.dtype].itemsize for s in self.tensors.values()
-        )
-
 
 def _headers(folder: Path) -> dict[str, StoredTensor]:
     """Our name -> where and what each checkpoint tensor is; names outside the weight table

@@ -115,7 +115,7 @@ def test_a_weight_file_aligns_large_tensors_and_writes_each_key_once(tmp_path):
         at, length = data._put(SourceTensor(big, "b"))
         again = data._put(SourceTensor(big, "b2"))
     assert first == (0, 400) and at % ALIGNMENT == 0 and length == 2 << 20
-    assert again == (at, length) and data.bytes_read == 400 + length
+    assert again == (at, length) and data.bytes_written == 400 + length
     assert (tmp_path / "w.data").stat().st_size == at + length
 
 
@@ -127,6 +127,8 @@ def test_auto_check_depth_follows_the_memory_there_is(monkeypatch):
     assert check_depth(options, config) == "reduced"
     forced = BuildOptions(model="tiny", out="x", check_depth="full")
     assert check_depth(forced, config) == "full"
+    # FP8's calibration holds the whole model: never a reduced check (refused up front instead)
+    assert check_depth(BuildOptions(model="tiny", out="x", precision="fp8"), config) == "full"
     # 11B in bf16 needs 3 copies of 21 GB for the whole-model check
     monkeypatch.setattr(streaming, "available_memory", lambda: 24 << 30)
     assert check_depth(BuildOptions(model="11b", out="x"), preset("11b")) == "reduced"

@@ -65,8 +65,8 @@ import click
 def command(**options):
     """Export the vision, prefill and decode graphs to ONNX, check them against PyTorch, and
     write them with a manifest. TensorRT engines follow where TensorRT and a GPU exist."""
-    from mllama_export.exporter.build import build, summarize_check
-    from mllama_export.exporter.manifest import read_manifest
+    from mllama_export.exporter.build import build
+    from mllama_export.exporter.manifest import read_manifest, summarize_check
     from mllama_export.exporter.options import BuildOptions
 
     # Every option is named after its BuildOptions field.

@@ -24,6 +24,8 @@ def command(folder: Path) -> None:
 
 
 def _show(m: dict) -> None:
+    from mllama_export.exporter.manifest import summarize_check
+
     trt = m.get("tensorrt") if isinstance(m.get("tensorrt"), dict) else {}
     text = m["model"]["config"]["text_config"]
     rows = [
@@ -50,16 +52,11 @@ def _show(m: dict) -> None:
         click.echo(f"{key:<{width}}  {value}")
     for name, graph in m["graphs"].items():
         click.echo(f"\n[{name}] {graph['file']}, weights in {graph.get('weights', '?')}")
-        click.echo(f"  checked against PyTorch: {_check_line(graph.get('check') or {})}")
+        click.echo(
+            f"  checked against PyTorch: {summarize_check(graph.get('check') or {}, detail=True)}"
+        )
         for kind in ("inputs", "outputs"):
             for spec in graph[kind]:
                 dims = ", ".join(spec["dims"])
                 click.echo(f"  {kind[:-1]:6s} {spec['name']:22s} {spec['dtype']:8s} [{dims}]")
     click.echo(f"\nfiles: {len(m['files'])}, each checked against its sha256 before loading")
-
-
-def _check_line(check: dict) -> str:
-    if not check.get("ran"):
-        return f"no ({check.get('reason', 'not recorded')})"
-    worst = max((m["rel_l2"] for m in check.get("outputs", {}).values()), default=0.0)
-    return f"rel L2 {worst:.1e} (limit {check.get('limit_rel_l2')}), {check.get('depth', 'full')}"
