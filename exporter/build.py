@@ -19,7 +19,14 @@ from mllama_export.graphs.synth import write_checkpoint
 from mllama_export.graphs.weights import Checkpoint, load_model
 
 from .engines import build_engines
-from .fp8 import ORT_OPTIMIZATION, check_fp8_graph, onnx_weight_names, quantize_fp8
+from .fp8 import (
+    ORT_OPTIMIZATION,
+    calibration_cases,
+    check_fp8_graph,
+    fp8_layers,
+    onnx_weight_names,
+    quantize_fp8,
+)
 from .manifest import INCOMPLETE_MARKER, versions, write_manifest
 from .onnx_export import example_inputs
 from .options import PRESET_NAMES, BuildOptions
@@ -85,6 +92,10 @@ def _check_before_work(options: BuildOptions, out: Path) -> None:
         )
     config = preset(options.model) if is_preset else MllamaConfig.from_hf_config(model)
     options.check(config)
+    if options.precision == "fp8":
+        fp8_layers(config, options)  # an --fp8-exclude that matches nothing
+        if options.calibration is not None and not is_preset:
+            calibration_cases(config, options, model)  # a malformed calibration folder
     refuse_fp8_without_memory(options, config)
 
 
@@ -163,7 +174,7 @@ def _load_for_check(options, checkpoint, config, depth, progress):
     # FP8 calibrates in float32 and quantizes from the float32 weights (then float16)
     fp8 = options.precision == "fp8"
     model = load_model(checkpoint, options.xattn_mask, torch.float32 if fp8 else options.dtype)
-    return model, quantize_fp8(model, config, options, progress) if fp8 else None
+    return model, quantize_fp8(model, config, options, checkpoint, progress) if fp8 else None
 
 
 def _check_full(model, config, options, work, quantization, graphs, progress) -> dict:

@@ -56,7 +56,10 @@ def calibrate(
     try:
         with torch.inference_mode():
             for case in cases:
-                runner.generate_ids(case.prompts, case.images, steps + 1, stop_tokens=set())
+                try:
+                    runner.generate_ids(case.prompts, case.images, steps + 1, stop_tokens=set())
+                except MllamaExportError as err:
+                    raise MllamaExportError(f"calibration case {case.name!r}: {err}") from err
                 if progress is not None:
                     progress(f"calibrated on {case.name}")
     finally:

@@ -59,26 +59,55 @@ def onnx_weight_names(graph: nn.Module, model: nn.Module, args: tuple) -> dict[s
     }
 
 
+def fp8_layers(config: MllamaConfig, options: BuildOptions) -> list[str]:
+    """The layers ``options`` quantize, from a model on the meta device (no weights): a
+    --fp8-exclude pattern that matches nothing is refused before any work starts."""
+    with torch.device("meta"):
+        model = MllamaModel(config, options.xattn_mask)
+    names = quantizable_linears(model, options.fp8_vision, options.fp8_exclude)
+    if not names:
+        raise MllamaExportError(
+            f"--fp8-exclude {' '.join(options.fp8_exclude)} leaves no layer in FP8; build "
+            "with --precision fp16 for that"
+        )
+    return names
+
+
+def calibration_cases(config: MllamaConfig, options: BuildOptions, checkpoint: Path) -> list:
+    """The user's calibration folder (prompts.jsonl, tokenized and preprocessed with the
+    checkpoint's own tokenizer and preprocessor config), else the built-in evaluation set."""
+    from mllama_export.validate.evalset import build_evalset, read_cases
+
+    limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
+    if options.calibration is None:
+        return build_evalset(config, limits, CALIBRATION_STEPS)
+    return read_cases(options.calibration, config, checkpoint)
+
+
 def quantize_fp8(
     model: MllamaModel,
     config: MllamaConfig,
     options: BuildOptions,
+    checkpoint: Path,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Calibrates ``model`` (float32) on the built-in evaluation set, then quantizes it in
-    place (FP8 linears, float16 elsewhere). Returns the manifest's ``quantization`` entry."""
-    from mllama_export.validate.evalset import build_evalset
-
-    names = quantizable_linears(model, vision=options.fp8_vision)
+    """Calibrates ``model`` (float32) on the calibration set, then quantizes it in place
+    (FP8 linears, float16 elsewhere). Returns the manifest's ``quantization`` entry."""
+    names = quantizable_linears(model, options.fp8_vision, options.fp8_exclude)
     limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
-    cases = build_evalset(config, limits, CALIBRATION_STEPS)
+    cases = calibration_cases(config, options, checkpoint)
+    where = "built-in evaluation set" if options.calibration is None else str(options.calibration)
     if progress is not None:
         progress(
-            f"calibrating FP8 scales of {len(names)} linear layers on the built-in evaluation "
-            f"set ({len(cases)} cases, float32)"
+            f"calibrating FP8 scales of {len(names)} linear layers on the {where} "
+            f"({len(cases)} cases, float32)"
         )
     amax = calibrate(model, names, cases, limits, CALIBRATION_STEPS)
     quantize_model(model, amax, options.dtype)
+    return _quantization_entry(model, names, amax, cases, options)
+
+
+def _quantization_entry(model, names, amax, cases, options: BuildOptions) -> dict:
     layers = {}
     for name in names:
         layer = model.get_submodule(name)
@@ -91,6 +120,13 @@ def quantize_fp8(
                 float(layer.weight_scale.max()),
             ],
         }
+    if options.calibration is None:
+        source = (
+            "built-in evaluation set (validate/evalset.py build_evalset, seed 0); "
+            "`mllama-export validate` judges the same cases by default"
+        )
+    else:
+        source = f"user folder {options.calibration} (prompts.jsonl)"
     return {
         "format": "float8e4m3fn (E4M3, finite-only; max 448)",
         "scheme": "explicit QuantizeLinear/DequantizeLinear in the ONNX graphs; TensorRT "
@@ -101,10 +137,10 @@ def quantize_fp8(
         "rounding": "round to nearest even, saturating to +-448",
         "unquantized_dtype": str(options.dtype).removeprefix("torch."),
         "vision_encoder": options.fp8_vision,
+        "excluded": list(options.fp8_exclude),
         "onnxruntime_optimization": ORT_OPTIMIZATION,
         "calibration": {
-            "set": "built-in evaluation set (validate/evalset.py build_evalset, seed 0); "
-            "`mllama-export validate` judges the same cases by default",
+            "set": source,
             "cases": [case.name for case in cases],
             "decode_steps": CALIBRATION_STEPS,
             "reference": "our PyTorch graphs, float32",

@@ -38,6 +38,8 @@ class BuildOptions:
     fp8_vision: bool = False  # fp8 only: quantize the vision encoder and projector too
     # the check against PyTorch: the whole model, a reduced-depth copy, or whichever fits
     check_depth: str = "auto"
+    fp8_exclude: tuple[str, ...] = ()  # fp8 only: glob patterns of layers kept in 16 bits
+    calibration: Path | None = None  # fp8 only: a prompts.jsonl folder; None: built-in set
 
     @property
     def dtype(self) -> torch.dtype:
@@ -46,6 +48,8 @@ class BuildOptions:
     def to_json(self) -> dict:
         d = asdict(self)
         d["out"] = str(self.out)
+        d["fp8_exclude"] = list(self.fp8_exclude)
+        d["calibration"] = None if self.calibration is None else str(self.calibration)
         return d
 
     def check(self, config: MllamaConfig) -> None:
@@ -53,8 +57,15 @@ class BuildOptions:
         problems = []
         if self.precision not in PRECISIONS:
             problems.append(f"precision {self.precision!r} (available: {', '.join(PRECISIONS)})")
-        if self.fp8_vision and self.precision != "fp8":
-            problems.append(f"fp8-vision with precision {self.precision} (it needs fp8)")
+        for name in ("fp8_vision", "fp8_exclude", "calibration"):
+            if getattr(self, name) and self.precision != "fp8":
+                flag = name.replace("_", "-")
+                problems.append(f"{flag} with precision {self.precision} (it needs fp8)")
+        if self.calibration is not None and not Path(self.calibration).exists():
+            problems.append(
+                f"calibration {str(self.calibration)!r} does not exist (expected a folder "
+                "with prompts.jsonl, the format of `validate --evalset`)"
+            )
         if self.check_depth not in CHECK_DEPTHS:
             problems.append(
                 f"check-depth {self.check_depth!r} (available: {', '.join(CHECK_DEPTHS)})"

@@ -20,10 +20,15 @@ rounding once to the graph's type, which is what ONNX Runtime's CPU kernels do.
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
+
 import ml_dtypes
 import numpy as np
 import torch
 from torch import nn
+
+from mllama_export.errors import MllamaExportError
 
 FP8_MAX = 448.0  # largest finite float8e4m3fn
 FP8_DTYPE = torch.float8_e4m3fn
@@ -135,20 +140,41 @@ class FP8Linear(nn.Module):
         )
 
 
-def quantizable_linears(model: nn.Module, vision: bool = False) -> list[str]:
+def quantizable_linears(
+    model: nn.Module, vision: bool = False, exclude: Sequence[str] = ()
+) -> list[str]:
     """Names of the Linear layers FP8 quantizes in an MllamaModel, in module order.
 
     Default: the text decoder's attention projections (self- and cross-attention q/k/v/o;
     the cross-attention k/v run in the vision graph, on the projected image tokens) and MLPs
     (gate/up/down). Never the embeddings, lm_head or norms. ``vision`` adds the vision
-    encoder's attention and MLP linears and the multimodal projector.
+    encoder's attention and MLP linears and the multimodal projector. ``exclude``: glob
+    patterns (fnmatch) of layers to keep in 16 bits; each must match a layer.
     """
     prefixes = ("text.layers.", "vision.", "projector") if vision else ("text.layers.",)
-    return [
+    names = [
         name
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.startswith(prefixes)
     ]
+    excluded = match_layers(names, exclude, "--fp8-exclude")
+    return [name for name in names if name not in excluded]
+
+
+def match_layers(names: Sequence[str], patterns: Sequence[str], what: str) -> set[str]:
+    """The ``names`` any of the glob ``patterns`` matches; a pattern matching none is an error
+    (a typo would otherwise silently select nothing)."""
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            examples = ", ".join(names[:3]) + (f" ... ({len(names)} in all)" if names else "")
+            raise MllamaExportError(
+                f"{what} {pattern!r} matches none of the FP8-quantizable layers "
+                f"(glob patterns on layer names such as {examples or 'none'})"
+            )
+        matched.update(hits)
+    return matched
 
 
 def quantize_model(model: nn.Module, input_amax: dict[str, float], dtype: torch.dtype) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +123,16 @@ def hf_generate(hf, runner: Runner, prompts, images, n: int) -> list[list[int]]:
         pad_token_id=hf.config.text_config.pad_token_id,
     )
     return out[:, inputs["input_ids"].shape[1] :].tolist()
+
+
+def write_evalset(folder: Path, lines: list[str]) -> Path:
+    """A user evaluation folder: ``prompts.jsonl`` of ``lines`` and two images, wide.png and
+    tall.png."""
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 90, 3), dtype=np.uint8)).save(folder / "wide.png")
+    Image.fromarray(rng.integers(0, 256, (70, 30, 3), dtype=np.uint8)).save(folder / "tall.png")
+    (folder / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

@@ -177,6 +177,8 @@ def test_packaged_thresholds_are_complete_and_ordered():
     )
     assert PACKAGED.limits_for("fp32", "logits")["max_rel_l2"] <= 1e-4
     assert PACKAGED.limits_for("fp32", "logits")["min_cosine"] >= 0.99999
+    for x in logits:  # the one-sigma swing the rel_l2 limit allows on a logit difference
+        assert x["top1_tie_margin"] == pytest.approx(2**0.5 * x["max_rel_l2"], rel=0.02)
 
 
 def _write(tmp_path, data) -> str:
@@ -244,6 +246,14 @@ def _mutated(path: tuple, value) -> dict:
         (
             _mutated(("precisions", "fp32", "logits", "max_kl_divergence"), KeyError),
             "missing limit.*max_kl_divergence",
+        ),
+        (
+            _mutated(("precisions", "fp32", "vision", "top1_tie_margin"), 0.1),
+            "unknown limit 'top1_tie_margin'",
+        ),
+        (
+            _mutated(("precisions", "fp32", "logits", "top1_tie_margin"), -0.1),
+            r"top1_tie_margin must be a finite number >= 0",
         ),
         (_mutated(("precisions",), []), "'precisions' must be a non-empty object"),
         (_mutated(("comment",), "x"), "unknown top-level key.*'comment'"),
@@ -402,3 +412,26 @@ def test_top1_counts_a_near_tie_flip_only_beyond_the_tie_tolerance():
     # row 0: the reference scores the flipped choice 0.1 below its best -> a tie
     # row 1: 2.0 below its best -> a real disagreement, whatever the tolerance allows
     assert tied.top1_agreement == 0.5
+
+
+def test_top1_tie_margin_scales_with_each_reference_rows_rms():
+    # Two rows with the same relative near-tie at logit scales 1 and 10; both flip.
+    reference = np.array([[1.0, 0.9, -1.0, -0.9], [10.0, 9.0, -10.0, -9.0]])
+    actual = reference[:, [1, 0, 2, 3]]
+    rms = np.sqrt(np.mean(reference**2, axis=1))  # 0.95 and 9.5: gaps 0.105 and 0.105 RMS
+    assert compare(actual, reference, logits=True, tie_margin=0.1).top1_agreement == 0.0
+    assert compare(actual, reference, logits=True, tie_margin=0.11).top1_agreement == 1.0
+    # an absolute tolerance of 0.1 ties only the first row; max() of the two rules applies
+    assert compare(actual, reference, logits=True, tie_tolerance=0.1).top1_agreement == 0.5
+    both = compare(actual, reference, logits=True, tie_tolerance=0.1, tie_margin=0.05)
+    assert both.top1_agreement == 0.5 and 0.1 / rms[0] > 0.105 > 0.1 / rms[1]
+
+
+def test_tie_margin_is_a_parameter_not_a_limit(tmp_path):
+    data = _mutated(("precisions", "fp32", "logits", "top1_tie_margin"), 0.2)
+    user = load_thresholds(_write(tmp_path, data))
+    assert user.ties("fp32") == {"tie_tolerance": 0.0, "tie_margin": 0.2}
+    m = compare(_logits(), _logits(), logits=True)
+    assert "top1_tie_margin" not in {c.metric for c in user.checks(m, "fp32", "logits")}
+    assert PACKAGED.ties("fp8") == {"tie_tolerance": 0.0, "tie_margin": 0.21}
+    assert PACKAGED.ties("fp16")["tie_tolerance"] == 0.25

@@ -7,7 +7,9 @@ One tiny fp8 build per session (~40 s); the rest exports small pieces of the mod
 from __future__ import annotations
 
 import functools
+import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -15,8 +17,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from click.testing import CliRunner
+from conftest import write_evalset
 from torch import nn
 
+from mllama_export.cli import main
 from mllama_export.engines import artifacts
 from mllama_export.engines.onnxrt import OnnxRuntimeBackend
 from mllama_export.engines.runner import Limits
@@ -381,18 +386,19 @@ def test_vision_option_quantizes_the_vision_encoder(tiny_dir, tmp_path):
 
 
 def test_gate_on_fp8_tiny(fp8_dir):
-    """The accuracy gate with the packaged fp8 thresholds. The tiny preset's random weights give
-    near-flat logits (std ~1 over 512 tokens, median top-1/top-2 gap ~0.2): FP8's ~10% logit
-    error flips the argmax of the closest rows, so only top-1 agreement may fall short; every
-    other fp8 limit (rel_l2, cosine, top-5, KL) holds. See docs/accuracy.md, Measured drift."""
-    report = run_gate(fp8_dir, steps=4)
-    assert report.precision == "fp8" and len(report.results) == 5 + 6 * 5
-    violated = {v.metric for r in report.results for v in r.violations}
-    assert violated <= {"top1_agreement"}, report.summary_line()
+    """`build --precision fp8` on tiny passes the accuracy gate with the packaged fp8
+    thresholds, default steps. Tiny's random logits are nearly flat (median top-1/top-2 gap
+    ~0.2 of the row RMS), so top-1 holds only up to ties: flips within the one-sigma swing
+    the fp8 rel_l2 limit allows (top1_tie_margin 0.21 RMS) count as ties, as docs/accuracy.md
+    derives; rel_l2, cosine, top-5 and KL are held as they are."""
+    report = run_gate(fp8_dir)
+    assert report.passed, report.summary_line()
+    assert report.precision == "fp8" and len(report.results) == 5 + 6 * 9
     logits = [r.metrics for r in report.results if r.stage != "vision"]
     assert all(m.nonfinite == 0 for m in logits)
     assert 0.02 < max(m.rel_l2 for m in logits) <= 0.15
     assert min(m.top5_agreement for m in logits) >= 0.97
+    assert report.extra["top1_ties"] == {"tie_tolerance": 0.0, "tie_margin": 0.21}
 
 
 def test_fp8_artifacts_generate(fp8_dir):
@@ -417,3 +423,101 @@ def test_quantize_model_keeps_rope_in_float32(tiny_dir):
     assert model.text.embed_tokens.weight.dtype == torch.float16
     assert isinstance(model.text.layers[0].mlp.up_proj, FP8Linear)
     assert type(model.text.lm_head) is nn.Linear and type(model.projector) is nn.Linear
+
+
+# -- --fp8-exclude and --calibration -------------------------------------------------------------
+
+
+def test_excluded_layers_stay_16_bit_and_a_calibration_folder_sets_the_scales(fp8_dir, tmp_path):
+    folder = write_evalset(
+        tmp_path / "calibration",
+        [
+            '{"prompt": "What is in the image?", "images": ["wide.png"]}',
+            '{"token_ids": [500, 512, 30, 31, 512, 32], "images": ["tall.png", "wide.png"], '
+            '"name": "two"}',
+            '{"prompt": "Plain text."}',
+        ],
+    )
+    exclude = ("text.layers.0.*", "*.cross_attn.o_proj")
+    options = BuildOptions(
+        model="tiny",
+        out=tmp_path / "out",
+        precision="fp8",
+        fp8_exclude=exclude,
+        calibration=folder,
+    )
+    manifest = read_manifest(build(options, progress=lambda _: None))
+    q = manifest["quantization"]
+    assert q["excluded"] == list(exclude) and q["calibration"]["cases"] == [
+        "line-1",
+        "two",
+        "line-3",
+    ]
+    assert q["calibration"]["set"].startswith("user folder")
+    default = read_manifest(fp8_dir)["quantization"]["layers"]
+    kept = [n for n in default if not n.startswith("text.layers.0.")]
+    kept = [n for n in kept if not n.endswith("cross_attn.o_proj")]
+    assert sorted(q["layers"]) == sorted(kept) and len(kept) < len(default)
+    # the prefill graph (checked at build time against the model) holds exactly those
+    assert set(manifest["graphs"]["prefill"]["quantized_layers"]) <= set(kept)
+    assert not any(
+        n.startswith("text.layers.0.") for n in manifest["graphs"]["prefill"]["quantized_layers"]
+    )
+    # other data, other scales
+    name = "text.layers.1.mlp.up_proj"
+    assert q["layers"][name]["input_amax"] != default[name]["input_amax"]
+    assert run_gate(options.out, steps=2).passed
+    shown = CliRunner().invoke(main, ["inspect", str(options.out)]).output
+    assert f"fp8         {len(kept)} linear layers, without the vision encoder, excluding " in shown
+    assert f"calibrated on the user folder {folder} (3 cases)" in shown
+
+
+def test_fp8_options_are_refused_before_any_work(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(MllamaExportError, match="'text.nope.\\*' matches none"):
+        build(BuildOptions(model="tiny", out=out, precision="fp8", fp8_exclude=("text.nope.*",)))
+    with pytest.raises(MllamaExportError, match="leaves no layer in FP8"):
+        build(BuildOptions(model="tiny", out=out, precision="fp8", fp8_exclude=("*",)))
+    with pytest.raises(MllamaExportError, match="calibration with precision fp16"):
+        build(BuildOptions(model="tiny", out=out, precision="fp16", calibration=tmp_path))
+    with pytest.raises(MllamaExportError, match="calibration '.*missing' does not exist"):
+        build(
+            BuildOptions(model="tiny", out=out, precision="fp8", calibration=tmp_path / "missing")
+        )
+    bad = write_evalset(tmp_path / "bad", ['{"prompt": "fine"}', '{"prompt": 3}'])
+    with pytest.raises(MllamaExportError, match='line 2: "prompt" must be a non-empty string'):
+        build(BuildOptions(model=str(tiny_dir), out=out, precision="fp8", calibration=bad))
+    assert not out.exists()
+
+
+# -- benchmarks/fp8_gemm.py: real FP8 matrix products (here the CPU's) ----------------------------
+
+
+def _fp8_gemm_script():
+    path = Path(__file__).parents[1] / "benchmarks" / "fp8_gemm.py"
+    spec = importlib.util.spec_from_file_location("fp8_gemm", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fake_quant_matches_scaled_mm_on_the_same_fp8_bytes():
+    """The GPU script's numerics, run here on the CPU's torch._scaled_mm: FP8Linear and a real
+    FP8 matrix product differ by float32 summation order only; with a bf16 output, by its
+    rounding (2**-9 relative)."""
+    script = _fp8_gemm_script()
+    for row in script.numerics("cpu", 32, script.SMALL):
+        assert row["exact"][0] < 1e-6 and row["exact"][1] < 2e-6, row
+        assert row["rowwise"][0] < 4e-3 and row["rowwise"][1] < 4e-3, row
+
+
+def test_the_timed_fp8_layer_computes_the_bf16_layer():
+    script = _fp8_gemm_script()
+    layer = script.DecoderLayer("cpu", script.SMALL)
+    x = torch.randn(2, 8, script.SMALL.hidden, dtype=torch.bfloat16)
+    past = torch.randn(2, script.SMALL.kv_heads, 4, script.SMALL.head_dim, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        bf16 = layer.forward(x, past, past, layer.gemm_bf16).float()
+        fp8 = layer.forward(x, past, past, layer.gemm_fp8).float()
+    assert 1e-3 < ((fp8 - bf16).norm() / bf16.norm()).item() < 0.1

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import write_evalset
 
 from mllama_export.cli import main
 from mllama_export.engines.artifacts import load_runner
@@ -291,17 +292,6 @@ def test_meta_semantics_judged_against_hf_fail(tiny_dir, hf_reference):
 
 
 # -- a user's evaluation set --------------------------------------------------------------------
-
-
-def write_evalset(folder: Path, lines: list[str]) -> Path:
-    from PIL import Image
-
-    folder.mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (40, 90, 3), dtype=np.uint8)).save(folder / "wide.png")
-    Image.fromarray(rng.integers(0, 256, (70, 30, 3), dtype=np.uint8)).save(folder / "tall.png")
-    (folder / "prompts.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def test_a_users_evalset_is_tokenized_preprocessed_and_judged(fp32_dir, tmp_path):

@@ -35,7 +35,7 @@ from mllama_export.engines.runner import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
 
-__all__ = ["EvalCase", "build_evalset", "load_evalset", "EVALSET_FILE"]
+__all__ = ["EvalCase", "build_evalset", "load_evalset", "read_cases", "EVALSET_FILE"]
 
 EVALSET_FILE = "prompts.jsonl"
 _KEYS = ("prompt", "token_ids", "images", "name")
@@ -176,7 +176,14 @@ def load_evalset(folder: str | Path, artifacts: str | Path) -> list[EvalCase]:
     """
     from mllama_export.exporter.manifest import read_manifest
 
-    folder, artifacts = Path(folder), Path(artifacts)
+    config = MllamaConfig.from_hf_dict(read_manifest(artifacts)["model"]["config"])
+    return read_cases(folder, config, artifacts)
+
+
+def read_cases(folder: str | Path, config: MllamaConfig, resources: str | Path) -> list[EvalCase]:
+    """:func:`load_evalset` for a model ``config``, with the tokenizer and the preprocessor
+    config taken from ``resources`` (an artifact or checkpoint folder)."""
+    folder, resources = Path(folder), Path(resources)
     file = folder / EVALSET_FILE if folder.is_dir() else folder
     if not file.is_file():
         raise MllamaExportError(
@@ -184,8 +191,7 @@ def load_evalset(folder: str | Path, artifacts: str | Path) -> list[EvalCase]:
             'object per line: {"prompt": "text"} or {"token_ids": [...]}, with optional '
             '"images": ["file.png", ...]) and the images beside it'
         )
-    config = MllamaConfig.from_hf_dict(read_manifest(artifacts)["model"]["config"])
-    reader = _UserCases(file, artifacts, config)
+    reader = _UserCases(file, resources, config)
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:

@@ -358,8 +358,8 @@ def judge(
     if any(c.images is not None for c in cases):
         thresholds.limits_for(precision, "vision")
     report = DriftReport([], precision, thresholds.version, reference.label, backend)
-    # Top-1 flips between logits that the allowed max_abs_error can swap are ties, not drift.
-    ties = thresholds.limits_for(precision, "logits").get("max_abs_error", 0.0)
+    # Top-1 flips between logits that an allowed error can swap are ties, not drift.
+    ties = thresholds.ties(precision)
     tokens = {}
     for case in cases:
         start = time.perf_counter()
@@ -370,9 +370,9 @@ def judge(
             raise MllamaExportError(f"case {case.name!r}: only one side ran the vision graph")
         if ref.cross_kv is not None:
             stages.append(("vision", compare(ours.cross_kv, ref.cross_kv, logits=False)))
-        stages.append(("prefill", compare(ours.prefill, ref.prefill, True, ties)))
+        stages.append(("prefill", compare(ours.prefill, ref.prefill, True, **ties)))
         for i, (a, r) in enumerate(zip(ours.steps, ref.steps, strict=True)):
-            stages.append((f"decode[{i}]", compare(a, r, True, ties)))
+            stages.append((f"decode[{i}]", compare(a, r, True, **ties)))
         results = [report.record(stage, case.name, m, thresholds) for stage, m in stages]
         tokens[case.name] = ref.tokens.T.tolist()
         if progress is not None:
@@ -386,6 +386,7 @@ def judge(
     report.extra.update(
         steps=steps,
         teacher_forcing="both sides are fed the reference's greedy token at every decode step",
+        top1_ties=ties,
         reference_tokens=tokens,
     )
     return report

@@ -43,8 +43,9 @@ class Metrics:
     top1_agreement: fraction of rows where ``argmax(actual) == argmax(reference)``
         (``numpy.argmax``: the lowest index wins a tie, as in greedy decoding), where a
         row also agrees when the reference scores the actual's choice within
-        ``tie_tolerance`` of its own best: a near-tie that an error already allowed by
-        ``max_abs_error`` can flip is not a disagreement (0 counts exact argmax only).
+        ``max(tie_tolerance, tie_margin * rms(reference row))`` of its own best: a
+        near-tie that an error the limits already allow can flip is not a disagreement
+        (both 0: exact argmax only).
     top5_agreement: top-5 accuracy of the actual logits with the reference's argmax
         as the label -- the standard top-k accuracy definition: the fraction of rows
         whose reference top-1 token is among the actual's 5 highest-scoring tokens,
@@ -94,12 +95,18 @@ def _as_float_array(x: object, name: str) -> np.ndarray:
 
 
 def compare(
-    actual: np.ndarray, reference: np.ndarray, logits: bool, tie_tolerance: float = 0.0
+    actual: np.ndarray,
+    reference: np.ndarray,
+    logits: bool,
+    tie_tolerance: float = 0.0,
+    tie_margin: float = 0.0,
 ) -> Metrics:
     """Compare a backend output with the reference output of the same shape.
 
     ``logits=True`` treats the last axis as the vocabulary and adds the top-1, top-5
-    and KL metrics (see :class:`Metrics` for the exact definitions).
+    and KL metrics (see :class:`Metrics` for the exact definitions). ``tie_tolerance``
+    (logit units) and ``tie_margin`` (a fraction of each reference row's RMS) say how
+    close two reference logits must be for a top-1 flip between them to count as a tie.
     """
     a = _as_float_array(actual, "actual")
     r = _as_float_array(reference, "reference")
@@ -152,7 +159,8 @@ def compare(
             act_top = np.argmax(ab_f, axis=1)
             ref_best = np.take_along_axis(rb, ref_top[:, None], axis=1)[:, 0]
             ref_at_act = np.take_along_axis(rb, act_top[:, None], axis=1)[:, 0]
-            agree = (ref_top == act_top) | (ref_at_act >= ref_best - tie_tolerance)
+            tol = np.maximum(tie_tolerance, tie_margin * np.sqrt(np.mean(rb * rb, axis=1)))
+            agree = (ref_top == act_top) | (ref_at_act >= ref_best - tol)
             top1_hits += int(np.sum(agree & row_ok))
             at_ref = np.take_along_axis(ab_f, ref_top[:, None], axis=1)
             higher = np.sum(ab_f > at_ref, axis=1)

@@ -290,7 +290,7 @@ class DriftReport:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(_jsonable(self.to_dict()), indent=indent, allow_nan=False)
+        return json.dumps(jsonable(self.to_dict()), indent=indent, allow_nan=False)
 
     def to_markdown(self) -> str:
         return _markdown(self)
@@ -306,13 +306,13 @@ class DriftReport:
         return paths
 
 
-def _jsonable(x: object) -> object:
+def jsonable(x: object) -> object:
     if isinstance(x, float) and not math.isfinite(x):
         return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return x
 
 
@@ -352,6 +352,14 @@ def _markdown(rep: DriftReport) -> str:
         "max_abs = largest |actual − ref|. Vision stages have no token metrics (–).",
         "",
     ]
+    ties = rep.extra.get("top1_ties")
+    if ties:
+        lines += [
+            "Top-1 counts a flip as a tie when the reference scores the actual's choice "
+            f"within max({fmt_value(ties['tie_tolerance'])}, "
+            f"{fmt_value(ties['tie_margin'])} × RMS of the reference row) of its best.",
+            "",
+        ]
     firsts = rep.first_failure_by_case()
     for case, rs in rep.by_case().items():
         ff = firsts[case]

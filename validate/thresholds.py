@@ -3,7 +3,7 @@
 Schema (the packaged ``thresholds.json`` is the example)::
 
     {
-      "version": "2025.1",                 # required, non-empty string
+      "version": "2026.1",                 # required, non-empty string
       "description": "...",                # optional
       "precisions": {                      # required, at least one precision
         "fp16": {                          # fp32 | fp16 | bf16 | fp8
@@ -16,9 +16,12 @@ Schema (the packaged ``thresholds.json`` is the example)::
     }
 
 ``vision`` judges the cross-attention K/V tensors, ``logits`` the prefill and decode
-logits. ``max_abs_error`` is optional; every other limit of a stage is required. A
-user file replaces the packaged one as a whole (it may list fewer precisions or
-stages; judging one it lacks is an error). Limits are inclusive.
+logits. ``max_abs_error`` is optional; every other limit of a stage is required.
+``top1_tie_margin`` (logits, optional) is no limit but a parameter of top-1 agreement: a
+flip counts as a tie when the reference's two logits are within this fraction of the
+row's RMS, or within ``max_abs_error`` (``metrics.compare``). A user file replaces the
+packaged one as a whole (it may list fewer precisions or stages; judging one it lacks is
+an error). Limits are inclusive.
 """
 
 from __future__ import annotations
@@ -69,7 +72,10 @@ _REQUIRED = {
     ),
 }
 _OPTIONAL = {"vision": ("max_abs_error",), "logits": ("max_abs_error",)}
+# Keys that parameterize a metric instead of limiting one (see metrics.compare).
+_PARAMETERS = {"vision": (), "logits": ("top1_tie_margin",)}
 LIMITS = {kind: _REQUIRED[kind] + _OPTIONAL[kind] for kind in KINDS}
+_KEYS = {kind: LIMITS[kind] + _PARAMETERS[kind] for kind in KINDS}
 # Metrics bounded by 1 at best: their budget is measured as the shortfall from 1.
 _UNIT_METRICS = {"cosine", "top1_agreement", "top5_agreement"}
 # Metrics that grow with the square of the error (1 - cos ~ rel_l2**2 / 2, KL ~ var / 2).
@@ -194,6 +200,8 @@ class Thresholds:
         if metrics.nonfinite:
             out.append(Check("nonfinite", "max", float(metrics.nonfinite), 0.0))
         for key, limit in limits.items():
+            if key not in _LIMIT_METRIC:
+                continue  # a parameter, not a limit
             attr, bound = _LIMIT_METRIC[key]
             value = getattr(metrics, attr)
             if value is None:
@@ -203,6 +211,16 @@ class Thresholds:
                 )
             out.append(Check(attr, bound, float(value), float(limit)))
         return out
+
+    def ties(self, precision: str) -> dict[str, float]:
+        """``compare``'s tie keywords for logits at ``precision``: a top-1 flip that an
+        error within ``max_abs_error``, or within ``top1_tie_margin`` of the row's RMS,
+        can cause is a tie, not a disagreement."""
+        limits = self.limits_for(precision, "logits")
+        return {
+            "tie_tolerance": limits.get("max_abs_error", 0.0),
+            "tie_margin": limits.get("top1_tie_margin", 0.0),
+        }
 
     def judge(self, metrics: Metrics, precision: str, kind: str) -> list[Violation]:
         """The limits ``metrics`` break; empty when the stage passes."""
@@ -298,7 +316,7 @@ def _parse(data: object, source: str) -> Thresholds:
 
 
 def _parse_limits(values: object, kind: str, at: str) -> dict[str, float]:
-    allowed = LIMITS[kind]
+    allowed = _KEYS[kind]
     if not isinstance(values, dict):
         raise MllamaExportError(
             f"{at} must be an object of limits ({', '.join(allowed)}), got {type(values).__name__}"
@@ -314,7 +332,7 @@ def _parse_limits(values: object, kind: str, at: str) -> dict[str, float]:
                 f"{at}.{key} must be a number, got {type(value).__name__} {value!r}"
             )
         value = float(value)
-        metric, _ = _LIMIT_METRIC[key]
+        metric = _LIMIT_METRIC[key][0] if key in _LIMIT_METRIC else key
         if not math.isfinite(value) or value < 0:
             raise MllamaExportError(f"{at}.{key} must be a finite number >= 0, got {value!r}")
         if metric in _UNIT_METRICS and value > 1:
@@ -324,6 +342,7 @@ def _parse_limits(values: object, kind: str, at: str) -> dict[str, float]:
     if missing:
         raise MllamaExportError(
             f"{at} is missing limit(s) {', '.join(missing)}; it has: "
-            f"{', '.join(out) or 'none'} (max_abs_error is optional)"
+            f"{', '.join(out) or 'none'} (optional: "
+            f"{', '.join(_OPTIONAL[kind] + _PARAMETERS[kind])})"
         )
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
@@ -23,3 +25,40 @@ device_option = click.option(
     show_default=True,
     help="cpu or cuda: ONNX Runtime's provider (TensorRT always runs on the GPU).",
 )
+
+
+def gate_options(command):
+    """What the accuracy gate runs on: thresholds, cases, steps and the reference weights
+    (`validate` and `sensitivity`)."""
+    options = [
+        click.option(
+            "--thresholds",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Drift limits (JSON, the schema of the packaged thresholds.json).",
+        ),
+        click.option(
+            "--evalset",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Folder with prompts.jsonl and its images, instead of the built-in "
+            "evaluation set.",
+        ),
+        click.option(
+            "--steps",
+            type=click.IntRange(min=0),
+            default=8,
+            show_default=True,
+            help="Decode steps compared per case (teacher-forced).",
+        ),
+        click.option(
+            "--checkpoint",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="The checkpoint the artifacts were built from  [default: the manifest's "
+            "model.source, or the re-synthesized preset]",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

@@ -55,6 +55,20 @@ import click
     "layers too (default: the vision encoder stays fp16).",
 )
 @click.option(
+    "--fp8-exclude",
+    multiple=True,
+    metavar="PATTERN",
+    help="With --precision fp8: keep the layers matching this glob in 16 bits (repeatable), "
+    "e.g. 'vision.global_transformer.*'; `mllama-export sensitivity` ranks the candidates.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --precision fp8: calibrate on this folder (prompts.jsonl and its images, the "
+    "format of `validate --evalset`)  [default: the built-in evaluation set]",
+)
+@click.option(
     "--check-depth",
     type=click.Choice(["auto", "full", "reduced"]),
     default="auto",
@@ -70,7 +84,7 @@ def command(**options):
     from mllama_export.exporter.options import BuildOptions
 
     # Every option is named after its BuildOptions field.
-    options = BuildOptions(**options)
+    options = BuildOptions(**{**options, "fp8_exclude": tuple(options["fp8_exclude"])})
     out = options.out
     build(options, progress=lambda msg: click.echo(f"  {msg}", err=True))
     manifest = read_manifest(out)

@@ -39,6 +39,7 @@ def _show(m: dict) -> None:
             f"{m['model']['xattn_mask']} (vision taps at the {m['model']['vision_tap']})",
         ),
         ("precision", f"{m['precision']} (I/O {m['io_dtype']})"),
+        *([("fp8", _fp8_line(m["quantization"]))] if m.get("quantization") else []),
         ("limits", ", ".join(f"{k} {v}" for k, v in m["limits"].items())),
         ("tensorrt", "built" if trt.get("built") else trt.get("reason", "not built")),
         (
@@ -60,3 +61,15 @@ def _show(m: dict) -> None:
                 dims = ", ".join(spec["dims"])
                 click.echo(f"  {kind[:-1]:6s} {spec['name']:22s} {spec['dtype']:8s} [{dims}]")
     click.echo(f"\nfiles: {len(m['files'])}, each checked against its sha256 before loading")
+
+
+def _fp8_line(q: dict) -> str:
+    vision = "with" if q.get("vision_encoder") else "without"
+    excluded = q.get("excluded") or []
+    calibration = q.get("calibration", {})
+    where = calibration.get("set", "?").split(" (")[0].split(";")[0]
+    return (
+        f"{len(q.get('layers', {}))} linear layers, {vision} the vision encoder"
+        + (f", excluding {', '.join(excluded)}" if excluded else "")
+        + f"; calibrated on the {where} ({len(calibration.get('cases', []))} cases)"
+    )

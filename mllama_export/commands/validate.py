@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ._shared import backend_option, device_option
+from ._shared import backend_option, device_option, gate_options
 
 
 @click.command("validate")
@@ -20,38 +20,13 @@ from ._shared import backend_option, device_option
     "in float32 (artifacts built with --xattn-mask hf only).",
 )
 @click.option(
-    "--thresholds",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Drift limits (JSON, the schema of the packaged thresholds.json).",
-)
-@click.option(
     "--report",
     "report_dir",
     type=click.Path(path_type=Path),
     default=None,
     help="Folder for drift.json, drift.md and drift.png  [default: FOLDER/drift]",
 )
-@click.option(
-    "--evalset",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Folder with prompts.jsonl and its images, instead of the built-in evaluation set.",
-)
-@click.option(
-    "--steps",
-    type=click.IntRange(min=0),
-    default=8,
-    show_default=True,
-    help="Decode steps compared per case (teacher-forced).",
-)
-@click.option(
-    "--checkpoint",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="The checkpoint the artifacts were built from  [default: the manifest's model.source, "
-    "or the re-synthesized preset]",
-)
+@gate_options
 @device_option
 def command(folder, backend, reference, thresholds, report_dir, evalset, steps, checkpoint, device):
     """Judge an artifact folder's drift from the float32 PyTorch reference, stage by stage

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._shared import gate_options
+
+
+@click.command("sensitivity")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option(
+    "--layers",
+    multiple=True,
+    metavar="PATTERN",
+    help="Only the FP8 layers matching this glob (repeatable), e.g. 'vision.*'  "
+    "[default: every FP8 layer of the artifacts]",
+)
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder for sensitivity.json and sensitivity.md  [default: FOLDER/sensitivity]",
+)
+@gate_options
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Layers to print (the report files list all).",
+)
+def command(folder, layers, thresholds, report_dir, evalset, steps, checkpoint, top):
+    """Rank an fp8 artifact folder's FP8 layers by how much of the accuracy gate's fp8 budget
+    each uses alone (the float32 PyTorch reference with one layer in FP8, judged by the gate).
+    The top layers are the candidates for `build --fp8-exclude`."""
+    from mllama_export.validate.evalset import load_evalset
+    from mllama_export.validate.sensitivity import run_sensitivity
+
+    cases = load_evalset(evalset, folder) if evalset is not None else None
+    report = run_sensitivity(
+        folder,
+        layers=layers,
+        thresholds=thresholds,
+        cases=cases,
+        steps=steps,
+        checkpoint=checkpoint,
+        progress=lambda msg: click.echo(f"  {msg}", err=True),
+    )
+    paths = report.write(report_dir if report_dir is not None else folder / "sensitivity")
+    click.echo(f"{'rank':>4}  {'budget':>7}  layer")
+    click.echo(f"{'all':>4}  {report.combined.budget:7.3f}  {report.combined.label}")
+    for i, layer in enumerate(report.layers[:top], start=1):
+        click.echo(f"{i:4d}  {layer.budget:7.3f}  {layer.label}")
+    click.echo(f"wrote {paths['json']}, {paths['md'].name}")
+    click.echo(report.summary_line())
