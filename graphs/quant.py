@@ -191,5 +191,13 @@ def quantize_model(model: nn.Module, input_amax: dict[str, float], dtype: torch.
         for param in model.parameters():
             param.data = param.data.to(dtype)
     for name, module in replacements.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
+        replace_module(model, name, module)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Puts ``module`` at the dotted path ``name`` of ``model``; returns the one it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old

@@ -125,20 +125,19 @@ def _in_fp8(model, amax: dict[str, float]) -> Iterator[None]:
     """``model`` with the named Linears replaced by float32-based FP8Linears, restored after."""
     import torch
 
-    from mllama_export.graphs.quant import FP8Linear
+    from mllama_export.graphs.quant import FP8Linear, replace_module
 
     swapped = []
     try:
         for name, value in amax.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            original = getattr(parent, child)
-            setattr(parent, child, FP8Linear(original, value, torch.float32))
-            swapped.append((parent, child, original))
+            linear = model.get_submodule(name)
+            swapped.append(
+                (name, replace_module(model, name, FP8Linear(linear, value, torch.float32)))
+            )
         yield
     finally:
-        for parent, child, original in reversed(swapped):
-            setattr(parent, child, original)
+        for name, original in reversed(swapped):
+            replace_module(model, name, original)
 
 
 def _fp8_layers(manifest: dict, patterns: Sequence[str]) -> dict[str, float]:
