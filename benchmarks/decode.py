@@ -73,7 +73,6 @@ def main() -> None:
         out = Path(tmp) / "artifacts"
         build(
             BuildOptions(str(ckpt), out, max_batch=8, max_seq_len=256, xattn_mask="hf"),
-            progress=lambda m: None,
         )
         runners = {
             "ort run": Runner.from_artifacts(out),

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.config import MllamaConfig, preset
+from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import TensorSpec
+from mllama_export.graphs.progress import info, step
+from mllama_export.graphs.resolve import ResolvedModel, resolve_model
 from mllama_export.graphs.synth import write_checkpoint
 from mllama_export.graphs.weights import Checkpoint, load_model
 
+from .checkplan import CheckPlan, plan_check, write_reduced_checkpoint
 from .engines import build_engines
 from .fp8 import (
     ORT_OPTIMIZATION,
@@ -29,9 +28,18 @@ from .fp8 import (
 )
 from .manifest import INCOMPLETE_MARKER, versions, write_manifest
 from .onnx_export import example_inputs
-from .options import PRESET_NAMES, BuildOptions
-from .streaming import DATA_FILES, GRAPHS, StreamingExport, check_depth, refuse_fp8_without_memory
-from .verify import BF16_UNCHECKED, verify_graph, verify_reduced
+from .options import BuildOptions
+from .outdir import (
+    INCOMPLETE_TEXT,
+    build_lock,
+    check_replaceable,
+    partial_path,
+    remove_leftovers,
+    replace,
+    stale_leftovers,
+)
+from .streaming import DATA_FILES, GRAPHS, StreamingExport
+from .verify import BF16_UNCHECKED, Reference, check_graphs
 
 SIDE_FILES = (
     "config.json",
@@ -42,116 +50,88 @@ SIDE_FILES = (
     "generation_config.json",
 )
 
-Progress = Callable[[str], None]
 
-
-def build(options: BuildOptions, progress: Progress = print) -> Path:
+def build(options: BuildOptions) -> Path:
     """Writes the artifact folder; on any failure nothing complete-looking is left behind.
 
     The folder is assembled under a hidden temporary name holding an incomplete marker and
     renamed into place only when complete; a lock keeps two builds off the same folder; a
-    build killed outright leaves only its hidden folder, which the next build removes.
+    build killed outright leaves its hidden folder and lock, which the next build of the same
+    --out removes (exporter/outdir.py). Progress goes to the ``mllama_export`` logger.
     """
     out = Path(options.out)
-    _check_before_work(options, out)
+    source, plan = _check_before_work(options, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with build_lock(out):
-        for stale in out.parent.glob(f".{out.name}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        work = out.parent / f".{out.name}.partial-{os.getpid()}"
+        for left in remove_leftovers(out):
+            info(f"removed {left.describe()}")
+        for left in stale_leftovers(out.parent):
+            info(f"note: {left.describe()}; the next build of that --out removes it")
+        work = partial_path(out)
         work.mkdir()
-        (work / INCOMPLETE_MARKER).write_text("mllama-export build in progress\n")
+        (work / INCOMPLETE_MARKER).write_text(INCOMPLETE_TEXT)
         try:
-            _build_into(options, work, progress)
+            _build_into(options, work, source, plan)
             (work / INCOMPLETE_MARKER).unlink()
-            _replace(work, out)
+            replace(work, out)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
     return out
 
 
-def _check_before_work(options: BuildOptions, out: Path) -> None:
+def _check_before_work(options: BuildOptions, out: Path) -> tuple[ResolvedModel, CheckPlan]:
     """Everything that can be refused is refused before a lock, a folder or a tensor exists."""
-    if out.exists() and not options.force:
-        raise MllamaExportError(f"{out} already exists; pass --force to replace it")
-    for parent in out.absolute().parents:
-        if parent.exists() and not parent.is_dir():
-            raise MllamaExportError(f"--out {out}: {parent} is a file, not a folder")
-    model = Path(options.model)
-    if model.is_dir() and out.absolute().resolve().is_relative_to(model.resolve()):
-        raise MllamaExportError(
-            f"--out {out} is inside --model {model}; a --force rebuild would delete the "
-            "checkpoint. Choose an output folder outside it."
-        )
-    is_preset = options.model in PRESET_NAMES and not model.exists()
-    if not is_preset and not model.is_dir():
-        raise MllamaExportError(
-            f"--model {options.model!r} is neither a checkpoint folder nor a preset "
-            f"({', '.join(PRESET_NAMES)})"
-        )
-    config = preset(options.model) if is_preset else MllamaConfig.from_hf_config(model)
+    _check_out(out, options.force)
+    source = resolve_model(options.model)
+    if source.path is not None:
+        _check_apart(out, source.path, options.model)
+    config = source.config
     options.check(config)
     if options.precision == "fp8":
         fp8_layers(config, options)  # an --fp8-exclude that matches nothing
-        if options.calibration is not None and not is_preset:
-            calibration_cases(config, options, model)  # a malformed calibration folder
-    refuse_fp8_without_memory(options, config)
+        if options.calibration is not None and source.path is not None:
+            calibration_cases(config, options, source.path)  # a malformed calibration folder
+    return source, plan_check(options, config)
 
 
-@contextmanager
-def build_lock(out: Path) -> Iterator[None]:
-    """An exclusive flock beside the output folder; the kernel drops it if the build dies.
-
-    The lock file is removed on the way out. A build that opened it just before that removal
-    finds its file unlinked once it holds the lock, and takes a fresh one.
-    """
-    lock_path = out.parent / f".{out.name}.lock"
-    while True:
-        lock = lock_path.open("w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            lock.close()
-            raise MllamaExportError(
-                f"another build into {out} is running (lock {lock_path}); wait for it to finish"
-            ) from err
-        if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
-            break
-        lock.close()
-    try:
-        yield
-    finally:
-        lock_path.unlink(missing_ok=True)
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        lock.close()
+def _check_out(out: Path, force: bool) -> None:
+    for parent in out.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise MllamaExportError(f"--out {out}: {parent} is a file, not a folder")
+    here, target = Path.cwd().resolve(), out.resolve()
+    if here == target or here.is_relative_to(target):
+        raise MllamaExportError(
+            f"--out {out} is {'the current folder' if here == target else 'a folder holding the current folder'} "
+            f"({here}); the build replaces --out as a whole. Choose a new folder, e.g. --out out/model"
+        )
+    check_replaceable(out, force)
 
 
-def _replace(work: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    work.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+def _check_apart(out: Path, model: Path, given: str) -> None:
+    target, checkpoint = out.resolve(), model.resolve()
+    if target.is_relative_to(checkpoint):
+        raise MllamaExportError(
+            f"--out {out} is inside --model {given}; a --force rebuild would delete the "
+            "checkpoint. Choose an output folder outside it."
+        )
+    if checkpoint.is_relative_to(target):
+        raise MllamaExportError(
+            f"--out {out} holds --model {given}; replacing it would delete the checkpoint. "
+            "Choose an output folder outside it."
+        )
 
 
-def _build_into(options: BuildOptions, work: Path, progress: Progress) -> None:
-    checkpoint = _resolve_checkpoint(options, work, progress)
+def _build_into(options: BuildOptions, work: Path, source: ResolvedModel, plan: CheckPlan) -> None:
+    checkpoint = _checkpoint_folder(source, options, work)
     config = MllamaConfig.from_hf_config(checkpoint)
     weights = Checkpoint(checkpoint, config)  # strict: every tensor, shape and dtype
-    depth = check_depth(options, config)
-    model, quantization = _load_for_check(options, checkpoint, config, depth, progress)
+    reference, quantization = _fp8_reference(options, checkpoint, config)
     amax = {n: layer["input_amax"] for n, layer in (quantization or {}).get("layers", {}).items()}
     (work / "onnx").mkdir()
-    written = StreamingExport(weights, options, amax).export_all(work / "onnx", progress)
+    written = StreamingExport(weights, options, amax).export_all(work / "onnx")
     graphs = {name: _graph_entry(name, written[name]) for name in GRAPHS}
-    if options.precision == "bf16":
-        checks = {name: dict(BF16_UNCHECKED) for name in GRAPHS}
-    elif model is None:
-        scratch = work / ".reduced-check"
-        checks = verify_reduced(checkpoint, config, options, scratch, progress)
-    else:
-        checks = _check_full(model, config, options, work, quantization, graphs, progress)
+    checks = _check(plan, options, weights, work, graphs, reference)
     for name, check in checks.items():
         graphs[name]["check"] = check
     for side in SIDE_FILES:
@@ -159,49 +139,78 @@ def _build_into(options: BuildOptions, work: Path, progress: Progress) -> None:
             shutil.copy(checkpoint / side, work / side)
     if checkpoint.parent == work:
         shutil.rmtree(checkpoint)
-    tensorrt = build_engines(work, graphs, config, options, progress)
-    manifest = _manifest(options, config, options.xattn_mask, graphs, quantization, tensorrt)
+    tensorrt = build_engines(work, graphs, config, options, info)
+    manifest = _manifest(options, source, config, graphs, quantization, tensorrt)
     write_manifest(work, manifest)
 
 
-def _load_for_check(options, checkpoint, config, depth, progress):
-    """(the whole model in memory, FP8 quantization entry) when the check (and FP8
-    calibration) runs on the whole model; (None, None) otherwise. bf16 cannot run here at
-    all (ONNX Runtime's CPU provider has no bf16 kernels), so it loads nothing."""
-    if depth != "full" or options.precision == "bf16":
+def _fp8_reference(options, checkpoint, config) -> tuple[Reference | None, dict | None]:
+    """FP8: the model calibrated in float32 and quantized (float16 outside the FP8 layers),
+    which the export takes its scales from and the check runs; (None, None) otherwise."""
+    if options.precision != "fp8":
         return None, None
-    progress(f"loading {checkpoint} ({options.precision}, xattn-mask {options.xattn_mask})")
-    # FP8 calibrates in float32 and quantizes from the float32 weights (then float16)
-    fp8 = options.precision == "fp8"
-    model = load_model(checkpoint, options.xattn_mask, torch.float32 if fp8 else options.dtype)
-    return model, quantize_fp8(model, config, options, checkpoint, progress) if fp8 else None
+    with step("loading the model in float32 for FP8 calibration"):
+        model = load_model(checkpoint, options.xattn_mask, torch.float32)
+    quantization = quantize_fp8(model, config, options, checkpoint)
+    return Reference(model=model), quantization
 
 
-def _check_full(model, config, options, work, quantization, graphs, progress) -> dict:
-    checks = {}
-    for name, graph_cls in GRAPHS.items():
-        path = work / "onnx" / f"{name}.onnx"
-        if quantization is not None:
-            args = example_inputs(graph_cls.INPUTS, config, options.dtype)
-            names = onnx_weight_names(graph_cls(model), model, args)
-            modules = {n: model.get_submodule(n) for n in names.values()}
-            layout = check_fp8_graph(path, names, modules)
-            graphs[name]["quantized_layers"] = layout["quantized_layers"]
-            # Q/DQ inside: a strongly typed engine; without: an ordinary float16 one
-            graphs[name]["precision"] = "fp8" if layout["quantized_layers"] else "fp16"
-        progress(f"checking the {name} graph against PyTorch")
-        checks[name] = {**verify_graph(graph_cls(model), path, config, options), "depth": "full"}
+def _check(plan, options, weights, work, graphs, reference) -> dict[str, dict]:
+    """The check against PyTorch that ``plan`` chose: on the whole model or on a reduced copy
+    of it, exported into a scratch folder that is removed after."""
+    if plan.depth == "none":
+        return {name: dict(BF16_UNCHECKED) for name in GRAPHS}
+    info(plan.summary())
+    if plan.depth == "full":
+        folder, onnx_dir = weights.folder, work / "onnx"
+    else:
+        scratch = work / ".reduced-check"
+        with step("writing the reduced copy of the checkpoint"):
+            folder = write_reduced_checkpoint(weights, plan.copy, scratch / "checkpoint")
+        onnx_dir = scratch / "onnx"
+        onnx_dir.mkdir()
+        StreamingExport(Checkpoint(folder, plan.config), options).export_all(onnx_dir)
+    try:
+        if reference is None:
+            dtype = options.dtype
+
+            def load():
+                what = "the model" if plan.depth == "full" else "the reduced copy"
+                with step(f"loading {what} in {str(dtype).removeprefix('torch.')} for the check"):
+                    return load_model(folder, options.xattn_mask, dtype)
+
+            reference = Reference(load)
+        else:
+            _record_fp8_layouts(reference.model, plan.config, options, onnx_dir, graphs)
+        checks = check_graphs(reference, onnx_dir, plan.config, options, plan.cases)
+    finally:
+        if plan.depth != "full":
+            shutil.rmtree(work / ".reduced-check", ignore_errors=True)
+    for check in checks.values():
+        check["depth"] = plan.label()
+        check["memory_estimate_bytes"] = plan.estimate.peak
     return checks
 
 
-def _resolve_checkpoint(options: BuildOptions, work: Path, progress: Progress) -> Path:
-    """The checkpoint folder (checked in _check_before_work), or a preset synthesized now."""
-    if options.model in PRESET_NAMES and not Path(options.model).exists():
-        progress(
-            f"writing a synthetic {options.model} checkpoint (random weights, seed {options.seed})"
-        )
-        return write_checkpoint(preset(options.model), work / "synthetic-checkpoint", options.seed)
-    return Path(options.model)
+def _record_fp8_layouts(model, config, options, onnx_dir: Path, graphs: dict) -> None:
+    for name, graph_cls in GRAPHS.items():
+        args = example_inputs(graph_cls.INPUTS, config, options.dtype)
+        names = onnx_weight_names(graph_cls(model), model, args)
+        modules = {n: model.get_submodule(n) for n in names.values()}
+        layout = check_fp8_graph(onnx_dir / f"{name}.onnx", names, modules)
+        graphs[name]["quantized_layers"] = layout["quantized_layers"]
+        # Q/DQ inside: a strongly typed engine; without: an ordinary float16 one
+        graphs[name]["precision"] = "fp8" if layout["quantized_layers"] else "fp16"
+
+
+def _checkpoint_folder(source: ResolvedModel, options: BuildOptions, work: Path) -> Path:
+    """The checkpoint folder (resolved in _check_before_work), or a preset synthesized now."""
+    if source.kind == "preset":
+        with step(
+            f"writing a synthetic {source.name} checkpoint (random weights, seed {options.seed})"
+        ):
+            return write_checkpoint(source.config, work / "synthetic-checkpoint", options.seed)
+    return source.path
 
 
 def _spec_json(spec: TensorSpec, dtype: str) -> dict:
@@ -220,19 +229,22 @@ def _graph_entry(name: str, export: dict) -> dict:
 
 def _manifest(
     options: BuildOptions,
+    source: ResolvedModel,
     config: MllamaConfig,
-    semantics: str,
     graphs: dict,
     quantization: dict | None,
     tensorrt: dict,
 ) -> dict:
     dtype = str(options.dtype).removeprefix("torch.")  # fp8: float16 outside the FP8 GEMMs
+    semantics = options.xattn_mask
     for name, graph_cls in GRAPHS.items():
         graphs[name]["inputs"] = [_spec_json(s, dtype) for s in graph_cls.INPUTS]
         graphs[name]["outputs"] = [_spec_json(s, dtype) for s in graph_cls.OUTPUTS]
     return {
         "model": {
-            "source": options.model,
+            # source: as given; checkpoint: the absolute folder (None for a preset), so that
+            # validate finds the weights from any working directory
+            **source.to_json(),
             "config": config.to_hf_dict(),
             "xattn_mask": semantics,
             "vision_tap": "layer output" if semantics == "hf" else "layer input",

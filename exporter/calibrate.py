@@ -8,7 +8,7 @@ activation scale is then amax / 448 (graphs/quant.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -16,6 +16,7 @@ from mllama_export.engines.backend import TorchBackend
 from mllama_export.engines.runner import Limits, Runner
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, VisionGraph
+from mllama_export.graphs.progress import bar
 
 CALIBRATION_STEPS = 8  # decode steps per case, as the accuracy gate's default
 
@@ -26,7 +27,6 @@ def calibrate(
     cases: Sequence,
     limits: Limits,
     steps: int = CALIBRATION_STEPS,
-    progress: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """{layer name: max |input|} over every call of each named Linear while ``cases``
     (``validate.evalset.EvalCase``: prompts and preprocessed images) are generated greedily
@@ -55,13 +55,11 @@ def calibrate(
     )
     try:
         with torch.inference_mode():
-            for case in cases:
+            for case in bar(cases, len(cases), "calibrating FP8 scales", "cases"):
                 try:
                     runner.generate_ids(case.prompts, case.images, steps + 1, stop_tokens=set())
                 except MllamaExportError as err:
                     raise MllamaExportError(f"calibration case {case.name!r}: {err}") from err
-                if progress is not None:
-                    progress(f"calibrated on {case.name}")
     finally:
         for handle in handles:
             handle.remove()

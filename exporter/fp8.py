@@ -10,7 +10,6 @@ that reject float8 inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from mllama_export.engines.runner import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.model import MllamaModel
+from mllama_export.graphs.progress import info
 from mllama_export.graphs.quant import FP8Linear, quantizable_linears, quantize_model
 
 from .calibrate import CALIBRATION_STEPS, calibrate
@@ -89,7 +89,6 @@ def quantize_fp8(
     config: MllamaConfig,
     options: BuildOptions,
     checkpoint: Path,
-    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Calibrates ``model`` (float32) on the calibration set, then quantizes it in place
     (FP8 linears, float16 elsewhere). Returns the manifest's ``quantization`` entry."""
@@ -97,11 +96,10 @@ def quantize_fp8(
     limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
     cases = calibration_cases(config, options, checkpoint)
     where = "built-in evaluation set" if options.calibration is None else str(options.calibration)
-    if progress is not None:
-        progress(
-            f"calibrating FP8 scales of {len(names)} linear layers on the {where} "
-            f"({len(cases)} cases, float32)"
-        )
+    info(
+        f"calibrating FP8 scales of {len(names)} linear layers on the {where} "
+        f"({len(cases)} cases, float32)"
+    )
     amax = calibrate(model, names, cases, limits, CALIBRATION_STEPS)
     quantize_model(model, amax, options.dtype)
     return _quantization_entry(model, names, amax, cases, options)

@@ -216,13 +216,14 @@ def check_external_data(folder: Path, onnx_file: Path) -> None:
 
 
 def summarize_check(check: dict, detail: bool = False) -> str:
-    """One line on a graph's check against PyTorch, from its manifest entry: `build`'s
-    output, or with ``detail`` (the limit, the depth in full) `inspect`'s."""
+    """One line on a graph's check against PyTorch, from its manifest entry, with its limit:
+    `build`'s output, or with ``detail`` (the depth in full) `inspect`'s."""
     if not check.get("ran"):
         reason = check.get("reason", "not recorded")
         return f"no ({reason})" if detail else reason
     worst = max((m["rel_l2"] for m in check.get("outputs", {}).values()), default=0.0)
     depth = check.get("depth", "full")
+    figure = f"rel L2 {worst:.1e} (limit {check.get('limit_rel_l2')})"
     if detail:
-        return f"rel L2 {worst:.1e} (limit {check.get('limit_rel_l2')}), {depth}"
-    return f"rel L2 {worst:.1e}" + ("" if depth == "full" else ", on a reduced-depth copy")
+        return f"{figure}, {depth}"
+    return figure + ("" if depth == "full" else ", on a reduced copy")

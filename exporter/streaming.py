@@ -7,7 +7,6 @@ the next (exporter/weightfile.py). The prefill and decode graphs share one text 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping
 from contextlib import ExitStack
@@ -15,24 +14,19 @@ from pathlib import Path
 
 import torch
 
-from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.config import MllamaConfig, truncated
 from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, VisionGraph
+from mllama_export.graphs.progress import step
 from mllama_export.graphs.quant import quantize_model
 from mllama_export.graphs.weights import Checkpoint
 
 from .manifest import fault_point
 from .onnx_export import export_graph
 from .options import BuildOptions
-from .plan import count_params
 from .weightfile import WeightFile, checkpoint_sources, graph_names
 
 GRAPHS = {"vision": VisionGraph, "prefill": PrefillGraph, "decode": DecodeGraph}
 # prefill and decode hold the same text weights: one copy on disk, at the same offsets
 DATA_FILES = {"vision": "vision.onnx.data", "prefill": "text.onnx.data", "decode": "text.onnx.data"}
-# PyTorch's model, ONNX Runtime's copy of its weights, and its pre-packed GEMM weights
-CHECK_COPIES = 3
-CHECK_HEADROOM = 2 << 30
 
 
 class StreamingExport:
@@ -52,7 +46,7 @@ class StreamingExport:
             quantize_model(self.model, input_amax or {}, options.dtype)
         self.sources = checkpoint_sources(checkpoint, self.model, options.dtype, input_amax)
 
-    def export_all(self, folder: Path, progress=None) -> dict[str, dict]:
+    def export_all(self, folder: Path) -> dict[str, dict]:
         """All three graphs into ``folder``; returns, per graph, the weight bytes it wrote
         (decode writes none: prefill wrote them) and the seconds it took."""
         written = {}
@@ -62,12 +56,11 @@ class StreamingExport:
                 for name in sorted(set(DATA_FILES.values()))
             }
             for name in GRAPHS:
-                if progress is not None:
-                    progress(f"exporting the {name} graph")
                 fault_point(f"export:{name}")
                 data = files[DATA_FILES[name]]
                 before, start = data.bytes_written, time.perf_counter()
-                self.export(name, folder / f"{name}.onnx", data)
+                with step(f"exporting the {name} graph"):
+                    self.export(name, folder / f"{name}.onnx", data)
                 written[name] = {
                     "weight_bytes_written": data.bytes_written - before,
                     "export_s": round(time.perf_counter() - start, 2),
@@ -80,73 +73,3 @@ class StreamingExport:
         names = graph_names(graph, self.model)
         sources = {path_: self.sources[ours] for path_, ours in names.items()}
         export_graph(graph, self.checkpoint.config, self.options, path, sources, data)
-
-
-def check_depth(options: BuildOptions, config: MllamaConfig) -> str:
-    """Where the check against PyTorch runs: "full" when the whole model fits in memory,
-    else "reduced"; ``options.check_depth`` may ask for either. FP8 is always "full": its
-    calibration holds the whole model anyway (refuse_fp8_without_memory guards that)."""
-    if options.precision == "fp8":
-        return "full"
-    if options.check_depth != "auto":
-        return options.check_depth
-    return "full" if memory_needed(options, config) <= available_memory() else "reduced"
-
-
-def memory_needed(options: BuildOptions, config: MllamaConfig) -> int:
-    # FP8 calibrates the float32 model
-    itemsize = 4 if options.precision == "fp8" else options.dtype.itemsize
-    return CHECK_COPIES * count_params(config).total * itemsize + CHECK_HEADROOM
-
-
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (what can be allocated without swapping)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def reduced_config(config: MllamaConfig) -> MllamaConfig:
-    """The first layers of the model, enough to hold every kind of layer: the self-attention
-    layers up to the first cross-attention layer, that layer and one more self-attention
-    layer; two local and one global vision layer."""
-    first_cross = config.text.cross_attention_layers[0]
-    return truncated(
-        config,
-        text_layers=min(config.text.num_layers, first_cross + 2),
-        vision_layers=min(config.vision.num_layers, 2),
-        global_layers=min(config.vision.num_global_layers, 1),
-    )
-
-
-def describe_reduced(small: MllamaConfig, full: MllamaConfig, options: BuildOptions) -> str:
-    why = (
-        "as --check-depth reduced asks"
-        if options.check_depth == "reduced"
-        else "the whole model does not fit in memory for the check"
-    )
-    return (
-        f"reduced-depth copy: the first {small.text.num_layers} of {full.text.num_layers} text "
-        f"layers, {small.vision.num_layers} of {full.vision.num_layers} local and "
-        f"{small.vision.num_global_layers} of {full.vision.num_global_layers} global vision "
-        f"layers, with the checkpoint's own weights ({why})"
-    )
-
-
-def refuse_fp8_without_memory(options: BuildOptions, config: MllamaConfig) -> None:
-    """FP8 calibrates the whole model in float32: refused up front where that does not fit
-    (--check-depth full insists), rather than found out after the export."""
-    if options.precision != "fp8" or options.check_depth == "full":
-        return
-    if memory_needed(options, config) > available_memory():
-        raise MllamaExportError(
-            f"--precision fp8 calibrates the whole model in float32 "
-            f"({memory_needed(options, config) / 1e9:.1f} GB with the check), and this "
-            f"machine has {available_memory() / 1e9:.1f} GB available; build bf16 or fp16 "
-            "here, or build fp8 on a machine with that much memory"
-        )

@@ -1,8 +1,16 @@
-"""The check inside `build`: ONNX Runtime on the exported file against the PyTorch graph."""
+"""The check inside `build`: ONNX Runtime on the exported files against the PyTorch graphs.
+
+Two phases, so that the PyTorch model and ONNX Runtime's copy of the weights are never in
+memory together: first PyTorch computes every graph's outputs on every check case (then its
+model is dropped), then each graph is loaded in ONNX Runtime, run on the same inputs
+(regenerated from their seeds) and compared, and dropped before the next one is loaded.
+exporter/checkplan.py decides, from a memory estimate, which model and cases this runs on.
+"""
 
 from __future__ import annotations
 
-import shutil
+import gc
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -11,21 +19,18 @@ import torch
 from mllama_export.engines.onnxrt import OnnxRuntimeBackend
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.model import MllamaModel
+from mllama_export.graphs.progress import bar, step
 
 from .onnx_export import example_inputs
 from .options import BuildOptions
+from .streaming import GRAPHS
 
-# Shapes unlike the traced ones, so that a dim frozen by mistake shows up here.
-CHECK_SIZES = (
-    {"batch": 1, "num_images": 1, "sequence": 5, "past_sequence": 9},
-    {"batch": 3, "num_images": 2, "sequence": 4, "past_sequence": 6},
-)
 # The same arithmetic in two runtimes: float32 differs in rounding only; 16-bit rounds each op.
 # fp8: PyTorch's fake quantization (graphs/quant.py) and ONNX Runtime's Q/DQ kernels round
 # identically, so what remains is fp16's op rounding, which now and then moves a GEMM input
 # across an FP8 rounding boundary (one FP8 step, 6%, on that element).
-LIMITS = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2, "fp8": 0.15}
-
+CHECK_REL_L2 = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2, "fp8": 0.15}
 
 # bf16 graphs are checked structurally only (onnx.checker, the contract's names and dims)
 BF16_UNCHECKED = {
@@ -33,65 +38,105 @@ BF16_UNCHECKED = {
     "reason": "ONNX Runtime's CPU provider has no bfloat16 kernels; checked structurally only",
 }
 
+Cases = Mapping[str, tuple[tuple[int, dict[str, int]], ...]]  # graph -> ((seed, sizes), ...)
+Expected = dict[str, list[tuple[np.ndarray, ...]]]
 
-def verify_graph(graph, path: Path, config: MllamaConfig, options: BuildOptions) -> dict:
-    if options.precision == "bf16":
-        return dict(BF16_UNCHECKED)
+
+class Reference:
+    """The PyTorch side of the check. It holds its model only until ``release``: the model
+    and ONNX Runtime's copy of the weights must not share the memory."""
+
+    def __init__(self, load: Callable[[], MllamaModel] | None = None, model=None):
+        self._load, self._model = load, model
+
+    @property
+    def model(self) -> MllamaModel:
+        if self._model is None:
+            if self._load is None:
+                raise RuntimeError("the reference model was released")
+            self._model = self._load()
+        return self._model
+
+    def release(self) -> None:
+        self._model = self._load = None
+        gc.collect()
+
+
+def inputs(graph_cls, config: MllamaConfig, dtype: torch.dtype, seed: int, sizes: dict) -> tuple:
+    return example_inputs(graph_cls.INPUTS, config, dtype, sizes, seed=seed)
+
+
+def reference_outputs(
+    reference: Reference, config: MllamaConfig, options: BuildOptions, cases: Cases
+) -> Expected:
+    """Phase 1: PyTorch's outputs of every graph on every case, then the model is released."""
+    expected: Expected = {}
+    for name, graph_cls in GRAPHS.items():
+        graph = graph_cls(reference.model)
+        expected[name] = []
+        for seed, sizes in bar(cases[name], len(cases[name]), f"PyTorch runs the {name} graph"):
+            args = inputs(graph_cls, config, options.dtype, seed, sizes)
+            with torch.inference_mode():
+                outs = graph(*args)
+            expected[name].append(tuple(o.numpy() for o in outs))
+            del args, outs
+    reference.release()
+    return expected
+
+
+def compare_onnx(
+    onnx_dir: Path, expected: Expected, config: MllamaConfig, options: BuildOptions, cases: Cases
+) -> dict[str, dict]:
+    """Phase 2: each graph in ONNX Runtime on the same inputs, against PyTorch's outputs."""
     # FP8 Q/DQ runs on ONNX Runtime only at graph optimization BASIC (exporter/fp8.py)
     optimization = "basic" if options.precision == "fp8" else "all"
-    backend = OnnxRuntimeBackend(path, graph.INPUTS, graph.OUTPUTS, optimization=optimization)
-    worst: dict[str, float] = {}
-    for seed, sizes in enumerate(CHECK_SIZES):
-        args = example_inputs(graph.INPUTS, config, options.dtype, sizes, seed=seed + 1)
-        with torch.inference_mode():
-            expected = graph(*args)
-        feed = {s.name: a.numpy() for s, a in zip(graph.INPUTS, args, strict=True)}
-        actual = backend.infer(feed)
-        for spec, ref in zip(graph.OUTPUTS, expected, strict=True):
-            err = _rel_l2(actual[spec.name], ref.float().numpy())
-            worst[spec.name] = max(worst.get(spec.name, 0.0), err)
-    limit = LIMITS[options.precision]
-    result = {
-        "ran": True,
-        "limit_rel_l2": limit,
-        "outputs": {k: {"rel_l2": v} for k, v in worst.items()},
-    }
+    checks = {}
+    for name, graph_cls in GRAPHS.items():
+        path = onnx_dir / f"{name}.onnx"
+        with step(f"ONNX Runtime loads {path.name}"):
+            backend = OnnxRuntimeBackend(
+                path, graph_cls.INPUTS, graph_cls.OUTPUTS, optimization=optimization
+            )
+        worst: dict[str, float] = {}
+        runs = zip(cases[name], expected[name], strict=True)
+        for (seed, sizes), want in bar(runs, len(cases[name]), f"ONNX Runtime runs {path.name}"):
+            args = inputs(graph_cls, config, options.dtype, seed, sizes)
+            feed = {s.name: a.numpy() for s, a in zip(graph_cls.INPUTS, args, strict=True)}
+            actual = backend.infer(feed)
+            for spec, ref in zip(graph_cls.OUTPUTS, want, strict=True):
+                err = rel_l2(actual[spec.name], ref)
+                worst[spec.name] = max(worst.get(spec.name, 0.0), err)
+            del args, feed, actual
+        del backend
+        gc.collect()
+        checks[name] = _judged(path, worst, options.precision)
+        checks[name]["cases"] = [sizes for _, sizes in cases[name]]
+    return checks
+
+
+def _judged(path: Path, worst: dict[str, float], precision: str) -> dict:
+    limit = CHECK_REL_L2[precision]
     failed = {k: v for k, v in worst.items() if not v <= limit}
     if failed:
         raise MllamaExportError(
             f"the exported {path.name} disagrees with PyTorch: relative L2 {failed} "
-            f"above {limit} ({options.precision}); the ONNX export is wrong, please report it"
+            f"above {limit} ({precision}); the ONNX export is wrong, please report it"
         )
-    return result
+    return {
+        "ran": True,
+        "limit_rel_l2": limit,
+        "outputs": {k: {"rel_l2": v} for k, v in worst.items()},
+    }
 
 
-def _rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
+def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     actual, expected = actual.astype(np.float64), expected.astype(np.float64)
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
 
 
-def verify_reduced(
-    checkpoint: Path, config: MllamaConfig, options: BuildOptions, scratch: Path, progress
+def check_graphs(
+    reference: Reference, onnx_dir: Path, config: MllamaConfig, options: BuildOptions, cases: Cases
 ) -> dict[str, dict]:
-    """The check on a reduced-depth copy of the model (its first layers, the checkpoint's own
-    weights), exported by the same streaming path into ``scratch``, which is removed after."""
-    from mllama_export.graphs.weights import Checkpoint, load_model
-
-    from .streaming import GRAPHS, StreamingExport, describe_reduced, reduced_config
-
-    small = reduced_config(config)
-    depth = describe_reduced(small, config, options)
-    progress(f"checking the graphs against PyTorch on a {depth}")
-    scratch.mkdir()
-    try:
-        StreamingExport(Checkpoint(checkpoint, small, subset=True), options).export_all(scratch)
-        model = load_model(checkpoint, options.xattn_mask, options.dtype, config=small)
-        return {
-            name: {
-                **verify_graph(cls(model), scratch / f"{name}.onnx", small, options),
-                "depth": depth,
-            }
-            for name, cls in GRAPHS.items()
-        }
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    """Both phases: PyTorch's outputs (the model then released), then ONNX Runtime's."""
+    expected = reference_outputs(reference, config, options, cases)
+    return compare_onnx(onnx_dir, expected, config, options, cases)

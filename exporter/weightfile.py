@@ -17,6 +17,7 @@ import torch
 from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
 
 from mllama_export.graphs import weights
+from mllama_export.graphs.progress import bar
 from mllama_export.graphs.quant import FP8_DTYPE, FP8Linear, fp8_weight, scale_from_amax
 from mllama_export.graphs.weights import Checkpoint, computed_buffers
 
@@ -169,7 +170,9 @@ class WeightFile:
         """Points every large initializer of ``model`` (which will be saved in ``folder``) at
         this file, writing what is not in it yet; small ones are materialized inline."""
         location = self.path.relative_to(folder).as_posix()
-        for value in model.graph.initializers.values():
+        values = list(model.graph.initializers.values())
+        total = sum(v.const_value.nbytes for v in values)
+        for value in bar(values, total, "writing weights", "B", lambda v: v.const_value.nbytes):
             tensor = value.const_value
             if tensor.nbytes < INLINE_BYTES:
                 value.const_value = ir.Tensor(tensor.numpy(), name=value.name)

@@ -164,6 +164,10 @@ class Checkpoint:
         except (SafetensorError, OSError) as err:
             raise _corrupt(stored.file, err) from err
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of one tensor by our name, as stored."""
+        return _rows(self.tensors[name], start, stop)
+
     def blocks(self, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
         """One tensor by our name as consecutive blocks of rows, each cast to ``dtype``: what
         the streaming export writes, never more than a block of it in memory at once."""

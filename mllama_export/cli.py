@@ -20,11 +20,15 @@ class _Group(click.Group):
         except MllamaExportError as err:
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {_one_line(str(err))}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing complete-looking was left behind", err=True)
             sys.exit(130)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,8 +38,14 @@ class _Group(click.Group):
 @click.version_option(package_name="mllama-export")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
-    """Export Llama 3.2 Vision (mllama) to ONNX and TensorRT, run it, and gate its accuracy."""
+    """Export Llama 3.2 Vision (mllama) to ONNX and TensorRT, run it, and gate its accuracy.
+
+    Progress goes to stderr; each command's answer (generated text, tables, verdicts) to
+    stdout."""
+    from mllama_export import console
+
     ctx.obj = {"debug": debug}
+    console.install()
 
 
 def _register() -> None:

@@ -56,7 +56,6 @@ def ort_artifacts(tmp_path_factory, hf_checkpoint):
     out = tmp_path_factory.mktemp("artifacts") / "tiny-hf"
     build(
         BuildOptions(model=str(hf_checkpoint), out=out, xattn_mask="hf", max_batch=4),
-        progress=lambda m: None,
     )
     return out
 

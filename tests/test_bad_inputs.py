@@ -390,7 +390,7 @@ def _generate(prompt, images=(), max_new_tokens=2) -> Callable[[Ctx], Callable]:
 def _build_api(**options) -> Callable[[Ctx], Callable]:
     def setup(ctx: Ctx) -> Callable:
         opts = BuildOptions(model=str(ctx.ckpt()), out=ctx.tmp / "o", **options)
-        return lambda: build(opts, progress=lambda _: None)
+        return lambda: build(opts)
 
     return setup
 

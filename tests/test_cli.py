@@ -102,7 +102,7 @@ def test_synth_with_fewer_layers_writes_that_model(tmp_path):
         (["run", "{art}", "--prompt", "x", "--backend", "tensorrt"], "no TensorRT engines"),
         (
             ["build", "--model", "nowhere", "--out", "{tmp}/o"],
-            "neither a checkpoint folder nor a preset",
+            "is neither a checkpoint folder, a preset",
         ),
         (["build", "--model", "tiny", "--out", "{art}"], "already exists"),
         (["build", "--model", "tiny", "--out", "{tmp}/o", "--max-batch", "0"], "max-batch 0"),

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from mllama_export.cli import main
-from mllama_export.exporter.build import build_lock
+from mllama_export.exporter.outdir import build_lock
 
 BUILD = [
     sys.executable,

@@ -53,7 +53,7 @@ E4M3 = ml_dtypes.float8_e4m3fn
 @pytest.fixture(scope="session")
 def fp8_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fp8") / "tiny-fp8"
-    return build(BuildOptions(model="tiny", out=out, precision="fp8"), progress=lambda _: None)
+    return build(BuildOptions(model="tiny", out=out, precision="fp8"))
 
 
 def _session(path: Path):
@@ -446,7 +446,7 @@ def test_excluded_layers_stay_16_bit_and_a_calibration_folder_sets_the_scales(fp
         fp8_exclude=exclude,
         calibration=folder,
     )
-    manifest = read_manifest(build(options, progress=lambda _: None))
+    manifest = read_manifest(build(options))
     q = manifest["quantization"]
     assert q["excluded"] == list(exclude) and q["calibration"]["cases"] == [
         "line-1",

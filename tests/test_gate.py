@@ -43,14 +43,14 @@ STEPS = 3  # enough to see a fault start at decode[0] and persist
 @pytest.fixture(scope="session")
 def fp32_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gate") / "tiny-fp32"
-    return build(BuildOptions(model="tiny", out=out, xattn_mask="hf"), progress=lambda _: None)
+    return build(BuildOptions(model="tiny", out=out, xattn_mask="hf"))
 
 
 @pytest.fixture(scope="session")
 def fp16_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gate") / "tiny-fp16"
     options = BuildOptions(model="tiny", out=out, xattn_mask="hf", precision="fp16")
-    return build(options, progress=lambda _: None)
+    return build(options)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +58,7 @@ def bf16_dir(tmp_path_factory, hf_checkpoint) -> Path:
     """bf16 artifacts of a checkpoint the tests did not write (transformers' save_pretrained)."""
     out = tmp_path_factory.mktemp("gate") / "hf-bf16"
     options = BuildOptions(model=str(hf_checkpoint), out=out, xattn_mask="hf", precision="bf16")
-    return build(options, progress=lambda _: None)
+    return build(options)
 
 
 @pytest.fixture(scope="session")

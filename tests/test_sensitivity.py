@@ -26,7 +26,7 @@ VISION = ("vision.*", "projector")
 def fp8v_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fp8v") / "tiny-fp8v"
     options = BuildOptions(model="tiny", out=out, precision="fp8", fp8_vision=True)
-    return build(options, progress=lambda _: None)
+    return build(options)
 
 
 @pytest.fixture(scope="module")

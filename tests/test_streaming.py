@@ -1,5 +1,5 @@
 """The streaming export: traced on the meta device, weights written one block at a time,
-text weights shared by prefill and decode, and the check on a reduced-depth copy."""
+text weights shared by prefill and decode (the check's plan: tests/test_checkplan.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 
-from mllama_export.cli import main
 from mllama_export.errors import MllamaExportError
-from mllama_export.exporter import streaming
-from mllama_export.exporter.build import build
 from mllama_export.exporter.options import BuildOptions
-from mllama_export.exporter.streaming import GRAPHS, StreamingExport, check_depth
+from mllama_export.exporter.streaming import GRAPHS, StreamingExport
 from mllama_export.exporter.weightfile import ALIGNMENT, Source, WeightFile, graph_names
 from mllama_export.graphs import weights
 from mllama_export.graphs.config import preset
@@ -117,48 +113,6 @@ def test_a_weight_file_aligns_large_tensors_and_writes_each_key_once(tmp_path):
     assert first == (0, 400) and at % ALIGNMENT == 0 and length == 2 << 20
     assert again == (at, length) and data.bytes_written == 400 + length
     assert (tmp_path / "w.data").stat().st_size == at + length
-
-
-def test_auto_check_depth_follows_the_memory_there_is(monkeypatch):
-    options, config = BuildOptions(model="tiny", out="x"), preset("tiny")
-    monkeypatch.setattr(streaming, "available_memory", lambda: 64 << 30)
-    assert check_depth(options, config) == "full"
-    monkeypatch.setattr(streaming, "available_memory", lambda: 1 << 30)
-    assert check_depth(options, config) == "reduced"
-    forced = BuildOptions(model="tiny", out="x", check_depth="full")
-    assert check_depth(forced, config) == "full"
-    # FP8's calibration holds the whole model: never a reduced check (refused up front instead)
-    assert check_depth(BuildOptions(model="tiny", out="x", precision="fp8"), config) == "full"
-    # 11B in bf16 needs 3 copies of 21 GB for the whole-model check
-    monkeypatch.setattr(streaming, "available_memory", lambda: 24 << 30)
-    assert check_depth(BuildOptions(model="11b", out="x"), preset("11b")) == "reduced"
-
-
-def test_reduced_depth_check_runs_on_the_first_layers(tiny_dir, tmp_path):
-    out = tmp_path / "art"
-    options = BuildOptions(model=str(tiny_dir), out=out, check_depth="reduced")
-    build(options, progress=lambda m: None)
-    manifest = json.loads((out / "manifest.json").read_text())
-    for graph in manifest["graphs"].values():
-        check = graph["check"]
-        assert check["ran"] and "the first 3 of 6 text layers" in check["depth"]
-        assert max(m["rel_l2"] for m in check["outputs"].values()) < 1e-4
-    assert not any(p.name.startswith(".reduced") for p in out.rglob("*"))
-    # the artifacts themselves are the whole model: 4 self-attention layers in the cache
-    decode = onnx.load(str(out / "onnx/decode.onnx"), load_external_data=False)
-    new_key = next(o for o in decode.graph.output if o.name == "new_key")
-    assert new_key.type.tensor_type.shape.dim[0].dim_value == 4
-
-
-def test_fp8_is_refused_before_any_work_when_the_model_does_not_fit(tmp_path, monkeypatch):
-    monkeypatch.setattr(streaming, "available_memory", lambda: 1 << 20)
-    out = tmp_path / "fp8"
-    result = CliRunner().invoke(
-        main, ["build", "--model", "tiny", "--out", str(out), "--precision", "fp8"]
-    )
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "calibrates the whole model in float32" in result.output
-    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_reduced_check_with_fp8_is_an_option_error():

@@ -724,7 +724,7 @@ def test_fp8_engine_against_onnxruntime_on_the_same_onnx(tiny_dir, tmp_path):
     if "fp8" not in PRECISIONS:
         pytest.skip("no fp8 artifacts: this version of the exporter has no fp8 precision")
     out = tmp_path / "fp8"
-    build(BuildOptions(model=str(tiny_dir), out=out, precision="fp8"), progress=lambda m: None)
+    build(BuildOptions(model=str(tiny_dir), out=out, precision="fp8"))
     manifest = read_manifest(out)
     config = config_of(manifest)
     result = build_engines(

@@ -9,8 +9,9 @@ import click
 @click.option(
     "--model",
     required=True,
-    help="Checkpoint folder (config.json + safetensors), or a preset: tiny, 11b, 90b "
-    "(a synthetic checkpoint with random weights).",
+    help="Checkpoint folder (config.json + safetensors), a Hugging Face Hub id (found in, or "
+    "downloaded into, the Hugging Face cache), or a preset: tiny, 11b, 90b (a synthetic "
+    "checkpoint with random weights).",
 )
 @click.option(
     "--out", type=click.Path(path_type=Path), required=True, help="Artifact folder to write."
@@ -47,7 +48,12 @@ import click
 )
 @click.option("--opset", type=int, default=19, show_default=True, help="ONNX opset (19 to 21).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for preset weights.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace --out if an earlier build wrote it (a folder holding anything else is "
+    "refused, with or without --force).",
+)
 @click.option(
     "--fp8-vision",
     is_flag=True,
@@ -59,7 +65,8 @@ import click
     multiple=True,
     metavar="PATTERN",
     help="With --precision fp8: keep the layers matching this glob in 16 bits (repeatable), "
-    "e.g. 'vision.global_transformer.*'; `mllama-export sensitivity` ranks the candidates.",
+    "e.g. 'text.layers.0.*' (vision layers only with --fp8-vision); `mllama-export "
+    "sensitivity` ranks the candidates.",
 )
 @click.option(
     "--calibration",
@@ -73,12 +80,21 @@ import click
     type=click.Choice(["auto", "full", "reduced"]),
     default="auto",
     show_default=True,
-    help="The check of each graph against PyTorch: on the whole model, or on a copy of its "
-    "first layers (full size on a small machine). auto: full when it fits in memory.",
+    help="The check of each graph against PyTorch: on the whole model, or on a reduced copy "
+    "(one self- and the first cross-attention layer, one local and one global vision layer, "
+    "4096 vocabulary rows; full size on a small machine). auto: full when the memory estimate "
+    "fits, else reduced; refused up front when neither fits.",
 )
 def command(**options):
     """Export the vision, prefill and decode graphs to ONNX, check them against PyTorch, and
-    write them with a manifest. TensorRT engines follow where TensorRT and a GPU exist."""
+    write them with a manifest. TensorRT engines follow where TensorRT and a GPU exist.
+
+    \b
+    Examples:
+      mllama-export build --model tiny --out out/tiny --force
+      mllama-export build --model ckpt/tiny --out out/tiny-fp16 --precision fp16 --check-depth reduced
+      mllama-export build --model ckpt/tiny --out out/tiny-fp8 --precision fp8 --fp8-exclude 'text.layers.0.*'
+    """
     from mllama_export.exporter.build import build
     from mllama_export.exporter.manifest import read_manifest, summarize_check
     from mllama_export.exporter.options import BuildOptions
@@ -86,7 +102,7 @@ def command(**options):
     # Every option is named after its BuildOptions field.
     options = BuildOptions(**{**options, "fp8_exclude": tuple(options["fp8_exclude"])})
     out = options.out
-    build(options, progress=lambda msg: click.echo(f"  {msg}", err=True))
+    build(options)
     manifest = read_manifest(out)
     for name, graph in manifest["graphs"].items():
         click.echo(f"{name:8s} {graph['file']}  (vs PyTorch: {summarize_check(graph['check'])})")

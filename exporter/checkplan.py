@@ -1,0 +1,459 @@
+"""What the check against PyTorch runs on, and the memory it needs: decided before any work.
+
+The check (exporter/verify.py) needs PyTorch's model and then, graph by graph, ONNX
+Runtime's copy of that graph's weights, plus each run's activations. At the real widths one
+image's vision attention alone is gigabytes, so the estimate below counts weights and
+activations per phase and per check case, and ``plan_check`` picks the deepest check that fits
+the memory there is: the whole model ("full"), else a reduced copy, else it refuses up front.
+
+The reduced copy keeps every kind of layer at the real widths with the checkpoint's own
+weights, and little else: one self-attention layer and the first cross-attention layer of
+the text decoder, one local and one global vision layer, and the first REDUCED_VOCAB rows of
+the vocabulary (plus the 8 rows past it that hold <|image|>). It is written as a checkpoint of
+its own, exported by the same streaming path, and checked in place of the model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.model import MllamaModel
+
+from .options import BuildOptions
+from .weightfile import graph_names
+
+# Shapes unlike the traced ones (onnx_export.EXAMPLE_SIZES), so that a dim frozen by mistake
+# shows up; the first case differs from them in every dynamic dim and always runs, the
+# second runs where it fits (six images of vision attention at the 11B width do not).
+CHECK_CASES = (
+    {"batch": 1, "num_images": 1, "sequence": 5, "past_sequence": 9},
+    {"batch": 3, "num_images": 2, "sequence": 4, "past_sequence": 6},
+)
+REDUCED_VOCAB = 4096
+GB = 1e9
+
+# -- memory ----------------------------------------------------------------------------------
+#
+# Constants measured on this project's machine at the 11B width (tests/test_checkplan.py holds
+# the estimate against measured peaks on small widths, benchmarks/export_memory.py at 11B):
+# the Python, torch, onnx and ONNX Runtime libraries once loaded,
+LIBRARY_BYTES = int(0.45 * GB)
+# bytes per attention score alive at once in one vision layer: PyTorch's graph keeps the
+# scaled scores, their float32 copy and the masked copy together (layers.grouped_attention);
+# ONNX Runtime's CPU provider keeps five or six float32 buffers of them, 16-bit graphs included,
+SCORE_BYTES_TORCH = {2: 10, 4: 8}
+SCORE_BYTES_ORT = 22
+# ONNX Runtime holds every weight it computes with as float32 (16-bit ones cast once at load,
+# when the original and the cast are both in memory); a weight only gathered from (the
+# embedding) stays memory-mapped,
+ORT_WEIGHT_BYTES = 4
+ORT_LOAD_BYTES = 6
+# PyTorch's CPU GEMMs repack the weight they multiply (the largest: lm_head), per itemsize,
+TORCH_REPACK = {2: 0.7, 4: 0.2}
+# and the export (with onnxscript's libraries on top) holds the largest tensor whole (lm_head,
+# transposed) plus one block of rows.
+EXPORT_LIBRARY_BYTES = int(0.5 * GB)
+EXPORT_LARGEST = 1.15
+# What the check may plan to use of the memory available: the estimate is within about 10%
+# of the measured peaks, and other processes' memory moves while a build runs.
+BUDGET_SHARE, BUDGET_RESERVE = 0.9, int(1 * GB)
+
+
+def budget(available: int) -> int:
+    return int(available * BUDGET_SHARE) - BUDGET_RESERVE
+
+
+def available_memory() -> int:
+    """What can be allocated without swapping: MemAvailable, or less where a cgroup limit
+    (a container's memory.max) leaves less."""
+    found = _meminfo_available()
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            found = min(found, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def _meminfo_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak bytes of each phase of a build, libraries included."""
+
+    export: int  # the streaming export: one tensor (or block) at a time
+    reference: int  # the check's PyTorch phase: the model and its largest run
+    onnxruntime: int  # the check's ONNX Runtime phase: the largest graph and its largest run
+
+    @property
+    def peak(self) -> int:
+        return max(self.export, self.reference, self.onnxruntime)
+
+    def describe(self) -> str:
+        return (
+            f"{self.peak / GB:.1f} GB (export {self.export / GB:.1f}, PyTorch "
+            f"{self.reference / GB:.1f}, ONNX Runtime {self.onnxruntime / GB:.1f})"
+        )
+
+
+@dataclass(frozen=True)
+class GraphSizes:
+    """Parameters each graph computes with, from a model on the meta device."""
+
+    total: int  # every parameter of the model
+    largest: int  # the largest single tensor
+    computed: dict[str, int]  # per graph, the parameters it multiplies with
+    gathered: dict[str, int]  # per graph, the parameters it only gathers rows from
+
+
+def graph_sizes(config: MllamaConfig) -> GraphSizes:
+    from .streaming import GRAPHS
+
+    with torch.device("meta"):
+        model = MllamaModel(config)
+    params = dict(model.named_parameters())
+    embedding = "text.embed_tokens.weight"
+    computed, gathered = {}, {}
+    for name, cls in GRAPHS.items():
+        used = {ours for ours in graph_names(cls(model), model).values() if ours in params}
+        computed[name] = sum(params[n].numel() for n in used if n != embedding)
+        gathered[name] = params[embedding].numel() if embedding in used else 0
+    return GraphSizes(
+        sum(p.numel() for p in params.values()),
+        max(p.numel() for p in params.values()),
+        computed,
+        gathered,
+    )
+
+
+def _vision_run(config: MllamaConfig, images: int, itemsize: int, score_bytes: int) -> int:
+    """One vision run of ``images`` images: the attention scores of one layer (the largest
+    transient), the hidden states around it, and the taps kept to the end."""
+    v = config.vision
+    seq = v.max_num_tiles * v.padded_patches
+    scores = v.num_heads * seq * seq * score_bytes
+    states = seq * (10 * v.hidden_size + 2 * v.intermediate_size) * itemsize
+    taps = seq * v.hidden_size * len(v.intermediate_layers) * itemsize
+    return images * (scores + states + taps)
+
+
+def _text_run(config: MllamaConfig, sizes: dict[str, int], itemsize: int, decode: bool) -> int:
+    """One prefill or decode run: logits (16-bit, then float32), the cross-attention K/V
+    inputs and scores, the self-attention cache in and out, one layer's states."""
+    t, v = config.text, config.vision
+    b, s = sizes["batch"], 1 if decode else sizes["sequence"]
+    past = sizes["past_sequence"] if decode else 0
+    image_tokens = sizes["num_images"] * v.max_num_tiles * v.num_patches
+    kv_row = 2 * t.num_kv_heads * t.head_dim * itemsize
+    cross = len(t.cross_attention_layers) * b * image_tokens * kv_row
+    scores = b * t.num_heads * s * (image_tokens + past + s) * 10
+    self_cache = len(t.self_attention_layers) * b * (past + s) * kv_row * 2
+    states = b * s * (8 * t.hidden_size + 3 * t.intermediate_size) * 4
+    logits = b * s * t.vocab_size * (4 + itemsize)
+    return 2 * cross + scores + self_cache + states + logits
+
+
+def run_bytes(
+    config: MllamaConfig, graph: str, sizes: dict[str, int], itemsize: int, onnxruntime: bool
+) -> int:
+    """Activation bytes of one run of ``graph`` at ``sizes``, in PyTorch or ONNX Runtime
+    (which computes 16-bit graphs in float32 on the CPU)."""
+    if graph == "vision":
+        score = SCORE_BYTES_ORT if onnxruntime else SCORE_BYTES_TORCH[min(itemsize, 4)]
+        size = 4 if onnxruntime else itemsize
+        return _vision_run(config, sizes["batch"] * sizes["num_images"], size, score)
+    run = _text_run(config, sizes, 4 if onnxruntime else itemsize, graph == "decode")
+    if not onnxruntime:  # PyTorch's CPU matmul repacks the weight it multiplies (measured)
+        run += int(
+            config.text.vocab_size * config.text.hidden_size * itemsize * TORCH_REPACK[itemsize]
+        )
+    return run
+
+
+def estimate(
+    config: MllamaConfig,
+    precision: str,
+    cases: dict[str, list[dict[str, int]]],
+    reference_itemsize: int | None = None,
+    sizes: GraphSizes | None = None,
+) -> MemoryEstimate:
+    """Peak memory of the export and of the check on ``cases`` (per graph), for ``config``.
+
+    ``reference_itemsize``: bytes per parameter of the PyTorch model (default: the
+    precision's; FP8 calibrates in float32)."""
+    from .options import PRECISIONS
+
+    sizes = sizes or graph_sizes(config)
+    itemsize = PRECISIONS[precision].itemsize
+    ref_size = reference_itemsize or itemsize
+    export = EXPORT_LIBRARY_BYTES + int(sizes.largest * itemsize * EXPORT_LARGEST)
+    if not any(cases.values()):
+        return MemoryEstimate(export, 0, 0)
+    torch_runs = max(
+        run_bytes(config, g, c, ref_size, onnxruntime=False) for g, cs in cases.items() for c in cs
+    )
+    reference = LIBRARY_BYTES + sizes.total * ref_size + torch_runs
+    per_graph = [
+        max(
+            sizes.computed[g] * ORT_LOAD_BYTES,
+            sizes.computed[g] * ORT_WEIGHT_BYTES
+            + max(run_bytes(config, g, c, itemsize, onnxruntime=True) for c in cs),
+        )
+        for g, cs in cases.items()
+        if cs
+    ]
+    return MemoryEstimate(export, reference, LIBRARY_BYTES + max(per_graph))
+
+
+# -- the reduced copy ------------------------------------------------------------------------
+
+
+# Vision tensors with one slice per tile of each aspect ratio: [ratios + 1, tiles * width]
+TILE_TENSORS = (
+    "vision.gated_positional_embedding.tile_embedding.weight",
+    "vision.pre_tile_positional_embedding.embedding.weight",
+    "vision.post_tile_positional_embedding.embedding.weight",
+)
+REDUCED_TILES = 2
+
+
+@dataclass(frozen=True)
+class ReducedCopy:
+    """A smaller model made of some of the checkpoint's own layers, rows and tiles."""
+
+    config: MllamaConfig
+    source_layers: tuple[int, ...]  # the checkpoint's text layer behind each of the copy's
+    full: MllamaConfig
+
+    def source_name(self, name: str) -> str:
+        """The checkpoint tensor (our name) that the copy's tensor ``name`` is taken from."""
+        prefix = "text.layers."
+        if name.startswith(prefix):
+            index, rest = name[len(prefix) :].split(".", 1)
+            return f"{prefix}{self.source_layers[int(index)]}.{rest}"
+        return name
+
+    def tensor(self, checkpoint, name: str) -> torch.Tensor:
+        """The copy's tensor ``name``, read from ``checkpoint`` (of the full model)."""
+        source, small, full = self.source_name(name), self.config, self.full
+        kept, vocab = small.text.vocab_size, full.text.vocab_size
+        if name == "text.lm_head.weight":
+            return checkpoint.rows(source, 0, kept)
+        if name == "text.embed_tokens.weight":  # and the 8 rows past the vocabulary
+            rows = (0, kept), (vocab, full.text.embedding_rows)
+            return torch.cat([checkpoint.rows(source, a, b) for a, b in rows])
+        if name in TILE_TENSORS:  # the first tiles of the first aspect ratios
+            rows = checkpoint.rows(source, 0, small.vision.max_aspect_ratio_id + 1)
+            width = rows.shape[1] // full.vision.max_num_tiles * small.vision.max_num_tiles
+            return rows[:, :width].contiguous()
+        return checkpoint.read(source)
+
+    def describe(self) -> str:
+        t, v, full = self.config.text, self.config.vision, self.full
+        kinds = ["cross-attention" if i in full.text.cross_attention_layers else "self-attention"
+                 for i in self.source_layers]  # fmt: skip
+        layers = ", ".join(f"{i} ({k})" for i, k in zip(self.source_layers, kinds, strict=True))
+        return (
+            f"reduced copy at the real widths: text layers {layers} of {full.text.num_layers}, "
+            f"{v.num_layers} of {full.vision.num_layers} local and {v.num_global_layers} of "
+            f"{full.vision.num_global_layers} global vision layers, {v.max_num_tiles} of "
+            f"{full.vision.max_num_tiles} tiles per image, the first {t.vocab_size:,} of "
+            f"{full.text.vocab_size:,} vocabulary rows; the checkpoint's own weights"
+        )
+
+
+def reduced_copy(config: MllamaConfig) -> ReducedCopy:
+    """The first cross-attention layer and the self-attention layer next to it (the one
+    before it, or after it when it is layer 0), in their order; one local and one global
+    vision layer; images of up to REDUCED_TILES tiles (the aspect ratios of the original's
+    list up to the first that needs more); the first REDUCED_VOCAB vocabulary rows."""
+    t, v = config.text, config.vision
+    cross = t.cross_attention_layers[0]
+    before = [i for i in t.self_attention_layers if i < cross]
+    own = before[-1] if before else min(t.self_attention_layers)
+    layers = tuple(sorted((own, cross)))
+    vocab = min(t.vocab_size, REDUCED_VOCAB)
+    tiles = min(v.max_num_tiles, REDUCED_TILES)
+    ratios = []
+    for h, w in v.supported_aspect_ratios:  # a prefix, so that aspect-ratio ids keep their rows
+        if h * w > tiles:
+            break
+        ratios.append((h, w))
+    small = MllamaConfig(
+        vision=replace(
+            v,
+            num_layers=1,
+            num_global_layers=1,
+            intermediate_layers=tuple(0 for _ in v.intermediate_layers),
+            max_num_tiles=tiles,
+            supported_aspect_ratios=tuple(ratios),
+        ),
+        text=replace(
+            t, num_layers=2, cross_attention_layers=(layers.index(cross),), vocab_size=vocab
+        ),
+        image_token_id=config.image_token_id - t.vocab_size + vocab,
+    )
+    return ReducedCopy(small, layers, config)
+
+
+def write_reduced_checkpoint(checkpoint, copy: ReducedCopy, out: Path) -> Path:
+    """The copy as a checkpoint folder of its own: its config.json and its tensors, read from
+    ``checkpoint`` (a graphs.weights.Checkpoint of the full model) one at a time and written
+    in shards of about 512 MB."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mllama_export.graphs.weights import checkpoint_name
+
+    out.mkdir(parents=True)
+    with torch.device("meta"):
+        names = list(MllamaModel(copy.config).state_dict())
+    shard, filled, files = {}, 0, {}
+
+    def flush() -> None:
+        nonlocal shard, filled
+        if shard:
+            file = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, out / file, metadata={"format": "pt"})
+            files.update(dict.fromkeys(shard, file))
+        shard, filled = {}, 0
+
+    for name, tensor in _copy_tensors(checkpoint, copy, names):
+        shard[checkpoint_name(name)] = tensor
+        filled += tensor.numel() * tensor.element_size()
+        if filled >= 512 << 20:
+            flush()
+    flush()
+    index = {"metadata": {}, "weight_map": dict(sorted(files.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(copy.config.to_hf_dict(), indent=2) + "\n")
+    return out
+
+
+def _copy_tensors(checkpoint, copy: ReducedCopy, names: list[str]) -> Iterator:
+    for name in names:
+        yield name, copy.tensor(checkpoint, name)
+
+
+# -- the decision ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    depth: str  # "full", "reduced" or "none"
+    reason: str  # why this depth, in words
+    config: MllamaConfig | None  # what the check runs on: the model's, or the copy's
+    cases: dict[str, tuple[tuple[int, dict[str, int]], ...]] = field(default_factory=dict)
+    estimate: MemoryEstimate | None = None
+    available: int = 0
+    copy: ReducedCopy | None = None
+
+    def label(self) -> str:
+        """The manifest's ``depth`` of each graph's check."""
+        return "full" if self.depth == "full" else f"{self.copy.describe()} ({self.reason})"
+
+    def summary(self) -> str:
+        if self.depth == "none":
+            return f"no numeric check: {self.reason}"
+        runs = ", ".join(f"{g} {len(c)}" for g, c in self.cases.items())
+        what = "the whole model" if self.depth == "full" else "a " + self.copy.describe()
+        return (
+            f"checking against PyTorch on {what}; {runs} case(s); memory estimate "
+            f"{self.estimate.describe()}; {self.available / GB:.1f} GB available"
+        )
+
+
+def _fit_cases(config, precision, budget, reference_itemsize=None):
+    """The first case of every graph, plus the second where the estimate still fits
+    (cheapest graph first); None when the first cases alone do not fit."""
+    sizes = graph_sizes(config)
+    cases = {g: [(1, CHECK_CASES[0])] for g in ("vision", "prefill", "decode")}
+
+    def cost(chosen) -> MemoryEstimate:
+        plain = {g: [c for _, c in cs] for g, cs in chosen.items()}
+        return estimate(config, precision, plain, reference_itemsize, sizes)
+
+    if cost(cases).peak > budget:
+        return None, cost(cases)
+    for graph in ("decode", "prefill", "vision"):
+        trial = {**cases, graph: [*cases[graph], (2, CHECK_CASES[1])]}
+        if cost(trial).peak <= budget:
+            cases = trial
+    return {g: tuple(cs) for g, cs in cases.items()}, cost(cases)
+
+
+def plan_check(
+    options: BuildOptions, config: MllamaConfig, available: int | None = None
+) -> CheckPlan:
+    """The deepest check that fits in ``available`` bytes (default: what the machine has
+    now), as ``options.check_depth`` allows; refused up front when none fits."""
+    available = available_memory() if available is None else available
+    if options.precision == "bf16":
+        from .verify import BF16_UNCHECKED
+
+        export = estimate(config, "bf16", {})
+        return CheckPlan("none", BF16_UNCHECKED["reason"], None, {}, export, available)
+    fp8 = options.precision == "fp8"
+    room = budget(available)
+    full_cases, full_cost = _fit_cases(config, options.precision, room, 4 if fp8 else None)
+    if options.check_depth in ("auto", "full") and full_cases is not None:
+        why = "it fits in memory" if options.check_depth == "auto" else "--check-depth full"
+        return CheckPlan("full", why, config, full_cases, full_cost, available)
+    if fp8:
+        raise MllamaExportError(
+            f"--precision fp8 calibrates and checks the whole model in float32 "
+            f"({full_cost.describe()}), and {_have(available)}; build bf16 or fp16 here, "
+            "or build fp8 on a machine with that much memory"
+        )
+    copy = reduced_copy(config)
+    small_cases, small_cost = _fit_cases(copy.config, options.precision, room)
+    if options.check_depth == "full" or small_cases is None:
+        return _refuse(options, full_cost, small_cost, available)
+    why = (
+        "--check-depth reduced"
+        if options.check_depth == "reduced"
+        else f"the whole model needs {full_cost.peak / GB:.1f} GB for the check"
+    )
+    return CheckPlan("reduced", why, copy.config, small_cases, small_cost, available, copy)
+
+
+def _refuse(options, full_cost, small_cost, available) -> CheckPlan:
+    have = _have(available)
+    if options.check_depth == "full":
+        raise MllamaExportError(
+            f"--check-depth full needs {full_cost.describe()} for the check against PyTorch "
+            f"and {have}; use --check-depth auto (a reduced copy needs "
+            f"{small_cost.peak / GB:.1f} GB) or free memory"
+        )
+    raise MllamaExportError(
+        f"the check against PyTorch needs {small_cost.describe()} even on a reduced copy of "
+        f"the model (one image's vision attention at this width), and {have}; free memory, "
+        "or build --precision bf16, which ONNX Runtime cannot run on the CPU and so is "
+        "checked structurally only"
+    )
+
+
+def _have(available: int) -> str:
+    return (
+        f"this machine has {available / GB:.1f} GB available (a build plans with "
+        f"{max(budget(available), 0) / GB:.1f} GB of it)"
+    )
