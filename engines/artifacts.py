@@ -88,6 +88,12 @@ def _reference_backends(folder: Path, manifest: dict, device: str) -> list:
 
 
 def _onnxruntime_backends(folder: Path, manifest: dict, config, device: str, io_binding) -> list:
+    if manifest["io_dtype"] == "bfloat16" and device == "cpu":
+        raise MllamaExportError(
+            f"{folder} holds bf16 graphs, which ONNX Runtime's CPU provider cannot run (it has "
+            "no bfloat16 kernels); use --backend onnx-reference (slow, CPU), or run them on a "
+            "GPU (--device cuda or --backend tensorrt)"
+        )
     graphs = manifest["graphs"]
     bind = (
         io_binding

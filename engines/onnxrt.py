@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,43 @@ def providers(device: str) -> list[str]:
     if device == "cuda":
         if "CUDAExecutionProvider" not in available:
             raise MllamaExportError(
-                f"ONNX Runtime's CUDA provider is not available here; providers: {available}"
+                f"--device cuda: this ONNX Runtime has no CUDA provider (it has {available}); "
+                "install onnxruntime-gpu, or use --device cpu"
+            )
+        if not cuda_runs():
+            raise MllamaExportError(
+                "--device cuda: ONNX Runtime's CUDA provider is installed but cannot run here "
+                "(no CUDA device, or the CUDA and cuDNN libraries onnxruntime-gpu needs are "
+                "missing); use --device cpu, or install them"
             )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     raise MllamaExportError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
+
+
+@lru_cache(maxsize=1)
+def cuda_runs() -> bool:
+    """Whether the CUDA provider really runs: a session of one Identity node that asks for it
+    falls back to the CPU, with a page of load errors, where it cannot (those are silenced)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    probe.ir_version = 8
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(
+            probe.SerializeToString(), options, providers=["CUDAExecutionProvider"]
+        )
+        return "CUDAExecutionProvider" in session.get_providers()
+    except Exception:  # ORT raises its own untyped errors
+        return False
+    finally:
+        ort.set_default_logger_severity(2)  # ONNX Runtime's default: warnings
 
 
 class OnnxRuntimeBackend:
@@ -54,8 +88,9 @@ class OnnxRuntimeBackend:
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[optimization]
         options.log_severity_level = 3
+        chosen = providers(device)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers(device))
+            self.session = ort.InferenceSession(str(path), options, providers=chosen)
         except Exception as err:  # ORT raises its own untyped errors for unreadable models
             raise MllamaExportError(f"ONNX Runtime cannot load {path}: {err}") from err
         self._names = [s.name for s in outputs]

@@ -113,11 +113,10 @@ class TextRunner(Runner):
         max_new_tokens: int = 64,
         sampling: Sampling | None = None,
     ) -> TextGeneration:
-        pieces = []
-        result = self._start(prompt, images, max_new_tokens, sampling, pieces)
-        for _ in result.steps:
+        run = self._start(prompt, images, max_new_tokens, sampling)
+        for _ in run.steps:
             pass
-        return result.finish(pieces)
+        return run.finish()
 
     def stream(
         self,
@@ -125,17 +124,24 @@ class TextRunner(Runner):
         images: Sequence[ImageSource] = (),
         max_new_tokens: int = 64,
         sampling: Sampling | None = None,
+        errors: str = "replace",
+        done: TextGeneration | None = None,
     ) -> Iterator[str]:
-        """Yields text pieces as tokens arrive; multi-byte characters are never split."""
-        run = self._start(prompt, images, max_new_tokens, sampling, [])
-        decoder = self._need_tokenizer().stream_decoder()
+        """Yields text pieces as tokens arrive; multi-byte characters are never split. Bytes
+        that never form a character become U+FFFD, or with ``errors="backslashreplace"``
+        escapes such as ``\\x80``. ``done``, if given, is filled in at the end with what
+        ``generate`` would have returned (token ids, timings)."""
+        run = self._start(prompt, images, max_new_tokens, sampling)
+        decoder = self._need_tokenizer().stream_decoder(errors=errors)
         for tokens in run.steps:
             if tokens[0] >= 0 and (piece := decoder.push(int(tokens[0]))):
                 yield piece
         if tail := decoder.finish():
             yield tail
+        if done is not None:
+            vars(done).update(vars(run.finish()))
 
-    def _start(self, prompt, images, max_new_tokens, sampling, pieces) -> _Run:
+    def _start(self, prompt, images, max_new_tokens, sampling) -> _Run:
         ids, batch = self.encode(prompt, images)
         result = Generation([[]])
         stop = self._need_tokenizer().eos_token_ids | set(self.config.text.eos_token_ids)
@@ -199,7 +205,7 @@ class _Run:
     result: Generation
     steps: Iterator
 
-    def finish(self, _pieces) -> TextGeneration:
+    def finish(self) -> TextGeneration:
         ids = self.result.token_ids[0]
         return TextGeneration(self.tokenizer.decode(ids), ids, self.prompt_ids, self.result.timings)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mllama_export.errors import MllamaExportError
+
 
 class NumpyStore:
     """Host memory; what plain `session.run` backends take and return."""
@@ -28,6 +30,12 @@ class TorchStore:
     def __init__(self, device: str = "cpu"):
         import torch
 
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise MllamaExportError(
+                "--device cuda keeps the caches on the GPU through PyTorch, and this PyTorch "
+                f"has no CUDA ({'a CPU-only build' if torch.version.cuda is None else 'no device'}); "
+                "install a CUDA build of torch, or use --device cpu"
+            )
         self.torch, self.device = torch, torch.device(device)
 
     def zeros(self, shape: tuple[int, ...], dtype: np.dtype):

@@ -6,6 +6,7 @@ Nothing here imports transformers: the runner must work on machines that only ha
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -332,8 +333,10 @@ class Tokenizer:
         # transformers 5 skips clean_up_tokenization_spaces for BPE, so the raw decode matches.
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
-        return StreamDecoder(self, skip_special_tokens)
+    def stream_decoder(
+        self, skip_special_tokens: bool = True, errors: str = "replace"
+    ) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens, errors)
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs
@@ -392,14 +395,23 @@ def build_string_from_input(prompt: str, bos_token: str, image_token: str = IMAG
 class StreamDecoder:
     """Turns generated ids into text pieces as soon as they are whole characters.
 
-    A byte-level token can end inside a multi-byte UTF-8 character, which decodes to U+FFFD;
-    such text is held back until the next tokens complete it. Pieces concatenate to
-    `decode(all_ids)` once `finish()` is called.
+    A byte-level BPE token (Llama 3's) is a few bytes, and may end inside a multi-byte UTF-8
+    character; its first bytes are held until the character's last byte arrives, through an
+    incremental UTF-8 decoder. Bytes that can never form a character become U+FFFD (as
+    ``decode`` gives them), or, with ``errors="backslashreplace"``, ``\\x80``-style escapes
+    that show which bytes they were. With ``errors="replace"`` the pieces concatenate to
+    ``decode(all_ids)`` once ``finish()`` is called. Tokenizers that are not byte-level are
+    decoded whole and cut where the text stops ending in U+FFFD.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, skip_special_tokens: bool = True, errors: str = "replace"
+    ) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
+        self._bytes = _byte_table(tokenizer.backend)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=errors)
+        self._added = tokenizer.backend.get_added_tokens_decoder()
         self._ids: list[int] = []
         # Decoding restarts at `_prefix` (not 0) to stay O(1) per token; ids up to `_read` are
         # already emitted. Keeping one emitted token of context lets decoders that strip a
@@ -407,21 +419,25 @@ class StreamDecoder:
         self._prefix = 0
         self._read = 0
 
-    def _decode(self, start: int, end: int | None = None) -> str:
-        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip)
-
     def push(self, token_id: int) -> str:
         """Add one id; return the newly completed text ("" when nothing is complete yet)."""
-        self._ids.append(int(token_id))
-        done = self._decode(self._prefix, self._read)
-        text = self._decode(self._prefix)
-        if text.endswith("\ufffd"):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(done) :]
+        token_id = int(token_id)
+        if self._bytes is None:
+            return self._push_text(token_id)
+        added = self._added.get(token_id)
+        if added is not None:
+            if added.special and self._skip:
+                return ""
+            return self._utf8.decode(added.content.encode("utf-8"))
+        token = self._tokenizer.backend.id_to_token(token_id)
+        if token is None:
+            return ""  # an id past the vocabulary decodes to nothing, as in `decode`
+        return self._utf8.decode(bytes(self._bytes.get(ch, 0x3F) for ch in token))
 
     def finish(self) -> str:
-        """Return whatever is held back (invalid UTF-8 at the very end decodes to U+FFFD)."""
+        """Return whatever is held back (bytes that never completed a character)."""
+        if self._bytes is not None:
+            return self._utf8.decode(b"", final=True)
         done = self._decode(self._prefix, self._read)
         text = self._decode(self._prefix)
         self._prefix = self._read = len(self._ids)
@@ -434,6 +450,43 @@ class StreamDecoder:
                 yield piece
         if tail := self.finish():
             yield tail
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip)
+
+    def _push_text(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        done = self._decode(self._prefix, self._read)
+        text = self._decode(self._prefix)
+        if text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(done) :]
+
+
+def _byte_table(backend: tokenizers.Tokenizer) -> dict[str, int] | None:
+    """GPT-2's byte-level alphabet, character -> byte, where ``backend`` decodes byte-level."""
+    if not isinstance(backend.decoder, decoders.ByteLevel):
+        return None
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(256 + extra)] = byte
+            extra += 1
+    return table
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would not show as itself escaped (control
+    characters, unassigned and private-use code points: ``\\x18``, ``\\u200b``); newlines and
+    tabs stay as they are."""
+    return "".join(
+        ch if ch.isprintable() or ch in "\n\t" else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
 
 
 def _image_spans(ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:

@@ -180,21 +180,49 @@ def _check_shape(file: Path, m: dict[str, Any]) -> None:
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
     """Every file listed must exist with its recorded sha256, and every ONNX file's external
     data must stay inside the folder, before anything is loaded."""
+    problems = file_problems(folder, manifest, stop_at_first=True)
+    if problems:
+        name, problem = problems[0]
+        raise MllamaExportError(f"{folder}: {name} {problem}; rebuild the artifacts")
+
+
+def file_problems(
+    folder: Path, manifest: dict[str, Any], stop_at_first: bool = False
+) -> list[tuple[str, str]]:
+    """(file, what is wrong with it) for each file of the manifest that is missing, outside
+    the folder or not its recorded sha256; hashed with a progress bar (bytes)."""
+    from mllama_export.graphs.progress import bar
+
     root = folder.resolve()
-    for name, expected in manifest["files"].items():
+    entries = list(manifest["files"].items())
+    sizes = {name: _size(folder / name) for name, _ in entries}
+    problems = []
+    for name, expected in bar(entries, sum(sizes.values()), "checking sha256", "B",
+                              lambda e: sizes[e[0]]):  # fmt: skip
         path = folder / name
         if not path.resolve().is_relative_to(root):
-            raise MllamaExportError(f"{folder}: manifest entry {name} points outside the folder")
-        if not path.is_file():
-            raise MllamaExportError(
-                f"{folder}: {name} is listed in the manifest but missing; expected every file "
-                "the build wrote (rebuild the artifacts)"
+            problems.append((name, "is a manifest entry that points outside the folder"))
+        elif not path.is_file():
+            problems.append(
+                (name, "is listed in the manifest but missing; expected every file the build wrote")
             )
-        if sha256(path) != expected:
-            raise MllamaExportError(
-                f"{folder}: {name} does not match the sha256 in the manifest (changed or "
-                "corrupted since the build); rebuild the artifacts"
+        elif sha256(path) != expected:
+            problems.append(
+                (
+                    name,
+                    "does not match the sha256 in the manifest (changed or corrupted since the build)",
+                )
             )
+        if problems and stop_at_first:
+            break
+    return problems
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0
 
 
 def check_external_data(folder: Path, onnx_file: Path) -> None:

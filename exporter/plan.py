@@ -9,7 +9,8 @@ Definitions (the tests pin them to hand calculations):
   cross-attention layer's k_proj, v_proj and k_norm (it computes the cross K/V). Prefill and decode
   hold the rest of the text decoder: embedding (vocab + 8 rows), self layers, cross layers without
   k/v/k_norm, final norm and lm_head. Prefill and decode share these weights; totals count them once.
-* Precision. bf16 and fp16 store every parameter in 2 bytes. fp8 stores the text decoder's linear
+* Precision. fp32 stores every parameter, cache and activation in 4 bytes and runs its GEMMs
+  at the TF32 tensor-core rate (half the bf16 one). bf16 and fp16 store every parameter in 2 bytes. fp8 stores the text decoder's linear
   layers (q/k/v/o of self and cross attention, including the cross k/v projections that run in the
   vision engine, and gate/up/down of the MLPs) in 1 byte; embedding, lm_head, norms, gates, the
   vision tower and the projector stay 2 bytes. Activations and KV caches stay 16-bit (2 bytes);
@@ -38,13 +39,12 @@ Definitions (the tests pin them to hand calculations):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.config import PRESETS, MllamaConfig, preset
+from mllama_export.graphs.config import MllamaConfig
 
-PRECISIONS = ("fp8", "bf16", "fp16")
-ACT_BYTES = 2  # activations and caches are 16-bit whatever the weight precision
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")  # as `build` takes them
+ACT_BYTES = 2  # activations and caches are 16-bit whatever the weight precision (fp32: 4)
 LOGIT_BYTES = 4  # the graphs return float32 logits
 GB = 1e9
 
@@ -275,12 +275,16 @@ def plan(
         )
     g = GPUS[gpu]
     p = count_params(config)
-    lin = 1 if precision == "fp8" else 2  # bytes per text-decoder linear parameter
+    # bytes of every weight, cache and activation value (fp32 graphs: all float32), and of a
+    # text-decoder linear parameter (fp8: 1); fp32 runs on TF32 tensor cores, at half the bf16 rate
+    unit = 4 if precision == "fp32" else ACT_BYTES
+    lin = 1 if precision == "fp8" else unit
+    tf32 = 2 if precision == "fp32" else 1
 
     d, dh, h, h_kv = t.hidden_size, t.head_dim, t.num_heads, t.num_kv_heads
     n_cross = len(t.cross_attention_layers)
     n_self = t.num_layers - n_cross
-    kv_row = 2 * h_kv * dh * ACT_BYTES  # K and V of one position in one layer
+    kv_row = 2 * h_kv * dh * unit  # K and V of one position in one layer
 
     # Caches at the profile maxima, and the cross cache at the roofline's tile count.
     image_tokens_max = images * v.max_num_tiles * v.num_patches
@@ -290,9 +294,9 @@ def plan(
     cross_cache_used = n_cross * b * image_tokens * kv_row
 
     # Weights.
-    vision_w = 2 * (p.vision_tower + p.projector + p.cross_k_norm) + lin * p.cross_kv
-    text_w = 2 * (p.embedding + p.lm_head + p.decoder_other) + lin * p.decoder_linear
-    read_w = text_w - 2 * p.embedding  # a step reads one embedding row per token, not the table
+    vision_w = unit * (p.vision_tower + p.projector + p.cross_k_norm) + lin * p.cross_kv
+    text_w = unit * (p.embedding + p.lm_head + p.decoder_other) + lin * p.decoder_linear
+    read_w = text_w - unit * p.embedding  # a step reads one embedding row per token, not the table
 
     # Vision: B x images, each padded to max tiles in memory; roofline at `tiles` per image.
     n_img = b * images
@@ -301,7 +305,7 @@ def plan(
     vision_tokens = n_img * seq
     taps = len(v.intermediate_layers)
     per_token = 6 * v.hidden_size + v.intermediate_size + taps * v.hidden_size + v.output_dim + d
-    vision_act = n_img * seq_max * per_token * ACT_BYTES
+    vision_act = n_img * seq_max * per_token * unit
     vision_scores = n_img * v.num_heads * seq_max * seq_max * 4
     layers = v.num_layers + v.num_global_layers
     vision_flops16 = (
@@ -311,35 +315,35 @@ def plan(
         + 2 * (v.output_dim * d) * n_img * n_tiles * v.num_patches
     )
     vision_flops8 = 2 * p.cross_kv * n_img * n_tiles * v.num_patches
-    if lin == 2:
+    if precision != "fp8":
         vision_flops16, vision_flops8 = vision_flops16 + vision_flops8, 0
     vision_moved = vision_w + cross_cache_used
-    vision_s, vision_bound = _roofline(vision_flops16, vision_flops8, vision_moved, g)
+    vision_s, vision_bound = _roofline(vision_flops16 * tf32, vision_flops8, vision_moved, g)
 
     # Prefill at `prompt_len`; its memory at max_seq_len.
     text_per_token = 2 * d + (h + 2 * h_kv) * dh + h * dh + 2 * t.intermediate_size
-    prefill_act = b * s_max * (text_per_token * ACT_BYTES + t.vocab_size * LOGIT_BYTES)
+    prefill_act = b * s_max * (text_per_token * unit + t.vocab_size * LOGIT_BYTES)
     prefill_scores = b * h * s_max * s_max * 4
     attn_prefill = b * h * dh * (n_self * 2 * s * (s + 1) + n_cross * 4 * s * image_tokens)
     prefill_flops8 = 2 * p.decoder_linear * b * s
     prefill_flops16 = 2 * p.lm_head * b * s + attn_prefill
-    if lin == 2:
+    if precision != "fp8":
         prefill_flops16, prefill_flops8 = prefill_flops16 + prefill_flops8, 0
     prefill_moved = read_w + b * s * d * 2 + cross_cache_used + n_self * b * s * kv_row
-    prefill_s, prefill_bound = _roofline(prefill_flops16, prefill_flops8, prefill_moved, g)
+    prefill_s, prefill_bound = _roofline(prefill_flops16 * tf32, prefill_flops8, prefill_moved, g)
 
     # Decode: memory at max_seq_len; roofline at the full context (the ceiling).
-    decode_act = b * (text_per_token * ACT_BYTES + t.vocab_size * LOGIT_BYTES)
+    decode_act = b * (text_per_token * unit + t.vocab_size * LOGIT_BYTES)
     decode_scores = b * h * (s_max + 1 + image_tokens_max) * 4
     roof = DecodeRoofline(read_w, cross_cache_used, n_self * b * kv_row, b, g.bandwidth)
     decode_flops8 = 2 * p.decoder_linear * b
     decode_flops16 = 2 * p.lm_head * b + b * h * dh * 4 * (
         n_self * (s_max + 1) + n_cross * image_tokens
     )
-    if lin == 2:
+    if precision != "fp8":
         decode_flops16, decode_flops8 = decode_flops16 + decode_flops8, 0
     decode_moved = roof.bytes_per_step(s_max)
-    decode_s, decode_bound = _roofline(decode_flops16, decode_flops8, decode_moved, g)
+    decode_s, decode_bound = _roofline(decode_flops16 * tf32, decode_flops8, decode_moved, g)
 
     image_desc = f"{b} x {images} image(s) x {n_tiles} tile(s)"
     vision = EnginePlan(
@@ -439,27 +443,3 @@ def format_plan(p: Plan) -> str:
         + " GB",
     ]
     return "\n".join(lines)
-
-
-def plan_command_text(
-    model: str,
-    precision: str,
-    max_batch: int,
-    max_seq_len: int,
-    max_images: int,
-    gpu: str,
-    prompt_len: int | None,
-    tiles: int | None,
-) -> str:
-    """`mllama-export plan`: `model` is a preset name or a checkpoint folder (or its config.json)."""
-    if model in PRESETS:
-        config = preset(model)
-    elif Path(model).exists():
-        config = MllamaConfig.from_hf_config(model)
-    else:
-        raise MllamaExportError(
-            f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint "
-            "folder or config.json"
-        )
-    result = plan(config, precision, max_batch, max_seq_len, max_images, gpu, prompt_len, tiles)
-    return f"model {model}\n" + format_plan(result)

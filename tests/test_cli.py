@@ -61,7 +61,10 @@ def test_inspect_shows_the_contract(ort_artifacts):
 
 
 def test_plan_prints_the_11b_roofline():
-    result = invoke("plan", "--model", "11b", "--precision", "bf16")
+    result = invoke(
+        "plan", "--model", "11b", "--precision", "bf16", "--max-batch", 1, "--max-seq-len", 8192,
+        "--max-images", 1,
+    )  # fmt: skip
     assert result.exit_code == 0 and "18.58 GB" in result.output
 
 

@@ -6,14 +6,16 @@ import functools
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from mllama_export.cli import main
 from mllama_export.errors import MllamaExportError
+from mllama_export.exporter.fits import DEFAULTS
 from mllama_export.exporter.plan import (
     GPUS,
     count_params,
     format_plan,
     plan,
-    plan_command_text,
 )
 from mllama_export.graphs.config import preset
 from mllama_export.graphs.model import MllamaModel
@@ -166,20 +168,66 @@ def test_caches_and_time_scale_with_the_profile():
     )
 
 
-def test_format_plan_and_command_text(tiny_dir):
+def test_format_plan_and_the_plan_command(tiny_dir, ort_artifacts):
     text = format_plan(plan(preset("90b"), "bf16", 1, 8192, 1))
     for word in ("vision", "prefill", "decode", "does NOT fit", "H100 SXM"):
         assert word in text
-    assert "fits" in plan_command_text("11b", "fp8", 1, 8192, 1, "h100", None, None)
-    assert "model " in plan_command_text(str(tiny_dir), "bf16", 2, 256, 2, "h200", 100, 2)
-    with pytest.raises(MllamaExportError, match="tiny, 11b, 90b"):
-        plan_command_text("/no/such/folder", "bf16", 1, 128, 1, "h100", None, None)
+    fits = invoke("plan", "--model", "11b", "--precision", "fp8", "--max-seq-len", 8192)
+    assert fits.exit_code == 0 and "fits" in fits.output
+    folder = invoke("plan", "--model", tiny_dir, "--precision", "bf16", "--prompt-len", 100)
+    assert folder.exit_code == 0 and f"model {tiny_dir}" in folder.output
+    missing = invoke("plan", "--model", "/no/such/folder")
+    assert missing.exit_code == 2 and "tiny, 11b, 90b" in missing.output
+
+
+def test_plan_takes_builds_defaults_and_precisions():
+    """`plan` answers for what `build` builds: the same defaults, fp32 included."""
+    build_params = {p.name: p for p in main.commands["build"].params}
+    for name, value in DEFAULTS.items():
+        assert build_params[name].default == value
+        assert f"else build's default {value}]" in _help("plan")
+    assert build_params["precision"].type.choices == main.commands["plan"].params[1].type.choices
+    fp32, bf16 = (plan(preset("11b"), p, 4, 512, 2) for p in ("fp32", "bf16"))
+    assert fp32.weight_bytes == 2 * bf16.weight_bytes
+    assert fp32.self_cache_bytes == 2 * bf16.self_cache_bytes
+
+
+def test_plan_of_an_artifact_folder_reads_its_manifest(ort_artifacts):
+    result = invoke("plan", "--model", ort_artifacts)
+    assert result.exit_code == 0, result.output
+    # the artifacts were built for batch 4, 512 tokens, 2 images in fp32
+    assert "precision fp32" in result.output and "batch 4, seq 512, images 2" in result.output
+    result = invoke("plan", "--model", ort_artifacts, "--max-batch", 2)
+    assert "batch 2, seq 512" in result.output
+
+
+def test_a_plan_that_does_not_fit_says_what_would_and_exits_1():
+    result = invoke("plan", "--model", "11b", "--precision", "bf16", "--max-batch", 16,
+                    "--max-seq-len", 8192, "--max-images", 1)  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "does NOT fit" in result.output
+    ways = result.output.split("what would fit, each alone: ")[1]
+    assert "--max-seq-len" in ways and "--max-batch" in ways and "--gpu h200" in ways
+    batch = int(ways.split("--max-batch ")[1].split()[0])
+    assert plan(preset("11b"), "bf16", batch, 8192, 1).fits
+    assert not plan(preset("11b"), "bf16", batch + 1, 8192, 1).fits
+    big = invoke("plan", "--model", "90b", "--precision", "bf16", "--max-batch", 1, "--gpu", "h200")
+    assert big.exit_code == 1 and "--precision fp8" in big.output
+    assert "2 x H200 SXM with tensor parallelism" in big.output
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _help(command: str) -> str:
+    return " ".join(invoke(command, "--help").output.split())
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"precision": "int4"}, "fp8, bf16, fp16"),
+        ({"precision": "int4"}, "fp32, fp16, bf16, fp8"),
         ({"gpu": "a100"}, "h100, h200"),
         ({"max_batch": 0}, "max_batch must be a positive integer"),
         ({"max_seq_len": -5}, "max_seq_len must be a positive integer"),

@@ -35,7 +35,7 @@ import numpy as np
 
 from mllama_export.engines.runner import Limits, Runner
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.config import PRESETS, MllamaConfig
 
 from .evalset import EvalCase, build_evalset
 from .metrics import compare
@@ -277,33 +277,40 @@ class Checkpoint:
 
 def resolve_checkpoint(manifest: dict, checkpoint: str | Path | None = None) -> Checkpoint:
     """The float32 weights the artifacts were built from (see the comment above)."""
-    from mllama_export.exporter.options import PRESET_NAMES
-    from mllama_export.graphs.config import preset
+    from mllama_export.graphs.resolve import resolve_model
 
     built = MllamaConfig.from_hf_dict(manifest["model"]["config"])
-    source = manifest["model"].get("source")
+    model = manifest["model"]
+    source, recorded = model.get("source"), model.get("checkpoint")
     if checkpoint is not None:
-        found = Checkpoint(MllamaConfig.from_hf_config(checkpoint), Path(checkpoint))
-        where = f"--checkpoint {checkpoint}"
-    elif isinstance(source, str) and Path(source).is_dir():
-        found = Checkpoint(MllamaConfig.from_hf_config(source), Path(source))
-        where = f"the manifest's model.source {source}"
-    elif source in PRESET_NAMES:
-        seed = int(manifest.get("build_options", {}).get("seed", 0))
-        found = Checkpoint(preset(source), None, source, seed)
-        where = f"the {source} preset"
+        found, where = resolve_model(checkpoint, "--checkpoint"), f"--checkpoint {checkpoint}"
+    elif isinstance(recorded, str) and Path(recorded).is_dir():
+        found, where = resolve_model(recorded), f"the manifest's model.checkpoint {recorded}"
+    elif model.get("kind") in ("preset", "hub") and isinstance(source, str):
+        found, where = resolve_model(source, "the manifest's model.source"), f"{source}"
+    elif (
+        "kind" not in model
+        and isinstance(source, str)
+        and (Path(source).is_dir() or source in PRESETS)
+    ):
+        # a manifest of an earlier version: source only, relative to where build ran
+        found, where = resolve_model(source), f"the manifest's model.source {source}"
     else:
+        missing = recorded if isinstance(recorded, str) else source
+        field = "model.checkpoint" if isinstance(recorded, str) else "model.source"
         raise MllamaExportError(
             f"the reference needs the float32 weights the artifacts were built from, and the "
-            f"manifest's model.source {source!r} is not a folder here (the artifacts hold "
-            "only the exported graphs); pass --checkpoint PATH"
+            f"manifest's {field} {missing!r} is not a folder here (the artifacts hold only the "
+            "exported graphs); pass --checkpoint PATH"
         )
-    if found.config != built:
+    seed = int(manifest.get("build_options", {}).get("seed", 0))
+    result = Checkpoint(found.config, found.path, found.preset, seed if found.preset else 0)
+    if result.config != built:
         raise MllamaExportError(
             f"{where} has a different config from the one the artifacts were built with; "
             "pass --checkpoint with the checkpoint they were built from"
         )
-    return found
+    return result
 
 
 def make_reference(

@@ -9,10 +9,25 @@ from mllama_export.errors import MllamaExportError
 
 @click.command("inspect")
 @click.argument("folder", type=click.Path(path_type=Path))
-def command(folder: Path) -> None:
-    """Print an artifact folder's manifest as a readable table."""
-    from mllama_export.exporter.manifest import read_manifest
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Do not check every file against its sha256 (quicker on large artifacts); the last "
+    "line then says that nothing was checked.",
+)
+def command(folder: Path, no_verify: bool) -> None:
+    """Print an artifact folder's manifest as a readable table, check every file against its
+    sha256 (exit 2 naming the files that do not match), and name what dead builds left
+    beside it.
 
+    \b
+    Examples:
+      mllama-export inspect out/tiny
+      mllama-export inspect out/tiny --no-verify
+    """
+    from mllama_export.exporter.manifest import file_problems, read_manifest
+
+    _leftovers(folder)
     m = read_manifest(folder)
     try:
         _show(m)
@@ -21,6 +36,30 @@ def command(folder: Path) -> None:
             f"{folder / 'manifest.json'} lacks or mangles the entry {err}; expected a manifest "
             "written by `mllama-export build` (rebuild the artifacts)"
         ) from err
+    count = len(m["files"])
+    if no_verify:
+        click.echo(f"\nfiles: {count}, NOT checked against their sha256 (--no-verify)")
+        return
+    problems = file_problems(folder, m)
+    if problems:
+        for name, problem in problems:
+            click.echo(f"  {name} {problem}")
+        names = ", ".join(name for name, _ in problems[:3]) + (" ..." if len(problems) > 3 else "")
+        raise MllamaExportError(
+            f"{folder}: {len(problems)} of {count} files do not match the manifest ({names}); "
+            "rebuild the artifacts"
+        )
+    click.echo(f"\nfiles: {count}, each checked against its sha256: all match")
+
+
+def _leftovers(folder: Path) -> None:
+    from mllama_export.exporter.outdir import stale_leftovers
+
+    for left in stale_leftovers(folder.absolute().parent, folder.absolute().name):
+        click.echo(
+            f"note: {left.describe()}; `mllama-export build --out {folder}` removes it",
+            err=True,
+        )
 
 
 def _show(m: dict) -> None:
@@ -29,7 +68,7 @@ def _show(m: dict) -> None:
     trt = m.get("tensorrt") if isinstance(m.get("tensorrt"), dict) else {}
     text = m["model"]["config"]["text_config"]
     rows = [
-        ("source", m["model"]["source"]),
+        ("source", _source(m["model"])),
         (
             "text",
             f"{text['num_hidden_layers']} layers, hidden {text['hidden_size']}, vocab {text['vocab_size']}",
@@ -60,7 +99,6 @@ def _show(m: dict) -> None:
             for spec in graph[kind]:
                 dims = ", ".join(spec["dims"])
                 click.echo(f"  {kind[:-1]:6s} {spec['name']:22s} {spec['dtype']:8s} [{dims}]")
-    click.echo(f"\nfiles: {len(m['files'])}, each checked against its sha256 before loading")
 
 
 def _fp8_line(q: dict) -> str:
@@ -73,3 +111,14 @@ def _fp8_line(q: dict) -> str:
         + (f", excluding {', '.join(excluded)}" if excluded else "")
         + f"; calibrated on the {where} ({len(calibration.get('cases', []))} cases)"
     )
+
+
+def _source(model: dict) -> str:
+    source, checkpoint = model["source"], model.get("checkpoint")
+    if model.get("kind") == "hub":
+        return (
+            f"{source} (Hugging Face Hub, revision {model.get('revision')}, cached at {checkpoint})"
+        )
+    if checkpoint and checkpoint != source:
+        return f"{source} ({checkpoint})"
+    return source

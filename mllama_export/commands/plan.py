@@ -1,25 +1,45 @@
 from __future__ import annotations
 
+import sys
+
 import click
+
+# build's defaults (exporter/fits.py DEFAULTS reads them from BuildOptions; a test keeps
+# these in step), named here so that --help needs no import of the planner
+_BUILD = "build's default"
 
 
 @click.command("plan")
-@click.option("--model", required=True, help="A preset (tiny, 11b, 90b) or a checkpoint folder.")
+@click.option(
+    "--model",
+    required=True,
+    help="A preset (tiny, 11b, 90b), a checkpoint folder or its config.json, a Hugging Face "
+    "Hub id, or an artifact folder (its manifest's precision and limits are the defaults).",
+)
 @click.option(
     "--precision",
-    type=click.Choice(["fp8", "bf16", "fp16"]),
-    default="bf16",
-    show_default=True,
-    help="fp8: the text decoder's linear layers in FP8, the rest in bf16.",
+    type=click.Choice(["fp32", "fp16", "bf16", "fp8"]),
+    default=None,
+    help="As build's --precision; fp8: the text decoder's linear layers in FP8, the rest in "
+    f"16 bits  [default: the artifacts', else {_BUILD} fp32]",
 )
 @click.option(
-    "--max-batch", type=int, default=1, show_default=True, help="Batch at the profile maximum."
+    "--max-batch",
+    type=int,
+    default=None,
+    help=f"Batch at the profile maximum  [default: the artifacts', else {_BUILD} 4]",
 )
 @click.option(
-    "--max-seq-len", type=int, default=8192, show_default=True, help="Tokens per sequence at most."
+    "--max-seq-len",
+    type=int,
+    default=None,
+    help=f"Tokens per sequence at most  [default: the artifacts', else {_BUILD} 512]",
 )
 @click.option(
-    "--max-images", type=int, default=1, show_default=True, help="Images per prompt at most."
+    "--max-images",
+    type=int,
+    default=None,
+    help=f"Images per prompt at most  [default: the artifacts', else {_BUILD} 2]",
 )
 @click.option(
     "--gpu",
@@ -38,11 +58,24 @@ import click
     "--tiles", type=int, default=None, help="Tiles per image for the estimates [default: max]."
 )
 def command(model, precision, max_batch, max_seq_len, max_images, gpu, prompt_len, tiles):
-    """Print memory per engine and roofline lower bounds for decode and prefill."""
-    from mllama_export.exporter.plan import plan_command_text
+    """Print memory per engine and roofline lower bounds for decode and prefill. Exit 0 when
+    the engines fit the GPU's memory; 1 when not, after what would fit (fewer tokens, a
+    smaller batch, FP8, a larger GPU, several GPUs); 2 on bad input.
 
-    click.echo(
-        plan_command_text(
-            model, precision, max_batch, max_seq_len, max_images, gpu, prompt_len, tiles
-        )
-    )
+    \b
+    Examples:
+      mllama-export plan --model 11b --precision fp8 --max-seq-len 8192
+      mllama-export plan --model 90b --precision bf16 --max-batch 1 --gpu h200
+      mllama-export plan --model out/tiny
+    """
+    from mllama_export.exporter.fits import plan_text, request
+
+    given = {
+        "precision": precision,
+        "max_batch": max_batch,
+        "max_seq_len": max_seq_len,
+        "max_images": max_images,
+    }
+    text, fits = plan_text(request(model, given, gpu, prompt_len, tiles))
+    click.echo(text)
+    sys.exit(0 if fits else 1)

@@ -84,39 +84,71 @@ def command(
 ):
     """Generate from an artifact FOLDER: image(s) and prompt in, text out.
 
-    The text is streamed to the terminal as it is generated (whole characters only); --json
-    prints token ids, text and timings at the end instead. Unreadable images, image counts
-    that do not match the <|image|> tokens and requests beyond the artifacts' limits are
-    reported as one-line errors (exit status 2).
+    The answer goes to stdout, streamed as it is generated in whole characters; control
+    characters and bytes that form no character are shown escaped (\\x18, \\x80). Its label
+    and the log go to stderr. --json prints token ids, text and timings as one JSON object
+    instead. Unreadable images, image counts that do not match the <|image|> tokens and
+    requests beyond the artifacts' limits are one-line errors (exit status 2).
+
+    \b
+    Examples:
+      mllama-export run out/tiny --prompt "What is in this picture?" --image a.jpg
+      mllama-export run out/tiny --prompt "Describe it" --image a.jpg --chat --temperature 0.8 --seed 0
+      mllama-export run out/tiny --token-ids 500,512,12,13 --image a.jpg --max-new-tokens 8 --json
     """
+    from mllama_export import console
+    from mllama_export.engines.pipeline import TextGeneration
     from mllama_export.engines.runner import Runner
     from mllama_export.engines.sampling import Sampling
+    from mllama_export.engines.text import printable
+    from mllama_export.graphs.progress import step
 
+    if as_json:
+        console.quiet()
     if (prompt is None) == (token_ids is None):
         raise MllamaExportError("give exactly one of --prompt and --token-ids")
     if chat and prompt is None:
         raise MllamaExportError("--chat needs --prompt (token ids are used as given)")
     sampling = Sampling(temperature, top_k, top_p, seed)
-    runner = Runner.from_artifacts(folder, backend, device)
+    with step(f"loading {folder} ({backend} on {device})"):
+        runner = Runner.from_artifacts(folder, backend, device)
     start = time.perf_counter()
     if token_ids is not None:
         result = _run_ids(runner, token_ids, images, max_new_tokens, sampling)
     elif as_json:
         result = runner.generate(_prompt(prompt, images, chat), images, max_new_tokens, sampling)
     else:
-        for piece in runner.stream(_prompt(prompt, images, chat), images, max_new_tokens, sampling):
-            click.echo(piece, nl=False)
+        result = TextGeneration("", [], [])
+        click.echo("answer: ", err=True, nl=False)
+        pieces = runner.stream(
+            _prompt(prompt, images, chat), images, max_new_tokens, sampling,
+            errors="backslashreplace", done=result,
+        )  # fmt: skip
+        for piece in pieces:
+            click.echo(printable(piece), nl=False)
         click.echo()
+        _report(runner, result, time.perf_counter() - start)
         return
     result.timings["total_s"] = time.perf_counter() - start
     if as_json:
-        click.echo(
-            json.dumps(
-                {"token_ids": result.token_ids, "text": result.text, "timings": result.timings}
-            )
-        )
+        payload = {"token_ids": result.token_ids, "text": result.text, "timings": result.timings}
+        click.echo(json.dumps(payload))
     else:
+        click.echo("generated token ids: ", err=True, nl=False)
         click.echo(" ".join(map(str, result.token_ids)))
+        _report(runner, result, time.perf_counter() - start)
+
+
+def _report(runner, result, seconds: float) -> None:
+    """The line after the answer, on stderr: how many tokens, how fast, why it stopped."""
+    from mllama_export.graphs.progress import duration
+
+    n = len(result.token_ids)
+    stops = set(runner.config.text.eos_token_ids)
+    if runner.tokenizer is not None:
+        stops |= runner.tokenizer.eos_token_ids
+    why = "an end token" if n and result.token_ids[-1] in stops else "--max-new-tokens"
+    click.echo(f"  {n} token(s) in {duration(seconds)}; stopped at {why}", err=True)
 
 
 def _prompt(prompt: str, images, chat: bool):
