@@ -35,7 +35,6 @@ REPORT_FILES = {
     "drift/drift.png",
     "sensitivity/sensitivity.json",
     "sensitivity/sensitivity.md",
-    "sensitivity/sensitivity.partial.jsonl",
 }
 # TensorRT engines and their build scripts live under engines/ (exporter/engines.py).
 OWN_FOLDERS = ("engines/",)

@@ -151,27 +151,43 @@ def quantizable_linears(
     encoder's attention and MLP linears and the multimodal projector. ``exclude``: glob
     patterns (fnmatch) of layers to keep in 16 bits; each must match a layer.
     """
+    names = _linears(model, vision)
+    excluded = match_layers(
+        names, exclude, "--fp8-exclude", also=() if vision else _linears(model, True)
+    )
+    return [name for name in names if name not in excluded]
+
+
+def _linears(model: nn.Module, vision: bool) -> list[str]:
     prefixes = ("text.layers.", "vision.", "projector") if vision else ("text.layers.",)
-    names = [
+    return [
         name
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.startswith(prefixes)
     ]
-    excluded = match_layers(names, exclude, "--fp8-exclude")
-    return [name for name in names if name not in excluded]
 
 
-def match_layers(names: Sequence[str], patterns: Sequence[str], what: str) -> set[str]:
+def match_layers(
+    names: Sequence[str], patterns: Sequence[str], what: str, also: Sequence[str] = ()
+) -> set[str]:
     """The ``names`` any of the glob ``patterns`` matches; a pattern matching none is an error
-    (a typo would otherwise silently select nothing)."""
+    (a typo would otherwise silently select nothing). ``also``: the layers --fp8-vision
+    would add, named in the error when the pattern matches those."""
     matched: set[str] = set()
     for pattern in patterns:
         hits = fnmatch.filter(names, pattern)
         if not hits:
             examples = ", ".join(names[:3]) + (f" ... ({len(names)} in all)" if names else "")
+            vision = fnmatch.filter(list(also), pattern) and not set(also) <= set(names)
+            hint = (
+                "; it matches vision-encoder layers, which are FP8 (and so excludable or "
+                "rankable) only in builds with --fp8-vision"
+                if vision
+                else ""
+            )
             raise MllamaExportError(
                 f"{what} {pattern!r} matches none of the FP8-quantizable layers "
-                f"(glob patterns on layer names such as {examples or 'none'})"
+                f"(glob patterns on layer names such as {examples or 'none'}){hint}"
             )
         matched.update(hits)
     return matched

@@ -16,6 +16,7 @@ from mllama_export.errors import MllamaExportError
 
 from .config import MllamaConfig
 from .model import MllamaModel
+from .progress import bar
 from .weights import checkpoint_name
 
 
@@ -81,7 +82,11 @@ def write_checkpoint(
     }
     groups = shard_plan(sizes, shards, max_shard_bytes)
     out.mkdir(parents=True, exist_ok=True)
-    files = _write_shards(random_tensors(config, seed), groups, dtype, out)
+    tensors = bar(
+        random_tensors(config, seed), sum(sizes.values()), "writing random weights", "B",
+        lambda named: sizes[named[0]],
+    )  # fmt: skip
+    files = _write_shards(tensors, groups, dtype, out)
     if len(files) > 1:
         _write_index(files, sum(sizes.values()), out)
     (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")

@@ -435,3 +435,23 @@ def test_tie_margin_is_a_parameter_not_a_limit(tmp_path):
     assert "top1_tie_margin" not in {c.metric for c in user.checks(m, "fp32", "logits")}
     assert PACKAGED.ties("fp8") == {"tie_tolerance": 0.0, "tie_margin": 0.21}
     assert PACKAGED.ties("fp16")["tie_tolerance"] == 0.25
+
+
+def test_each_case_line_and_the_plot_title_name_the_metric_that_decides_the_verdict(tmp_path):
+    """The fp8 verdict can be decided by cosine while rel_l2 is well within its limit: the
+    per-case line, drift.png's title and its lower panel name the deciding metric."""
+    from mllama_export.validate.gate import _case_line
+    from mllama_export.validate.report import DriftReport, StageResult
+    from mllama_export.validate.thresholds import Check
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 64))
+    m = compare(ref + 0.01 * rng.standard_normal(ref.shape), ref, logits=True)
+    checks = (Check("rel_l2", "max", 0.01, 0.15), Check("cosine", "min", 0.994, 0.99))
+    result = StageResult("decode[0]", "c", m, (), checks)
+    line = _case_line("c", [result], 1.0)
+    assert "pass; decided by cosine=0.994 (limit >= 0.99) at decode[0], 77% of its limit" in line
+    assert "worst rel_l2" in line
+    report = DriftReport([result], "fp8", "t", "ref", "ort")
+    assert report.worst.check.metric == "cosine"
+    assert report.write(tmp_path)["png"].stat().st_size > 10_000

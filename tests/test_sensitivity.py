@@ -128,3 +128,36 @@ def test_cli(fp8v_dir, tmp_path):
     assert [line.split()[0] for line in lines[2:5]] == ["1", "2", "3"]
     assert lines[-1].startswith("FP8 sensitivity of 6 layer(s)")
     assert (tmp_path / "report" / "sensitivity.md").is_file()
+
+
+def test_an_interrupted_run_keeps_its_finished_rows(fp8v_dir, tmp_path, monkeypatch):
+    from mllama_export.validate import sensitivity
+
+    calls = []
+    judge = sensitivity.judge
+
+    def judge_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return judge(*args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "judge", judge_twice)
+    out = tmp_path / "report"
+    with pytest.raises(KeyboardInterrupt):
+        run_sensitivity(fp8v_dir, layers=["vision.transformer.*"], steps=1, out_dir=out)
+    saved = json.loads((out / "sensitivity.json").read_text())
+    assert not saved["complete"] and len(saved["layers"]) == 2 and saved["combined"] is None
+    assert "INCOMPLETE, 2 of 24 layers finished" in (out / "sensitivity.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["sensitivity.json", "sensitivity.md"]
+
+
+def test_a_vision_pattern_on_a_build_without_fp8_vision_names_the_flag(fp8v_dir, tmp_path):
+    copy = tmp_path / "no-vision"
+    shutil.copytree(fp8v_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    layers = manifest["quantization"]["layers"]
+    manifest["quantization"]["layers"] = {k: v for k, v in layers.items() if k.startswith("text")}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MllamaExportError, match="only in builds with --fp8-vision"):
+        run_sensitivity(copy, layers=["vision.*"])

@@ -25,7 +25,7 @@ import copy
 import math
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ import numpy as np
 from mllama_export.engines.runner import Limits, Runner
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import PRESETS, MllamaConfig
+from mllama_export.graphs.progress import info, step
 
 from .evalset import EvalCase, build_evalset
 from .metrics import compare
@@ -54,7 +55,6 @@ __all__ = [
 ]
 
 REFERENCES = ("graphs", "transformers")
-Progress = Callable[[str], None]
 
 
 @dataclass
@@ -354,9 +354,11 @@ def judge(
     thresholds: Thresholds,
     precision: str,
     backend: str,
-    progress: Progress | None = None,
+    log_cases: bool = True,
 ) -> DriftReport:
-    """Every stage of every case of ``runner`` against ``reference``, teacher-forced."""
+    """Every stage of every case of ``runner`` against ``reference``, teacher-forced; with
+    ``log_cases``, one line per case to the ``mllama_export`` logger naming the metric that
+    decides it."""
     if steps < 0:
         raise MllamaExportError(f"steps {steps}: expected 0 or more decode steps")
     if not cases:
@@ -382,14 +384,8 @@ def judge(
             stages.append((f"decode[{i}]", compare(a, r, True, **ties)))
         results = [report.record(stage, case.name, m, thresholds) for stage, m in stages]
         tokens[case.name] = ref.tokens.T.tolist()
-        if progress is not None:
-            first = next((r.stage for r in results if not r), None)
-            worst = max(r.metrics.rel_l2 for r in results)
-            verdict = "pass" if first is None else f"FAIL from {first}"
-            progress(
-                f"{case.name}: {verdict} (worst rel_l2 {_fmt(worst)}, "
-                f"{time.perf_counter() - start:.2f}s)"
-            )
+        if log_cases:
+            info(_case_line(case.name, results, time.perf_counter() - start))
     report.extra.update(
         steps=steps,
         teacher_forcing="both sides are fed the reference's greedy token at every decode step",
@@ -397,6 +393,23 @@ def judge(
         reference_tokens=tokens,
     )
     return report
+
+
+def _case_line(name: str, results, seconds: float) -> str:
+    """``case: pass; decided by cosine=0.9941 (limit >= 0.99) at decode[3], 59% of its
+    limit; worst rel_l2 3.1e-03 (limit <= 0.05)``: the check nearest its limit (among the
+    failing ones, if any), which is what decides the verdict, and the rel_l2 the plot shows."""
+    first = next((r.stage for r in results if not r), None)
+    pool = [(r, c) for r in results for c in (r.violations if first else r.checks)]
+    verdict = "pass" if first is None else f"FAIL from {first}"
+    line = f"{name}: {verdict}"
+    if pool:
+        stage, check = max(pool, key=lambda rc: rc[1].ratio)
+        line += f"; decided by {check.describe()} at {stage.stage}, {check.ratio:.0%} of its limit"
+        if check.metric == "rel_l2":
+            return f"{line}, {seconds:.2f}s"
+    rel = max(results, key=lambda r: r.metrics.rel_l2)
+    return f"{line}; worst rel_l2 {_fmt(rel.metrics.rel_l2)} (the plot's), {seconds:.2f}s"
 
 
 def _fmt(x: float) -> str:
@@ -412,7 +425,6 @@ def run_gate(
     steps: int = 8,
     checkpoint: str | Path | None = None,
     device: str = "cpu",
-    progress: Progress | None = None,
 ) -> DriftReport:
     """Judges the artifact folder's graphs on ``backend`` against the float32 reference.
 
@@ -430,14 +442,16 @@ def run_gate(
         )
     limits = load_thresholds(thresholds)
     manifest = read_manifest(artifacts)
-    runner = load_runner(artifacts, backend, device)
+    with step(f"loading {artifacts} ({backend} on {device})"):
+        runner = load_runner(artifacts, backend, device)
     precision = manifest["precision"]
     if cases is None:
         cases = build_evalset(runner.config, runner.limits, steps)
     source = resolve_checkpoint(manifest, checkpoint)
     with ExitStack() as stack:
-        ref = make_reference(reference, manifest, source, stack)
-        report = judge(runner, ref, cases, steps, limits, precision, backend, progress)
+        with step(f"loading the {reference} reference from {source.describe()}"):
+            ref = make_reference(reference, manifest, source, stack)
+        report = judge(runner, ref, cases, steps, limits, precision, backend)
     report.extra = {
         "artifacts": str(artifacts),
         "device": device,

@@ -453,10 +453,14 @@ def plot_rel_l2(rep: DriftReport, path: str | Path) -> Path:
     steps = [stage_order(r.stage)[1] for r in rep.results if stage_order(r.stage)[0] == 2]
     n_steps = max(steps) + 1 if steps else 0
 
-    fig = Figure(figsize=(12, 6), dpi=110, layout="constrained")
+    fig = Figure(figsize=(12, 8.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    ax_pre, ax_dec = fig.subplots(
-        1, 2, sharey=True, gridspec_kw={"width_ratios": [1, 4.5], "wspace": 0.02}
+    (ax_pre, ax_dec), (bud_pre, bud_dec) = fig.subplots(
+        2,
+        2,
+        sharey="row",
+        sharex="col",
+        gridspec_kw={"width_ratios": [1, 4.5], "height_ratios": [3, 2], "wspace": 0.02},
     )
     ax_dec.set_yscale("log")
 
@@ -530,15 +534,16 @@ def plot_rel_l2(rep: DriftReport, path: str | Path) -> Path:
             Line2D([], [], color="red", ls=":", label=f"NaN/inf drawn at {fmt_value(top_y)}")
         )
 
-    ax_pre.set_xticks([0, 1], ["vision\n(K/V)", "prefill"])
+    _plot_budget(rep, bud_pre, bud_dec, jitter, ms)
+    bud_pre.set_xticks([0, 1], ["vision\n(K/V)", "prefill"])
     ax_pre.set_xlim(-0.6, 1.6)
-    ax_pre.set_xlabel("stage")
+    bud_pre.set_xlabel("stage")
     ax_pre.set_ylim(floor_y / 3, top_y * 3)
     ax_pre.set_ylabel("relative L2 error ‖actual − ref‖₂ / ‖ref‖₂\n(dimensionless, log scale)")
     ticks = _decode_ticks(n_steps)
     ax_dec.set_xticks(ticks, [str(t) for t in ticks])
     ax_dec.set_xlim(-0.6, max(n_steps - 1, 0) + 0.6)
-    ax_dec.set_xlabel("decode step (logits of generated token i)")
+    bud_dec.set_xlabel("decode step (logits of generated token i)")
     ax_dec.tick_params(axis="y", labelleft=False)
     if not n_steps:
         ax_dec.text(0.5, 0.5, "no decode steps", transform=ax_dec.transAxes, ha="center")
@@ -547,9 +552,11 @@ def plot_rel_l2(rep: DriftReport, path: str | Path) -> Path:
         ax.grid(True, which="minor", axis="y", alpha=0.15)
         ax.grid(True, which="major", axis="x", alpha=0.25)
     verdict = "PASS" if rep.passed else "FAIL"
+    worst = rep.worst
+    decided = "" if worst is None else f"\ndecided by {worst.describe()}"
     fig.suptitle(
         f"{verdict}: drift of {rep.backend} vs {rep.reference}, {rep.precision} "
-        f"(thresholds {rep.thresholds_version})",
+        f"(thresholds {rep.thresholds_version}){decided}",
         fontsize=12,
         color="black" if rep.passed else "darkred",
     )
@@ -559,6 +566,47 @@ def plot_rel_l2(rep: DriftReport, path: str | Path) -> Path:
     out = Path(path)
     fig.savefig(out, format="png")
     return out
+
+
+def _plot_budget(rep: DriftReport, ax_pre, ax_dec, jitter: float, ms: float) -> None:
+    """Per stage, the share of its limit used by the metric nearest its limit (the one that
+    decides the verdict; 1 = at the limit), with that metric named at the worst point."""
+    by_case = rep.by_case()
+    n_cases = max(len(by_case), 1)
+    shown = []
+    for i, (_, rs) in enumerate(by_case.items()):
+        color, marker = f"C{i % 10}", "osD^vPX<>h"[(i // 10) % 10]
+        pre, dec = ([], []), ([], [])
+        for r in rs:
+            pool = r.violations or r.checks
+            if not pool:
+                continue
+            check = max(pool, key=lambda c: c.ratio)
+            y = min(max(check.ratio, 1e-6), 1e6)
+            group, step = stage_order(r.stage)
+            x = group + (i - (n_cases - 1) / 2) * jitter if group < 2 else step
+            target = pre if group < 2 else dec
+            target[0].append(x)
+            target[1].append(y)
+            shown.append((y, x, group < 2, check.metric))
+        ax_pre.plot(*pre, ls="none", color=color, marker=marker, ms=8, zorder=3)
+        ax_dec.plot(*dec, color=color, marker=marker, ms=ms, lw=1.5, zorder=3)
+    top = max((y for y, *_ in shown), default=1.0)
+    if top > 3:  # far over the limit: a log scale keeps the passing stages readable
+        ax_dec.set_yscale("log")
+    else:
+        ax_dec.set_ylim(0, max(1.1, 1.1 * top))
+    for ax in (ax_pre, ax_dec):
+        ax.axhline(1.0, color="red", ls="--", lw=1.3, zorder=2)
+        ax.grid(True, which="major", axis="y", alpha=0.5)
+    ax_pre.set_ylabel("share of its limit used\n(the metric nearest its limit)")
+    if shown:
+        y, x, left, metric = max(shown)
+        (ax_pre if left else ax_dec).annotate(
+            metric, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9
+        )
+    ax_dec.text(1.0, 1.0, " limit", color="red", transform=ax_dec.get_yaxis_transform(),
+                va="center", fontsize=9)  # fmt: skip
 
 
 def iter_stage_names(n_decode: int, vision: bool = True) -> Iterable[str]:

@@ -15,14 +15,16 @@ when a build fails the gate, typically the vision encoder's layers under ``--fp8
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mllama_export.engines.runner import Limits
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.progress import bar, info, step
 
 from .evalset import EvalCase, build_evalset
 from .gate import GraphsReference, Trace, judge, resolve_checkpoint
@@ -30,8 +32,6 @@ from .report import DriftReport, jsonable, stage_kind
 from .thresholds import fmt_value, load_thresholds
 
 __all__ = ["LayerSensitivity", "SensitivityReport", "run_sensitivity"]
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -73,15 +73,27 @@ class LayerSensitivity:
 @dataclass
 class SensitivityReport:
     layers: list[LayerSensitivity]  # most sensitive first
-    combined: LayerSensitivity  # every listed layer at once
+    combined: LayerSensitivity | None  # every listed layer at once (None: not run yet)
     thresholds_version: str
     extra: dict[str, object] = field(default_factory=dict)
+    total: int | None = None  # layers asked for; more than len(layers) while it runs
+
+    @property
+    def complete(self) -> bool:
+        return self.combined is not None and len(self.layers) == (self.total or len(self.layers))
 
     def summary_line(self) -> str:
+        if not self.layers:
+            return "FP8 sensitivity: no layer finished yet"
         top = self.layers[0]
-        return (
+        head = (
             f"FP8 sensitivity of {len(self.layers)} layer(s): most sensitive {top.label} "
-            f"(budget {top.budget:.2f}); all together budget {self.combined.budget:.2f} "
+            f"(budget {top.budget:.2f})"
+        )
+        if not self.complete:
+            return f"{head}; INCOMPLETE, {len(self.layers)} of {self.total} layers finished"
+        return (
+            f"{head}; all together budget {self.combined.budget:.2f} "
             f"({'pass' if self.combined.report.passed else 'FAIL'}, fp8 thresholds "
             f"{self.thresholds_version})"
         )
@@ -89,8 +101,9 @@ class SensitivityReport:
     def to_dict(self) -> dict[str, object]:
         return {
             "summary": self.summary_line(),
+            "complete": self.complete,
             "thresholds_version": self.thresholds_version,
-            "combined": self.combined.to_dict(),
+            "combined": None if self.combined is None else self.combined.to_dict(),
             "layers": [layer.to_dict() for layer in self.layers],
             **({"extra": self.extra} if self.extra else {}),
         }
@@ -99,14 +112,21 @@ class SensitivityReport:
         return _markdown(self)
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write ``sensitivity.json`` and ``sensitivity.md`` into ``out_dir``."""
+        """Write ``sensitivity.json`` and ``sensitivity.md`` into ``out_dir``, each atomically
+        (a reader never sees half a file, an interruption never leaves one)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "sensitivity.json", "md": out / "sensitivity.md"}
         text = json.dumps(jsonable(self.to_dict()), indent=2, allow_nan=False)
-        paths["json"].write_text(text + "\n", encoding="utf-8")
-        paths["md"].write_text(self.to_markdown(), encoding="utf-8")
+        _write_atomically(paths["json"], text + "\n")
+        _write_atomically(paths["md"], self.to_markdown())
         return paths
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 class _Cached:
@@ -153,9 +173,22 @@ def _fp8_layers(manifest: dict, patterns: Sequence[str]) -> dict[str, float]:
     if not amax:
         raise MllamaExportError("these fp8 artifacts hold no FP8 layer; nothing to rank")
     if patterns:
-        chosen = match_layers(list(amax), patterns, "--layers")
+        chosen = match_layers(list(amax), patterns, "--layers", also=_vision_linears(manifest))
         amax = {name: value for name, value in amax.items() if name in chosen}
     return amax
+
+
+def _vision_linears(manifest: dict) -> list[str]:
+    """Every layer an --fp8-vision build would quantize, from a model on the meta device."""
+    import torch
+
+    from mllama_export.graphs.config import MllamaConfig
+    from mllama_export.graphs.model import MllamaModel
+    from mllama_export.graphs.quant import quantizable_linears
+
+    with torch.device("meta"):
+        model = MllamaModel(MllamaConfig.from_hf_dict(manifest["model"]["config"]))
+    return quantizable_linears(model, vision=True)
 
 
 def run_sensitivity(
@@ -165,11 +198,14 @@ def run_sensitivity(
     cases: Sequence[EvalCase] | None = None,
     steps: int = 8,
     checkpoint: str | Path | None = None,
-    progress: Progress | None = None,
+    out_dir: str | Path | None = None,
 ) -> SensitivityReport:
     """Ranks the FP8 layers of ``artifacts`` (those matching the glob ``layers``; default
     all) by the share of the fp8 budget each uses alone. One gate run per layer, in PyTorch
-    on the CPU; the artifacts' own graphs are not run (``validate`` judges those)."""
+    on the CPU; the artifacts' own graphs are not run (``validate`` judges those).
+
+    With ``out_dir`` the report is rewritten there (atomically) after every layer, marked
+    incomplete until the last run, so that an interrupted run keeps its finished rows."""
     from mllama_export.exporter.manifest import read_manifest
 
     start = time.perf_counter()
@@ -178,33 +214,41 @@ def run_sensitivity(
     limits_file = load_thresholds(thresholds)
     limits = Limits(**manifest["limits"])
     source = resolve_checkpoint(manifest, checkpoint)
-    model = source.load(manifest["model"]["xattn_mask"])
+    with step(f"loading the float32 reference from {source.describe()}"):
+        model = source.load(manifest["model"]["xattn_mask"])
     if cases is None:
         cases = build_evalset(source.config, limits, steps)
-    reference = _Cached(GraphsReference(model, limits), cases, steps)
+    with step(f"the unquantized reference on {len(cases)} case(s)"):
+        reference = _Cached(GraphsReference(model, limits), cases, steps)
 
     def gate(label: str, chosen: dict[str, float]) -> LayerSensitivity:
         with _in_fp8(model, chosen):
             runner = GraphsReference(model, limits).runner  # graph modules see the swap
-            report = judge(runner, reference, cases, steps, limits_file, "fp8", f"FP8 {label}")
+            report = judge(
+                runner, reference, cases, steps, limits_file, "fp8", f"FP8 {label}", False
+            )
         return LayerSensitivity(label, report)
 
-    results = []
-    for i, (name, value) in enumerate(amax.items(), start=1):
-        results.append(gate(name, {name: value}))
-        if progress is not None:
-            progress(f"[{i}/{len(amax)}] {name}: budget {results[-1].budget:.3f}")
-    combined = gate(f"all {len(amax)} layers", amax)
-    results.sort(key=lambda r: (-r.budget, r.label))
     extra = {
         "artifacts": str(artifacts),
         "reference_weights": source.describe(),
         "cases": [c.name for c in cases],
         "steps": steps,
         "thresholds_source": limits_file.source,
-        "seconds": round(time.perf_counter() - start, 2),
     }
-    return SensitivityReport(results, combined, limits_file.version, extra)
+    report = SensitivityReport([], None, limits_file.version, extra, total=len(amax))
+    for name, value in bar(amax.items(), len(amax), "FP8 layers, one at a time", "layers"):
+        report.layers.append(gate(name, {name: value}))
+        report.layers.sort(key=lambda r: (-r.budget, r.label))
+        info(f"{name}: budget {next(r for r in report.layers if r.label == name).budget:.3f}")
+        if out_dir is not None:
+            report.write(out_dir)
+    with step(f"all {len(amax)} layers at once"):
+        report.combined = gate(f"all {len(amax)} layers", amax)
+    report.extra["seconds"] = round(time.perf_counter() - start, 2)
+    if out_dir is not None:
+        report.write(out_dir)
+    return report
 
 
 def _row(rank: str, s: LayerSensitivity) -> str:
@@ -240,9 +284,11 @@ def _markdown(rep: SensitivityReport) -> str:
         "",
         "| rank | layer | budget | vision rel_l2 | logits rel_l2 | top1 min | KL max | worst |",
         "|---:|---|---:|---:|---:|---:|---:|---|",
-        _row("all", rep.combined),
+        *([_row("all", rep.combined)] if rep.combined is not None else []),
     ]
     lines += [_row(str(i), s) for i, s in enumerate(rep.layers, start=1)]
+    if not rep.layers:
+        return "\n".join(lines) + "\n"
     top = rep.layers[0].label
     lines += [
         "",

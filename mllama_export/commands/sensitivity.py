@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -13,8 +14,9 @@ from ._shared import gate_options
     "--layers",
     multiple=True,
     metavar="PATTERN",
-    help="Only the FP8 layers matching this glob (repeatable), e.g. 'vision.*'  "
-    "[default: every FP8 layer of the artifacts]",
+    help="Only the FP8 layers matching this glob (repeatable), e.g. 'text.layers.1.*' "
+    "('vision.*' needs artifacts built with --fp8-vision)  [default: every FP8 layer of the "
+    "artifacts]",
 )
 @click.option(
     "--report",
@@ -34,24 +36,35 @@ from ._shared import gate_options
 def command(folder, layers, thresholds, report_dir, evalset, steps, checkpoint, top):
     """Rank an fp8 artifact folder's FP8 layers by how much of the accuracy gate's fp8 budget
     each uses alone (the float32 PyTorch reference with one layer in FP8, judged by the gate).
-    The top layers are the candidates for `build --fp8-exclude`."""
+    The top layers are the candidates for `build --fp8-exclude`. The report is rewritten after
+    every layer, so an interrupted run keeps the rows it finished (marked incomplete).
+
+    \b
+    Examples:
+      mllama-export sensitivity out/tiny-fp8
+      mllama-export sensitivity out/tiny-fp8 --layers 'text.layers.1.*' --steps 2 --top 5
+    """
     from mllama_export.validate.evalset import load_evalset
     from mllama_export.validate.sensitivity import run_sensitivity
 
+    out = report_dir if report_dir is not None else folder / "sensitivity"
     cases = load_evalset(evalset, folder) if evalset is not None else None
-    report = run_sensitivity(
-        folder,
-        layers=layers,
-        thresholds=thresholds,
-        cases=cases,
-        steps=steps,
-        checkpoint=checkpoint,
-        progress=lambda msg: click.echo(f"  {msg}", err=True),
-    )
-    paths = report.write(report_dir if report_dir is not None else folder / "sensitivity")
+    try:
+        report = run_sensitivity(
+            folder,
+            layers=layers,
+            thresholds=thresholds,
+            cases=cases,
+            steps=steps,
+            checkpoint=checkpoint,
+            out_dir=out,
+        )
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; the layers finished so far are in {out}", err=True)
+        sys.exit(130)
     click.echo(f"{'rank':>4}  {'budget':>7}  layer")
     click.echo(f"{'all':>4}  {report.combined.budget:7.3f}  {report.combined.label}")
     for i, layer in enumerate(report.layers[:top], start=1):
         click.echo(f"{i:4d}  {layer.budget:7.3f}  {layer.label}")
-    click.echo(f"wrote {paths['json']}, {paths['md'].name}")
+    click.echo(f"wrote {out / 'sensitivity.json'}, sensitivity.md")
     click.echo(report.summary_line())

@@ -18,10 +18,10 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
 @click.option(
     "--preset",
     "name",
-    type=click.Choice(["tiny", "11b", "90b"]),
     default="tiny",
     show_default=True,
-    help="Model geometry to write.",
+    help="Model geometry to write: tiny, 11b or 90b, or a checkpoint folder or Hugging Face "
+    "Hub id whose config.json to copy (its weights are not read).",
 )
 @click.option(
     "--out",
@@ -95,6 +95,11 @@ def command(
     the same bytes. The tiny preset also gets a working tokenizer and chat template. The layer
     options write a shallower model of the same widths, e.g. for benchmarks at the 11B
     geometry; its config.json describes that model, so `build --model` exports it.
+
+    \b
+    Examples:
+      mllama-export synth --preset tiny --out ckpt/tiny --shards 3
+      mllama-export synth --preset 11b --text-layers 2 --dtype bf16 --max-shard-size 2GB --out ckpt/11b-2
     """
     import torch
 
@@ -152,10 +157,12 @@ def parse_size(text: str) -> int:
 def _config(
     name: str, layers: tuple[int | None, int | None, int | None], cross: tuple[int, ...] | None
 ) -> MllamaConfig:
-    """The preset, or its first layers where any of the layer options was given."""
-    from mllama_export.graphs.config import preset, truncated
+    """The preset (or a checkpoint's config), or its first layers where any of the layer
+    options was given."""
+    from mllama_export.graphs.config import truncated
+    from mllama_export.graphs.resolve import resolve_model
 
-    config = preset(name)
+    config = resolve_model(name, "--preset", config_file=True).config
     if layers == (None, None, None) and cross is None:
         return config
     t, v = config.text, config.vision

@@ -31,7 +31,14 @@ from ._shared import backend_option, device_option, gate_options
 def command(folder, backend, reference, thresholds, report_dir, evalset, steps, checkpoint, device):
     """Judge an artifact folder's drift from the float32 PyTorch reference, stage by stage
     (vision K/V, prefill logits, every decode step, teacher-forced). Exit 0: pass, 1: drift
-    over the limits, 2: bad input. The last line printed is the verdict."""
+    over the limits, 2: bad input. The last line printed is the verdict; each case's line
+    (stderr) names the metric that decides it, and drift.png shows it per stage.
+
+    \b
+    Examples:
+      mllama-export validate out/tiny
+      mllama-export validate out/tiny --steps 2 --report out/tiny-drift
+    """
     from mllama_export.validate.evalset import load_evalset
     from mllama_export.validate.gate import run_gate
 
@@ -45,7 +52,6 @@ def command(folder, backend, reference, thresholds, report_dir, evalset, steps, 
         steps=steps,
         checkpoint=checkpoint,
         device=device,
-        progress=lambda msg: click.echo(f"  {msg}", err=True),
     )
     paths = report.write(report_dir if report_dir is not None else folder / "drift")
     click.echo(f"wrote {paths['json']}, {paths['md'].name}, {paths['png'].name}")
