@@ -82,10 +82,11 @@ def build(options: BuildOptions) -> Path:
 
 def _check_before_work(options: BuildOptions, out: Path) -> tuple[ResolvedModel, CheckPlan]:
     """Everything that can be refused is refused before a lock, a folder or a tensor exists."""
-    _check_out(out, options.force)
+    _check_out(out)
+    if Path(options.model).exists():  # before a Hub id could be fetched
+        _check_apart(out, Path(options.model), options.model)
+    check_replaceable(out, options.force)
     source = resolve_model(options.model)
-    if source.path is not None:
-        _check_apart(out, source.path, options.model)
     config = source.config
     options.check(config)
     if options.precision == "fp8":
@@ -95,7 +96,7 @@ def _check_before_work(options: BuildOptions, out: Path) -> tuple[ResolvedModel,
     return source, plan_check(options, config)
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _check_out(out: Path) -> None:
     for parent in out.absolute().parents:
         if parent.exists() and not parent.is_dir():
             raise MllamaExportError(f"--out {out}: {parent} is a file, not a folder")
@@ -105,7 +106,6 @@ def _check_out(out: Path, force: bool) -> None:
             f"--out {out} is {'the current folder' if here == target else 'a folder holding the current folder'} "
             f"({here}); the build replaces --out as a whole. Choose a new folder, e.g. --out out/model"
         )
-    check_replaceable(out, force)
 
 
 def _check_apart(out: Path, model: Path, given: str) -> None:

@@ -59,10 +59,21 @@ def request(model: str, given: dict, gpu: str, prompt_len, tiles) -> PlanRequest
         config = MllamaConfig.from_hf_dict(manifest["model"]["config"])
         base = {"precision": manifest["precision"], **manifest["limits"]}
         label = f"{model} (artifacts of {manifest['model'].get('source')})"
+        origin = "the artifacts'"
     else:
         resolved = resolve_model(model, config_file=True)
         config, base, label = resolved.config, dict(DEFAULTS), model
+        origin = "build's default"
     chosen = {**base, **{k: v for k, v in given.items() if v is not None}}
+    if (
+        prompt_len is not None
+        and given.get("max_seq_len") is None
+        and prompt_len > chosen["max_seq_len"]
+    ):
+        raise MllamaExportError(
+            f"--prompt-len {prompt_len} exceeds --max-seq-len {chosen['max_seq_len']} ({origin}); "
+            f"expected 1..{chosen['max_seq_len']}, or pass a larger --max-seq-len"
+        )
     return PlanRequest(label, config, **chosen, gpu=gpu, prompt_len=prompt_len, tiles=tiles)
 
 

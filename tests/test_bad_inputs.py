@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from mllama_export.cli import main
 from mllama_export.engines.preprocess import ImageProcessorConfig, preprocess
 from mllama_export.engines.runner import Runner
+from mllama_export.engines.sampling import Sampling
 from mllama_export.engines.text import Tokenizer
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.build import build
@@ -43,6 +44,15 @@ from mllama_export.validate.evalset import EvalCase
 from mllama_export.validate.gate import run_gate
 
 IMG = "<|image|>"
+
+
+def _cuda_runs() -> bool:
+    from mllama_export.engines.onnxrt import cuda_runs
+
+    return cuda_runs()
+
+
+NO_CUDA = pytest.mark.skipif(_cuda_runs(), reason="CUDA runs here: --device cuda is no mistake")
 ROOT_SKIP = pytest.mark.skipif(
     hasattr(os, "geteuid") and os.geteuid() == 0,
     reason="running as root: permission bits do not stop root from reading the folder",
@@ -173,6 +183,36 @@ class Ctx:
 
     def build_args(self, *extra) -> list:
         return ["build", "--model", self.ckpt(), "--out", self.tmp / "o", *extra]
+
+    def chdir(self, folder: Path) -> Path:
+        here = Path.cwd()
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chdir(folder)
+        self.cleanups.append(lambda: os.chdir(here))
+        return folder
+
+    def env(self, **values: str) -> None:
+        saved = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        self.cleanups.append(
+            lambda: [os.environ.pop(k, None) if v is None else os.environ.update({k: v})
+                     for k, v in saved.items()]
+        )  # fmt: skip
+
+    def patch(self, target: object, name: str, value: object) -> None:
+        saved = getattr(target, name)
+        setattr(target, name, value)
+        self.cleanups.append(lambda: setattr(target, name, saved))
+
+    def fp8_manifest(self) -> Path:
+        """An artifact copy whose manifest says fp8 with text layers only (no --fp8-vision)."""
+
+        def change(m):
+            m["precision"] = "fp8"
+            layer = {"input_amax": 1.0, "input_scale": 1.0, "weight_scale_range": [1.0, 1.0]}
+            m["quantization"] = {"layers": {"text.layers.0.self_attn.q_proj": layer}}
+
+        return self.manifest(change)
 
 
 def _flip_byte(path: Path) -> None:
@@ -339,6 +379,82 @@ def _manifest_text(text: str) -> Callable[[Ctx], list]:
     return setup
 
 
+def _force_over_user_files(ctx: Ctx) -> list:
+    folder = ctx.file("thesis/thesis.txt", "three years of work\n").parent
+    return ["build", "--model", ctx.ckpt(), "--out", folder, "--force"]
+
+
+def _force_over_a_file(ctx: Ctx) -> list:
+    return ["build", "--model", ctx.ckpt(), "--out", ctx.file("notes.txt", "mine"), "--force"]
+
+
+def _out_is_the_current_folder(ctx: Ctx) -> list:
+    ckpt = ctx.ckpt()
+    ctx.chdir(ctx.tmp / "work")
+    return ["build", "--model", ckpt, "--out", ".", "--force"]
+
+
+def _out_holds_the_current_folder(ctx: Ctx) -> list:
+    ckpt = ctx.ckpt()
+    ctx.chdir(ctx.tmp / "outer" / "inner")
+    return ["build", "--model", ckpt, "--out", "..", "--force"]
+
+
+def _out_is_the_checkpoints_parent(ctx: Ctx) -> list:
+    ckpt = Path(shutil.copytree(ctx.world.tiny_dir, ctx.tmp / "models" / "tiny"))
+    return ["build", "--model", ckpt, "--out", ctx.tmp / "models", "--force"]
+
+
+def _our_artifacts_without_force(ctx: Ctx) -> list:
+    return ["build", "--model", ctx.ckpt(), "--out", ctx.art()]
+
+
+def _our_artifacts_with_a_user_file(ctx: Ctx) -> list:
+    folder = ctx.art()
+    (folder / "my-notes.md").write_text("results of last week\n")
+    return ["build", "--model", ctx.ckpt(), "--out", folder, "--force"]
+
+
+def _hub_id_not_cached(command: str) -> Callable[[Ctx], list]:
+    def setup(ctx: Ctx) -> list:
+        ctx.env(HF_HUB_CACHE=str(ctx.tmp / "hf-cache"), HF_HUB_OFFLINE="1")
+        hub = "meta-llama/Llama-3.2-11B-Vision-Instruct"
+        return {
+            "build": ["build", "--model", hub, "--out", ctx.tmp / "o"],
+            "plan": ["plan", "--model", hub],
+            "synth": ["synth", "--preset", hub, "--out", ctx.tmp / "s"],
+            "validate": ["validate", ctx.shared, "--checkpoint", hub],
+        }[command]
+
+    return setup
+
+
+def _check_full_without_memory(ctx: Ctx) -> list:
+    from mllama_export.exporter import checkplan
+
+    ctx.patch(checkplan, "available_memory", lambda: 1 << 30)
+    return ctx.build_args("--check-depth", "full")
+
+
+def _no_memory_even_for_a_reduced_copy(ctx: Ctx) -> list:
+    from mllama_export.exporter import checkplan
+
+    ctx.patch(checkplan, "available_memory", lambda: 1 << 28)
+    return ctx.build_args("--precision", "fp16")
+
+
+def _inspect_flipped(ctx: Ctx) -> list:
+    folder = ctx.art()
+    _flip_byte(folder / "onnx" / "vision.onnx")
+    return ["inspect", folder]
+
+
+def _inspect_missing_graph(ctx: Ctx) -> list:
+    folder = ctx.art()
+    (folder / "onnx" / "decode.onnx").unlink()
+    return ["inspect", folder]
+
+
 def _validate_meta(ctx: Ctx) -> list:
     folder = ctx.manifest(lambda m: m["model"].update(xattn_mask="meta"))
     return ["validate", folder, "--reference", "transformers"]
@@ -477,29 +593,103 @@ ROWS = [
     cli(
         "synth-unknown-preset",
         lambda c: ["synth", "--preset", "7b", "--out", c.tmp / "s"],
-        "'7b' is not one of",
-        "'tiny', '11b', '90b'",
+        "--preset '7b' is neither a checkpoint folder, a preset",
+        "tiny, 11b, 90b",
+    ),
+    cli(
+        "synth-hub-id-not-in-the-cache",
+        _hub_id_not_cached("synth"),
+        "as a Hugging Face Hub id it is not in the cache",
+        "huggingface-cli download meta-llama/Llama-3.2-11B-Vision-Instruct",
     ),
     # -- build: options -------------------------------------------------------------------------
     cli(
         "build-model-neither-path-nor-preset",
         lambda c: ["build", "--model", c.tmp / "nowhere", "--out", c.tmp / "o"],
-        "neither a checkpoint folder nor a preset",
+        "is neither a checkpoint folder, a preset",
         "tiny, 11b, 90b",
         marks=AFTER_LOCK,
     ),
     cli(
         "build-model-is-a-file",
         lambda c: ["build", "--model", c.file("weights.safetensors", "x"), "--out", c.tmp / "o"],
-        "neither a checkpoint folder nor a preset",
-        "tiny, 11b, 90b",
+        "is a file; expected a checkpoint folder",
+        "a preset (tiny, 11b, 90b) or a Hugging Face Hub id",
         marks=AFTER_LOCK,
     ),
     cli(
-        "build-out-exists-without-force",
+        "build-out-holds-user-files-without-force",
         lambda c: ["build", "--model", c.ckpt(), "--out", c.file("o/keep.txt", "x").parent],
+        "holds files mllama-export did not write (keep.txt)",
+        "Choose another --out",
+    ),
+    cli(
+        "build-out-is-our-artifacts-without-force",
+        _our_artifacts_without_force,
         "already exists",
-        "pass --force",
+        "pass --force to replace it",
+    ),
+    cli(
+        "build-force-over-a-users-folder",
+        _force_over_user_files,
+        "holds files mllama-export did not write (thesis.txt)",
+        "--force replaces only artifact folders written by `mllama-export build`",
+    ),
+    cli(
+        "build-force-over-our-artifacts-with-a-user-file",
+        _our_artifacts_with_a_user_file,
+        "holds files mllama-export did not write (my-notes.md)",
+        "Choose another --out",
+    ),
+    cli(
+        "build-force-over-a-regular-file",
+        _force_over_a_file,
+        "notes.txt is a file",
+        "expected a folder to write the artifacts into",
+    ),
+    cli(
+        "build-out-is-the-current-folder",
+        _out_is_the_current_folder,
+        "--out . is the current folder",
+        "Choose a new folder",
+    ),
+    cli(
+        "build-out-holds-the-current-folder",
+        _out_holds_the_current_folder,
+        "--out .. is a folder holding the current folder",
+        "Choose a new folder",
+    ),
+    cli(
+        "build-out-is-the-checkpoints-parent",
+        _out_is_the_checkpoints_parent,
+        "holds --model",
+        "replacing it would delete the checkpoint",
+    ),
+    cli(
+        "build-hub-id-not-in-the-cache",
+        _hub_id_not_cached("build"),
+        "as a Hugging Face Hub id it is not in the cache",
+        "hf-cache (HF_HUB_OFFLINE is set)",
+    ),
+    cli(
+        "build-check-depth-full-without-the-memory",
+        _check_full_without_memory,
+        "--check-depth full needs",
+        "use --check-depth auto",
+    ),
+    cli(
+        "build-no-memory-even-for-a-reduced-check",
+        _no_memory_even_for_a_reduced_copy,
+        "even on a reduced copy of the model",
+        "free memory, or build --precision bf16",
+    ),
+    cli(
+        "build-fp8-exclude-vision-without-fp8-vision",
+        lambda c: c.build_args(
+            "--precision", "fp8", "--fp8-exclude", "vision.global_transformer.*"
+        ),
+        "'vision.global_transformer.*' matches none",
+        "only in builds with --fp8-vision",
     ),
     cli(
         "build-out-under-a-file",
@@ -732,8 +922,26 @@ ROWS = [
     cli(
         "plan-model-neither",
         lambda c: ["plan", "--model", c.tmp / "nowhere"],
-        "is neither a preset (tiny, 11b, 90b)",
-        "nor an existing checkpoint folder",
+        "is neither a checkpoint folder, a preset (tiny, 11b, 90b)",
+        "nor a Hugging Face Hub id",
+    ),
+    cli(
+        "plan-hub-id-not-in-the-cache",
+        _hub_id_not_cached("plan"),
+        "as a Hugging Face Hub id it is not in the cache",
+        "or pass a checkpoint folder",
+    ),
+    cli(
+        "plan-precision-unknown",
+        lambda c: ["plan", "--model", "11b", "--precision", "int4"],
+        "Invalid value for '--precision'",
+        "'fp32', 'fp16', 'bf16', 'fp8'",
+    ),
+    cli(
+        "plan-artifacts-with-a-broken-manifest",
+        lambda c: ["plan", "--model", c.manifest(lambda m: m.pop("limits"))],
+        "missing key(s) ['limits']",
+        "rebuild the artifacts",
     ),
     cli(
         "plan-zero-batch",
@@ -744,8 +952,8 @@ ROWS = [
     cli(
         "plan-prompt-beyond-seq",
         lambda c: ["plan", "--model", "11b", "--prompt-len", "9000"],
-        "prompt_len 9000 exceeds max_seq_len 8192",
-        "expected 1..8192",
+        "--prompt-len 9000 exceeds --max-seq-len 512 (build's default)",
+        "or pass a larger --max-seq-len",
     ),
     cli(
         "plan-too-many-tiles",
@@ -848,7 +1056,7 @@ ROWS = [
     cli(
         "art-manifest-file-outside",
         _run_on_manifest(lambda m: m["files"].update({"../outside.bin": "0" * 64})),
-        "manifest entry ../outside.bin",
+        "../outside.bin is a manifest entry",
         "points outside the folder",
     ),
     cli(
@@ -870,6 +1078,18 @@ ROWS = [
         "IR version 99",
         "max supported IR version",
         "upgrade onnxruntime",
+    ),
+    cli(
+        "inspect-flipped-byte",
+        _inspect_flipped,
+        "1 of 12 files do not match the manifest (onnx/vision.onnx)",
+        "rebuild the artifacts",
+    ),
+    cli(
+        "inspect-missing-graph",
+        _inspect_missing_graph,
+        "1 of 12 files do not match the manifest (onnx/decode.onnx)",
+        "rebuild the artifacts",
     ),
     cli(
         "inspect-missing-folder",
@@ -964,20 +1184,63 @@ ROWS = [
     cli(
         "run-negative-temperature",
         lambda c: ["run", c.shared, "--prompt", "x", "--temperature", "-1"],
-        "invalid sampling",
-        "expected temperature >= 0",
+        "invalid sampling: temperature -1.0",
+        "expected a finite number >= 0",
+    ),
+    cli(
+        "run-temperature-not-a-number",
+        lambda c: ["run", c.shared, "--prompt", "x", "--temperature", "nan"],
+        "invalid sampling: temperature nan",
+        "0 is greedy",
     ),
     cli(
         "run-negative-top-k",
         lambda c: ["run", c.shared, "--prompt", "x", "--top-k", "-2"],
-        "top_k=-2",
-        "top_k >= 0",
+        "top_k -2",
+        "expected an integer >= 0",
     ),
     cli(
         "run-top-p-above-one",
         lambda c: ["run", c.shared, "--prompt", "x", "--top-p", "1.5"],
-        "top_p=1.5",
-        "0 < top_p <= 1",
+        "top_p 1.5",
+        "expected 0 < top_p <= 1",
+    ),
+    cli(
+        "run-top-p-zero",
+        lambda c: ["run", c.shared, "--prompt", "x", "--top-p", "0"],
+        "top_p 0.0",
+        "1 keeps every token",
+    ),
+    cli(
+        "run-negative-seed",
+        lambda c: ["run", c.shared, "--prompt", "x", "--temperature", "0.8", "--seed", "-1"],
+        "seed -1",
+        "expected an integer >= 0, or none",
+    ),
+    cli(
+        "run-device-cuda-without-cuda",
+        lambda c: ["run", c.shared, "--prompt", "x", "--device", "cuda"],
+        "--device cuda",
+        "use --device cpu",
+        marks=NO_CUDA,
+    ),
+    cli(
+        "run-bf16-on-onnx-runtimes-cpu",
+        _run_on_manifest(lambda m: m.update(io_dtype="bfloat16")),
+        "holds bf16 graphs, which ONNX Runtime's CPU provider cannot run",
+        "use --backend onnx-reference",
+    ),
+    api(
+        "sampling-temperature-negative",
+        lambda c: partial(Sampling, temperature=-0.5),
+        "invalid sampling: temperature -0.5",
+        "expected a finite number >= 0",
+    ),
+    api(
+        "sampling-top-k-not-an-integer",
+        lambda c: partial(Sampling, temperature=0.7, top_k=2.5),
+        "top_k 2.5",
+        "expected an integer >= 0",
     ),
     cli(
         "run-max-new-tokens-not-a-number",
@@ -1265,9 +1528,30 @@ ROWS = [
     ),
     cli(
         "validate-source-gone",
-        lambda c: ["validate", c.manifest(lambda m: m["model"].update(source="/gone/ckpt"))],
-        "model.source '/gone/ckpt' is not a folder here",
+        lambda c: [
+            "validate",
+            c.manifest(lambda m: m["model"].update(source="/gone/ckpt", checkpoint="/gone/ckpt")),
+        ],
+        "model.checkpoint '/gone/ckpt' is not a folder here",
         "pass --checkpoint PATH",
+    ),
+    cli(
+        "validate-checkpoint-hub-id-not-in-the-cache",
+        _hub_id_not_cached("validate"),
+        "--checkpoint 'meta-llama/Llama-3.2-11B-Vision-Instruct' is not a folder here",
+        "not in the cache",
+    ),
+    cli(
+        "sensitivity-vision-layers-without-fp8-vision",
+        lambda c: ["sensitivity", c.fp8_manifest(), "--layers", "vision.*"],
+        "--layers 'vision.*' matches none",
+        "only in builds with --fp8-vision",
+    ),
+    cli(
+        "sensitivity-on-fp32-artifacts",
+        lambda c: ["sensitivity", c.shared],
+        "needs artifacts built with --precision fp8",
+        "these are 'fp32'",
     ),
 ]
 
@@ -1353,6 +1637,6 @@ def test_a_bad_input_gets_one_clear_error_and_changes_nothing(
 
 def test_the_table_is_large_and_its_rows_distinct():
     ids = [p.id for p in ROWS]
-    assert len(ids) == len(set(ids)) and len(ids) >= 45
+    assert len(ids) == len(set(ids)) and len(ids) >= 150
     fragments = [p.values[0].fragments for p in ROWS]
     assert len(set(fragments)) >= 0.9 * len(fragments)  # a handful share one message

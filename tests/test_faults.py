@@ -100,3 +100,42 @@ def test_external_data_outside_the_folder_is_refused(tmp_path, ort_artifacts):
     onnx.save(model, str(out / "onnx/decode.onnx"))
     with pytest.raises(MllamaExportError, match="points outside"):
         check_external_data(out, out / "onnx/decode.onnx")
+
+
+def test_what_a_killed_build_leaves_is_named_and_only_its_own_build_removes_it(
+    tmp_path, ort_artifacts
+):
+    from mllama_export.exporter.outdir import stale_leftovers
+
+    out = tmp_path / "art"
+    shutil.copytree(ort_artifacts, out)
+    result = build_cmd(out, "--force", kill_at="export:vision")
+    assert result.returncode == -signal.SIGKILL
+    left = {x.kind: x for x in stale_leftovers(tmp_path)}
+    assert set(left) == {"partial folder", "lock"}, left
+    assert left["lock"].pid == left["partial folder"].pid  # the lock names its build
+    shown = CliRunner().invoke(main, ["inspect", str(out), "--no-verify"])
+    assert shown.exit_code == 0, shown.output
+    assert f".art.partial-{left['lock'].pid} (partial folder left by build process" in shown.output
+    assert "`mllama-export build --out" in shown.output
+    # a build of another folder beside it names them and leaves them
+    other = build_cmd(tmp_path / "other")
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert "note: " in other.stderr and ".art.partial-" in other.stderr
+    assert left["partial folder"].path.exists()
+    # the next build of the same folder removes them
+    again = build_cmd(out, "--force")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "removed " in again.stderr and stale_leftovers(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "other"]
+
+
+def test_a_live_build_is_not_stale(tmp_path):
+    from mllama_export.exporter.outdir import build_lock, partial_path, stale_leftovers
+
+    out = tmp_path / "art"
+    with build_lock(out):
+        partial_path(out).mkdir()
+        (partial_path(out) / "BUILD-INCOMPLETE").write_text("mllama-export build in progress\n")
+        assert stale_leftovers(tmp_path) == []
+        assert str(os.getpid()) in (tmp_path / ".art.lock").read_text()

@@ -65,7 +65,7 @@ def command(model, precision, max_batch, max_seq_len, max_images, gpu, prompt_le
     \b
     Examples:
       mllama-export plan --model 11b --precision fp8 --max-seq-len 8192
-      mllama-export plan --model 90b --precision bf16 --max-batch 1 --gpu h200
+      mllama-export plan --model 90b --precision fp8 --max-batch 1 --max-images 1 --gpu h200
       mllama-export plan --model out/tiny
     """
     from mllama_export.exporter.fits import plan_text, request

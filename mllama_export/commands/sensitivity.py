@@ -41,7 +41,7 @@ def command(folder, layers, thresholds, report_dir, evalset, steps, checkpoint, 
 
     \b
     Examples:
-      mllama-export sensitivity out/tiny-fp8
+      mllama-export sensitivity out/tiny-fp8 --layers 'text.layers.4.*'
       mllama-export sensitivity out/tiny-fp8 --layers 'text.layers.1.*' --steps 2 --top 5
     """
     from mllama_export.validate.evalset import load_evalset

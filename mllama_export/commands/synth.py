@@ -99,7 +99,7 @@ def command(
     \b
     Examples:
       mllama-export synth --preset tiny --out ckpt/tiny --shards 3
-      mllama-export synth --preset 11b --text-layers 2 --dtype bf16 --max-shard-size 2GB --out ckpt/11b-2
+      mllama-export synth --preset tiny --text-layers 3 --dtype bf16 --max-shard-size 2GB --out ckpt/tiny-3
     """
     import torch
 
