@@ -3,13 +3,18 @@
 Writes synthetic checkpoints of the 11B preset (full width, real head counts and vocabulary,
 bfloat16) at several text depths, with proportionally fewer vision layers, and runs the real
 `mllama-export build` on each in a child process, reading that process's peak resident set
-size from the kernel (wait4's ru_maxrss). The streaming export's peak should not grow with
-depth and should stay below one decoder layer's weights plus 2 GB.
+size from the kernel (wait4's ru_maxrss). bf16 builds are not checked numerically on the
+CPU, so their peak is the streaming export's: it should not grow with depth and should stay
+below one decoder layer's weights plus 2 GB. fp16 and fp32 builds also run the check against
+PyTorch, whose depth (the whole model, or a reduced copy) and memory estimate the build
+chooses up front (exporter/checkplan.py); the table gives both, and the estimate's ratio to
+the measured peak.
 
 With --baseline-layers, the same checkpoints are also exported the usual way in a child
 process: the whole model loaded, then torch.onnx.export with its own optimizer and save.
 
-    python benchmarks/export_memory.py [--layers 2 4 8] [--baseline-layers 2] [--workdir DIR]
+    python benchmarks/export_memory.py [--layers 2 4 8] [--precision bf16|fp16|fp32]
+        [--check-depth auto|full|reduced] [--baseline-layers 2] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -105,14 +110,15 @@ for name, cls in GRAPHS.items():
 """
 
 
-def measure(layers: int, workdir: Path, baseline: bool) -> dict:
+def measure(layers: int, workdir: Path, baseline: bool, precision: str, depth: str) -> dict:
     config = geometry(layers)
     ckpt, out = workdir / f"ckpt-{layers}", workdir / f"out-{layers}"
     synth(config, ckpt)
     build = [sys.executable, "-m", "mllama_export", "build", "--model", str(ckpt)]
-    build += ["--out", str(out), "--precision", "bf16", "--force"]
+    build += ["--out", str(out), "--precision", precision, "--check-depth", depth, "--force"]
     rss, seconds = run_measured(build)
     manifest = json.loads((out / "manifest.json").read_text())
+    check = manifest["graphs"]["decode"]["check"]
     row = {
         "text_layers": layers,
         "vision_layers": f"{config.vision.num_layers}+{config.vision.num_global_layers}",
@@ -120,7 +126,9 @@ def measure(layers: int, workdir: Path, baseline: bool) -> dict:
         "peak_rss": rss,
         "seconds": seconds,
         "onnx_bytes": sum(p.stat().st_size for p in (out / "onnx").iterdir()),
-        "check": manifest["graphs"]["decode"]["check"].get("depth", "full"),
+        "check": "none" if not check.get("ran") else check.get("depth", "full"),
+        "estimate": check.get("memory_estimate_bytes"),
+        "cases": {g: len(e["check"].get("cases", [])) for g, e in manifest["graphs"].items()},
     }
     shutil.rmtree(out)
     if baseline:
@@ -132,7 +140,10 @@ def measure(layers: int, workdir: Path, baseline: bool) -> dict:
     return row
 
 
-def report(rows: list[dict]) -> None:
+def report(rows: list[dict], precision: str) -> None:
+    if precision != "bf16":
+        report_checked(rows)
+        return
     print(
         "text layers  vision  weights GB  1 layer GB  largest GB  peak RSS GB  "
         "vs first  bound GB  ok   time s  baseline RSS GB"
@@ -151,19 +162,50 @@ def report(rows: list[dict]) -> None:
     print(f"peak RSS spread across depths: {spread:.1%} (limit 10%)")
 
 
+def report_checked(rows: list[dict]) -> None:
+    """fp16/fp32: the check's depth and cases, its estimate against the measured peak."""
+    total = machine_memory()
+    print(
+        "text layers  vision  weights GB  check    cases v/p/d  estimate GB  peak RSS GB  "
+        "estimate/peak  of machine  time s"
+    )
+    for r in rows:
+        depth = "full" if r["check"] == "full" else "reduced" if r["check"] != "none" else "none"
+        cases = "/".join(str(r["cases"][g]) for g in ("vision", "prefill", "decode"))
+        est = r["estimate"] or 0
+        print(
+            f"{r['text_layers']:11d}  {r['vision_layers']:>6s}  {r['total'] / GB:10.2f}  "
+            f"{depth:7s}  {cases:>11s}  {est / GB:11.2f}  {r['peak_rss'] / GB:11.2f}  "
+            f"{est / r['peak_rss']:13.2f}  {r['peak_rss'] / total:9.0%}  {r['seconds']:6.0f}"
+        )
+    for r in rows:
+        if r["check"] not in ("full", "none"):
+            print(f"reduced check of {r['text_layers']} layers: {r['check']}")
+            break
+
+
+def machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--baseline-layers", type=int, nargs="*", default=[])
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--check-depth", choices=["auto", "full", "reduced"], default="auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="export-memory-"))
     try:
-        rows = [measure(n, workdir, n in args.baseline_layers) for n in args.layers]
+        rows = [
+            measure(n, workdir, n in args.baseline_layers, args.precision, args.check_depth)
+            for n in args.layers
+        ]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    report(rows)
+    report(rows, args.precision)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

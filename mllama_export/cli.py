@@ -11,8 +11,26 @@ from mllama_export.errors import MllamaExportError
 
 
 class _Group(click.Group):
-    """Prints user errors as one line and exits 2; --debug (or MLLAMA_EXPORT_DEBUG=1) keeps
-    the traceback."""
+    """Prints user errors as one line and exits 2 (click's own usage errors too); --debug
+    (or MLLAMA_EXPORT_DEBUG=1) keeps the traceback."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # no arguments: the help, as asked
+                err.show()
+                sys.exit(err.exit_code)
+            ctx = getattr(err, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            click.echo(f"error: {_one_line(err.format_message())}{hint}", err=True)
+            sys.exit(err.exit_code)
+        sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: click.Context):
         try:

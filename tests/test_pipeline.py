@@ -234,8 +234,14 @@ def test_run_streams_the_same_text_to_the_terminal(ort_artifacts, runner, image_
     args = ["run", ort_artifacts, "--prompt", prompt, "--chat", "--max-new-tokens", NEW_TOKENS]
     result = invoke(*args, "--image", paths[0], "--image", paths[1])
     assert result.exit_code == 0, result.output
-    expected = runner.generate(_chat(prompt, 2), paths, max_new_tokens=NEW_TOKENS).text
-    assert result.output == expected + "\n"
+    from mllama_export.engines.text import printable
+
+    pieces = runner.stream(_chat(prompt, 2), paths, NEW_TOKENS, errors="backslashreplace")
+    expected = printable("".join(pieces))
+    # stdout: the answer alone, whole characters, nothing unprintable; stderr: its label
+    assert result.stdout == expected + "\n"
+    assert "\ufffd" not in result.stdout and all(c.isprintable() for c in result.stdout[:-1])
+    assert "answer: " in result.stderr and "token(s) in" in result.stderr
 
 
 def test_stream_never_splits_a_multibyte_character(runner, monkeypatch):
@@ -290,9 +296,9 @@ def test_bad_image_on_the_command_line_is_one_line_and_exit_2(
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: cannot read image")
-    assert str(path) in lines[0] and fragment in lines[0]
+    errors = [line for line in result.output.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot read image")
+    assert str(path) in errors[0] and fragment in errors[0] and result.stdout == ""
 
 
 def test_bad_image_through_the_python_api(runner, image_files, bad_image):

@@ -269,3 +269,25 @@ def test_stream_decoder_flushes_truncated_character(tok: Tokenizer) -> None:
     pieces = [decoder.push(i) for i in ids]
     assert "".join(pieces) == "ok "
     assert decoder.finish() == tok.decode(ids)[3:] and tok.decode(ids).endswith("\ufffd")
+
+
+def test_any_id_sequence_streams_to_exactly_what_decode_gives(tok: Tokenizer) -> None:
+    """Random ids (specials and ids past the vocabulary included) form invalid UTF-8 all
+    the time: the byte-level stream joins to decode()'s text, U+FFFD where it puts one."""
+    rng = np.random.default_rng(0)
+    size = tok.backend.get_vocab_size()
+    for _ in range(200):
+        ids = rng.integers(0, size + 3, rng.integers(1, 40)).tolist()
+        for skip in (True, False):
+            joined = "".join(tok.stream_decoder(skip).stream(ids))
+            assert joined == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_bytes_that_form_no_character_can_be_shown_as_escapes(tok: Tokenizer) -> None:
+    from mllama_export.engines.text import printable
+
+    ids = tok.encode("ok 😀", add_bos=False)[:-1] + tok.encode("\x18 fine", add_bos=False)
+    shown = printable("".join(tok.stream_decoder(errors="backslashreplace").stream(ids)))
+    assert shown.startswith("ok \\xf0\\x9f") and shown.endswith("\\x18 fine")
+    assert "\ufffd" not in shown and shown.isprintable()
+    assert printable("a\tb\nc\u200bd") == "a\tb\nc\\u200bd"

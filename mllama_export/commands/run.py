@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -119,12 +120,13 @@ def command(
         result = runner.generate(_prompt(prompt, images, chat), images, max_new_tokens, sampling)
     else:
         result = TextGeneration("", [], [])
-        click.echo("answer: ", err=True, nl=False)
         pieces = runner.stream(
             _prompt(prompt, images, chat), images, max_new_tokens, sampling,
             errors="backslashreplace", done=result,
         )  # fmt: skip
-        for piece in pieces:
+        first = next(pieces, "")  # the prompt and images are checked before the label shows
+        click.echo("answer: ", err=True, nl=False)
+        for piece in itertools.chain([first], pieces):
             click.echo(printable(piece), nl=False)
         click.echo()
         _report(runner, result, time.perf_counter() - start)
