@@ -74,7 +74,9 @@ def reference_outputs(
     for name, graph_cls in GRAPHS.items():
         graph = graph_cls(reference.model)
         expected[name] = []
-        for seed, sizes in bar(cases[name], len(cases[name]), f"PyTorch runs the {name} graph"):
+        for seed, sizes in bar(
+            cases[name], len(cases[name]), f"PyTorch runs the {name} graph", "cases"
+        ):
             args = inputs(graph_cls, config, options.dtype, seed, sizes)
             with torch.inference_mode():
                 outs = graph(*args)
@@ -99,7 +101,9 @@ def compare_onnx(
             )
         worst: dict[str, float] = {}
         runs = zip(cases[name], expected[name], strict=True)
-        for (seed, sizes), want in bar(runs, len(cases[name]), f"ONNX Runtime runs {path.name}"):
+        for (seed, sizes), want in bar(
+            runs, len(cases[name]), f"ONNX Runtime runs {path.name}", "cases"
+        ):
             args = inputs(graph_cls, config, options.dtype, seed, sizes)
             feed = {s.name: a.numpy() for s, a in zip(graph_cls.INPUTS, args, strict=True)}
             actual = backend.infer(feed)
