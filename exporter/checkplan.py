@@ -194,11 +194,13 @@ def estimate(
     cases: dict[str, list[dict[str, int]]],
     reference_itemsize: int | None = None,
     sizes: GraphSizes | None = None,
+    calibration_images: int = 0,
 ) -> MemoryEstimate:
     """Peak memory of the export and of the check on ``cases`` (per graph), for ``config``.
 
     ``reference_itemsize``: bytes per parameter of the PyTorch model (default: the
-    precision's; FP8 calibrates in float32)."""
+    precision's; FP8 calibrates in float32); ``calibration_images``: FP8's calibration runs
+    the float32 model on batches of up to this many images."""
     from .options import PRECISIONS
 
     sizes = sizes or graph_sizes(config)
@@ -210,6 +212,9 @@ def estimate(
     torch_runs = max(
         run_bytes(config, g, c, ref_size, onnxruntime=False) for g, cs in cases.items() for c in cs
     )
+    if calibration_images:
+        calibration = _vision_run(config, calibration_images, 4, SCORE_BYTES_TORCH[4])
+        torch_runs = max(torch_runs, calibration)
     reference = LIBRARY_BYTES + sizes.total * ref_size + torch_runs
     per_graph = [
         max(
@@ -382,7 +387,7 @@ class CheckPlan:
         )
 
 
-def _fit_cases(config, precision, budget, reference_itemsize=None):
+def _fit_cases(config, precision, budget, reference_itemsize=None, calibration_images=0):
     """The first case of every graph, plus the second where the estimate still fits
     (cheapest graph first); None when the first cases alone do not fit."""
     sizes = graph_sizes(config)
@@ -390,7 +395,7 @@ def _fit_cases(config, precision, budget, reference_itemsize=None):
 
     def cost(chosen) -> MemoryEstimate:
         plain = {g: [c for _, c in cs] for g, cs in chosen.items()}
-        return estimate(config, precision, plain, reference_itemsize, sizes)
+        return estimate(config, precision, plain, reference_itemsize, sizes, calibration_images)
 
     if cost(cases).peak > budget:
         return None, cost(cases)
@@ -414,14 +419,15 @@ def plan_check(
         return CheckPlan("none", BF16_UNCHECKED["reason"], None, {}, export, available)
     fp8 = options.precision == "fp8"
     room = budget(available)
-    full_cases, full_cost = _fit_cases(config, options.precision, room, 4 if fp8 else None)
+    images = _calibration_images(options, config) if fp8 else 0
+    full_cases, full_cost = _fit_cases(config, options.precision, room, 4 if fp8 else None, images)
     if options.check_depth in ("auto", "full") and full_cases is not None:
         why = "it fits in memory" if options.check_depth == "auto" else "--check-depth full"
         return CheckPlan("full", why, config, full_cases, full_cost, available)
     if fp8:
         raise MllamaExportError(
-            f"--precision fp8 calibrates and checks the whole model in float32 "
-            f"({full_cost.describe()}), and {_have(available)}; build bf16 or fp16 here, "
+            f"--precision fp8 calibrates and checks the whole model in float32, which needs "
+            f"{full_cost.describe()}, and {_have(available)}; build bf16 or fp16 here, "
             "or build fp8 on a machine with that much memory"
         )
     copy = reduced_copy(config)
@@ -434,6 +440,25 @@ def plan_check(
         else f"the whole model needs {full_cost.peak / GB:.1f} GB for the check"
     )
     return CheckPlan("reduced", why, copy.config, small_cases, small_cost, available, copy)
+
+
+def _calibration_images(options: BuildOptions, config: MllamaConfig) -> int:
+    """Images in FP8 calibration's largest vision batch: the built-in set's own, or for a
+    user's folder the most the artifacts' limits allow."""
+    if options.calibration is not None:
+        return options.max_batch * options.max_images
+    from mllama_export.engines.runner import Limits
+    from mllama_export.validate.evalset import build_evalset
+
+    from .calibrate import CALIBRATION_STEPS
+
+    limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
+    shapes = [
+        c.images.pixel_values.shape
+        for c in build_evalset(config, limits, CALIBRATION_STEPS)
+        if c.images
+    ]
+    return max((b * n for b, n, *_ in shapes), default=0)
 
 
 def _refuse(options, full_cost, small_cost, available) -> CheckPlan:
