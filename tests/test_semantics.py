@@ -21,7 +21,10 @@ def test_meta_rows_before_the_first_image_equal_the_text_only_path(tiny_model_me
     images = random_images(tiny_model_meta.config, [[6]], seed=7)
     with_image = prefill_logits(tiny_model_meta, [*before, IMG, 23, 24], images)
     text_only = prefill_logits(tiny_model_meta, before, None)
-    torch.testing.assert_close(with_image[: len(before)], text_only, rtol=0, atol=1e-6)
+    # Equal up to float32 summation order: the two prompts' GEMMs have different shapes, so
+    # oneDNN may block them differently (1.5e-6 seen); a layer that is not the identity
+    # moves these logits by more than 1e-3.
+    torch.testing.assert_close(with_image[: len(before)], text_only, rtol=0, atol=1e-5)
     # ...while another image changes every row from the image token on, and none before.
     other = random_images(tiny_model_meta.config, [[6]], seed=8)
     with_other = prefill_logits(tiny_model_meta, [*before, IMG, 23, 24], other)
