@@ -19,13 +19,12 @@ PRECISIONS = {
     "bf16": torch.bfloat16,
     "fp8": torch.float16,
 }
-PRESET_NAMES = ("tiny", "11b", "90b")
 CHECK_DEPTHS = ("auto", "full", "reduced")
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    model: str  # a checkpoint folder or a preset name (synthesized, random weights)
+    model: str  # a checkpoint folder, a Hub id or a preset name (graphs/resolve.py)
     out: Path
     precision: str = "fp32"
     max_batch: int = 4
