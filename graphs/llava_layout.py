@@ -109,18 +109,20 @@ def _check_sizes(images: Sequence[Sequence[ImageSize]], batch: int) -> None:
 
 
 def check_image_tokens(
-    input_ids: np.ndarray, images: Sequence[Sequence[ImageSize]], config: LlavaConfig
+    input_ids: Sequence[Sequence[int]] | np.ndarray,
+    images: Sequence[Sequence[ImageSize]],
+    config: LlavaConfig,
 ) -> None:
     """Token ids as the processor makes them: each image's tokens expanded, where it is.
 
     Refuses, in one line, a row whose image tokens do not add up to its images' counts, or
     whose runs of image tokens split an image (ids expanded for other image sizes).
     """
-    ids = np.asarray(input_ids)
-    _check_sizes(images, len(ids))
+    rows = [np.asarray(r) for r in input_ids]  # ragged rows are fine: nothing is padded yet
+    _check_sizes(images, len(rows))
     for b, row in enumerate(images):
         counts = [image_token_count(config, tuple(int(v) for v in s)) for s in row]
-        is_image = np.concatenate(([False], ids[b] == config.image_token_id, [False]))
+        is_image = np.concatenate(([False], rows[b] == config.image_token_id, [False]))
         edges = np.flatnonzero(np.diff(is_image.astype(np.int8)))
         runs = (edges[1::2] - edges[::2]).tolist()
         bounds = set(np.cumsum(counts).tolist())
