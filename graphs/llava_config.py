@@ -226,17 +226,8 @@ def _llava_from_hf(top: _Section) -> LlavaConfig:
         )
     text = _text_from_hf(_Section("text_config", top.take("text_config")))
     vision = _vision_from_hf(_Section("vision_config", top.take("vision_config")))
-    top.take_optional("ignore_index", -100)  # the training loss's label padding
-    legacy_vocab = top.take_optional("vocab_size", text.vocab_size)
-    if legacy_vocab != text.vocab_size:
-        raise MllamaExportError(
-            f"config.json has vocab_size {legacy_vocab!r} but text_config.vocab_size "
-            f"{text.vocab_size}; expected the two to agree"
-        )
-    pinpoints: tuple[tuple[int, int], ...] = ()
-    if model_type == "llava_next":
-        top.take_optional("use_image_newline_parameter", True, expect=True)
-        pinpoints = _pinpoints(top)
+    _legacy_keys(top, text, model_type)
+    pinpoints = _pinpoints(top) if model_type == "llava_next" else ()
     pad = top.take_optional("pad_token_id", None)
     config = LlavaConfig(
         model_type=model_type,
@@ -256,6 +247,19 @@ def _llava_from_hf(top: _Section) -> LlavaConfig:
     )
     top.finish()
     return config
+
+
+def _legacy_keys(top: _Section, text: LlavaTextConfig, model_type: str) -> None:
+    """Keys of the llava-hf conversions (transformers 4.x) that a re-saved config keeps."""
+    top.take_optional("ignore_index", -100)  # the training loss's label padding
+    legacy_vocab = top.take_optional("vocab_size", text.vocab_size)
+    if legacy_vocab != text.vocab_size:
+        raise MllamaExportError(
+            f"config.json has vocab_size {legacy_vocab!r} but text_config.vocab_size "
+            f"{text.vocab_size}; expected the two to agree"
+        )
+    if model_type == "llava_next":
+        top.take_optional("use_image_newline_parameter", True, expect=True)
 
 
 def _bool(s: _Section, key: str) -> bool:
@@ -467,28 +471,23 @@ def _text_to_hf(t: LlavaTextConfig) -> dict[str, Any]:
 
 def validate_llava_config(c: LlavaConfig) -> None:
     """Sizes that must agree with each other; one line naming every disagreement."""
-    v, t = c.vision, c.text
-    problems = []
+    problems = _vision_problems(c) + _text_problems(c)
+    if problems:
+        raise MllamaExportError("inconsistent config.json: " + "; ".join(problems))
+
+
+def _vision_problems(c: LlavaConfig) -> list[str]:
+    v, problems = c.vision, []
     if v.hidden_size % v.num_heads:
         problems.append(
             f"vision hidden_size {v.hidden_size} is not divisible by {v.num_heads} heads"
         )
     if v.image_size % v.patch_size:
         problems.append(f"image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
-    if t.num_heads % t.num_kv_heads:
-        problems.append(
-            f"{t.num_heads} attention heads do not divide into {t.num_kv_heads} KV heads"
-        )
-    if t.head_dim % 2:
-        problems.append(f"head_dim {t.head_dim} is odd; rope rotates pairs of dimensions")
-    layers = (
-        (c.vision_feature_layer,)
-        if isinstance(c.vision_feature_layer, int)
-        else c.vision_feature_layer
-    )
+    layer = c.vision_feature_layer
     n = v.num_layers
-    if any(not -(n + 1) <= i <= n for i in layers):
-        problems.append(f"vision_feature_layer {c.vision_feature_layer} outside -{n + 1}..{n}")
+    if any(not -(n + 1) <= i <= n for i in ((layer,) if isinstance(layer, int) else layer)):
+        problems.append(f"vision_feature_layer {layer} outside -{n + 1}..{n}")
     if any(h % v.image_size or w % v.image_size for h, w in c.image_grid_pinpoints):
         problems.append(
             f"image_grid_pinpoints {[list(p) for p in c.image_grid_pinpoints]} are not all "
@@ -498,11 +497,21 @@ def validate_llava_config(c: LlavaConfig) -> None:
         # transformers' pack_image_features reshapes each tile to a grid of patches, which a
         # kept class token breaks (it fails or scrambles the features): refused, not copied
         problems.append("vision_feature_select_strategy 'full' cannot lay out anyres tiles")
+    return problems
+
+
+def _text_problems(c: LlavaConfig) -> list[str]:
+    t, problems = c.text, []
+    if t.num_heads % t.num_kv_heads:
+        problems.append(
+            f"{t.num_heads} attention heads do not divide into {t.num_kv_heads} KV heads"
+        )
+    if t.head_dim % 2:
+        problems.append(f"head_dim {t.head_dim} is odd; rope rotates pairs of dimensions")
     if not 0 <= c.image_token_id < t.vocab_size:
         problems.append(
             f"image_token_index {c.image_token_id} is outside the {t.vocab_size} embeddings"
         )
     if t.sliding_window is not None and t.sliding_window < 1:
         problems.append(f"sliding_window {t.sliding_window} must be at least 1")
-    if problems:
-        raise MllamaExportError("inconsistent config.json: " + "; ".join(problems))
+    return problems

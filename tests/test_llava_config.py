@@ -302,3 +302,32 @@ def test_unknown_preset_lists_the_others():
 def test_presets_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         llava_preset("llava-tiny").image_token_id = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "default", "rope_theta": 5e6},
+        {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 5e5,
+        },
+    ],
+    ids=lambda r: r["rope_type"],
+)
+def test_rope_frequencies_match_transformers(rope):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from mllama_export.graphs.llava_text import text_inv_freq
+
+    raw = llava_preset("llava-tiny").to_hf_dict()
+    raw["text_config"]["rope_parameters"] = rope
+    config = LlavaConfig.from_hf_dict(raw)
+    hf_config = transformers.LlamaConfig(**{**raw["text_config"], "rope_parameters": dict(rope)})
+    ref = LlamaRotaryEmbedding(hf_config).inv_freq
+    torch.testing.assert_close(text_inv_freq(config.text), ref, rtol=1e-6, atol=0)

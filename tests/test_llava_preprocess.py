@@ -378,3 +378,40 @@ def test_processor_must_match_the_model():
 def test_missing_processor_file(tmp_path: Path):
     with pytest.raises(MllamaExportError, match="processor_config.json"):
         lp.LlavaProcessorConfig.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["llava-tiny", "llava-next-tiny"])
+def test_synthetic_checkpoint_files_load_in_transformers(name, tmp_path):
+    """The synthetic writer's tokenizer, chat template and processor files, as transformers
+    reads them, give the same prompt ids and pixels as ours."""
+    from mllama_export.engines.llava_synth import write_llava_checkpoint
+
+    model = llava_preset(name)
+    folder = write_llava_checkpoint(model, tmp_path)
+    proc = transformers.AutoProcessor.from_pretrained(folder)
+    config, tokenizer = lp.LlavaProcessorConfig.from_dir(folder), Tokenizer.from_dir(folder)
+    config.check_against(model)
+    assert proc.image_token_id == model.image_token_id == tokenizer.token_id("<image>")
+    rng = np.random.default_rng(1)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for h, w in [(37, 91), (120, 50)]
+    ]
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"}],
+        },
+    ]
+    text = proc.apply_chat_template(messages, add_generation_prompt=True)
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True) == text
+    ref = proc(images=images, text=[text])
+    got = lp.preprocess_llava([images], config.image)
+    assert encode_llava_prompt(tokenizer, text, got.image_sizes[0], config) == list(
+        ref["input_ids"][0]
+    )
+    assert_same_pixels(got, ref, model.model_type)
+    assert tokenizer.decode(ref["input_ids"][0][-5:], skip_special_tokens=False) == proc.decode(
+        ref["input_ids"][0][-5:]
+    )
