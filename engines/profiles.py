@@ -491,7 +491,7 @@ def shape_problems(
             problems.append(
                 f"{d} differs between inputs (" + ", ".join(f"{x} in {n}" for n, x in values) + ")"
             )
-    return problems + _image_token_mismatch(profiles[0], seen)
+    return problems + _image_token_mismatch(profiles[0], seen) + _logits_past_the_prompt(seen)
 
 
 def _fixed_mismatches(profile: ShapeProfile, feed_shapes: Mapping[str, Sequence[int]]) -> list:
@@ -505,6 +505,16 @@ def _fixed_mismatches(profile: ShapeProfile, feed_shapes: Mapping[str, Sequence[
             if d not in profile.ranges and int(x) != lo[axis]:
                 out.append(f"{name} axis {axis} ({d}) is {x}; the model fixes it at {lo[axis]}")
     return out
+
+
+def _logits_past_the_prompt(seen: dict) -> list:
+    logits, prompt = seen.get("num_logits"), seen.get("sequence")
+    if logits and prompt and logits[0][1] > prompt[0][1] >= 1:
+        return [
+            f"num_logits {logits[0][1]} is more than sequence {prompt[0][1]} (logit_positions "
+            "are positions of the prompt)"
+        ]
+    return []
 
 
 def _image_token_mismatch(profile: ShapeProfile, seen: dict) -> list:

@@ -9,7 +9,6 @@ import torch
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.plan import (
-    GPUS,
     count_params,
     format_plan,
     plan,
