@@ -21,6 +21,7 @@ from mllama_export.graphs.weights import Checkpoint, load_model
 
 from .engines import (
     ENGINE_DIR,
+    TRTEXEC_SCRIPT,
     build_engines,
     check_engines_before_work,
     check_tensor_volumes,
@@ -94,13 +95,13 @@ def rebuild_engines(
     checking its files against the manifest; the ONNX stays as it is."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    engine_files = {k for k in manifest["files"] if k.startswith(f"{ENGINE_DIR}/")}
+    # the ONNX stage's files must be what it wrote; the engine stage's own (engines, logs,
+    # timing cache: a stage killed midway may have left them newer than the manifest) are
+    # rebuilt or replaced
+    stage = {k for k in manifest["files"] if k.startswith(f"{ENGINE_DIR}/") and k != TRTEXEC_SCRIPT}
     verify_files(
         folder,
-        {
-            **manifest,
-            "files": {k: v for k, v in manifest["files"].items() if k not in engine_files},
-        },
+        {**manifest, "files": {k: v for k, v in manifest["files"].items() if k not in stage}},
     )
     if not (manifest.get("tensorrt") or {}).get("profiles"):
         raise MllamaExportError(

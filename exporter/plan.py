@@ -35,7 +35,8 @@ Definitions (the tests pin them to hand calculations):
   last position only) and for decode, and prefill's present K/V (the self cache at max_seq_len),
   which the runner copies into its cache buffers while both exist.
 * Roofline, a lower bound: time = max(FLOPs / peak, bytes / bandwidth), FLOPs = 2 x matmul params
-  x tokens + attention (4 x Dh per query-key pair and head; causal prefill counts S(S+1)/2 pairs).
+  x tokens + attention (4 x Dh per query-key pair and head; causal prefill counts S(S+1)/2 pairs);
+  prefill's lm_head runs on the last position of each sequence only (serving's logit_positions).
   With fp8 the text decoder's linear FLOPs run at the FP8 peak, everything else at the bf16 peak.
 * Bytes read per decode step: every weight the decoder reads (all of prefill/decode's weights
   except the embedding table, of which a step reads one row; lm_head included) + the cross K/V
@@ -334,7 +335,7 @@ def plan(
     prefill_scores = b * h * s_max * s_max * 4  # fused: not held
     attn_prefill = b * h * dh * (n_self * 2 * s * (s + 1) + n_cross * 4 * s * image_tokens)
     prefill_flops8 = 2 * p.decoder_linear * b * s
-    prefill_flops16 = 2 * p.lm_head * b * s + attn_prefill
+    prefill_flops16 = 2 * p.lm_head * b + attn_prefill  # the lm_head on the last position only
     if lin == 2:
         prefill_flops16, prefill_flops8 = prefill_flops16 + prefill_flops8, 0
     prefill_moved = read_w + b * s * d * 2 + cross_cache_used + n_self * b * s * kv_row
