@@ -379,7 +379,6 @@ def _quantized(manifest: dict, name: str) -> int:
 def _start_stage(folder: Path, manifest: dict, version: str, device: str) -> None:
     """This TensorRT and GPU take over the folder's engines; a timing cache and engines
     from another TensorRT or GPU are dropped (ours; TensorRT would refuse them anyway)."""
-
     entry = manifest["tensorrt"]
     if (entry.get("version"), entry.get("device")) != (version, device):
         (folder / TIMING_CACHE).unlink(missing_ok=True)
