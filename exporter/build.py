@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from mllama_export.engines.profiles import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import TensorSpec
@@ -17,7 +19,17 @@ from mllama_export.graphs.synth import write_checkpoint
 from mllama_export.graphs.weights import Checkpoint, load_model
 
 from .checkplan import CheckPlan, plan_check, write_reduced_checkpoint
-from .engines import build_engines
+from .engines import (
+    ENGINE_DIR,
+    TRTEXEC_SCRIPT,
+    build_engines,
+    check_engines_before_work,
+    check_tensor_volumes,
+    limits_problem_hint,
+    pending_engines,
+    prepare_engines,
+    tensorrt_unavailable,
+)
 from .fp8 import (
     ORT_OPTIMIZATION,
     calibration_cases,
@@ -26,7 +38,7 @@ from .fp8 import (
     onnx_weight_names,
     quantize_fp8,
 )
-from .manifest import INCOMPLETE_MARKER, versions, write_manifest
+from .manifest import INCOMPLETE_MARKER, read_manifest, verify_files, versions, write_manifest
 from .onnx_export import example_inputs
 from .options import BuildOptions
 from .outdir import (
@@ -54,10 +66,12 @@ SIDE_FILES = (
 def build(options: BuildOptions) -> Path:
     """Writes the artifact folder; on any failure nothing complete-looking is left behind.
 
-    The folder is assembled under a hidden temporary name holding an incomplete marker and
-    renamed into place only when complete; a lock keeps two builds off the same folder; a
-    build killed outright leaves its hidden folder and lock, which the next build of the same
-    --out removes (exporter/outdir.py). Progress goes to the ``mllama_export`` logger.
+    The ONNX stage assembles the folder under a hidden temporary name holding an incomplete
+    marker and renames it into place only when complete; a lock keeps two builds off the same
+    folder; a build killed outright leaves its hidden folder and lock, which the next build of
+    the same --out removes (exporter/outdir.py). The engine stage then builds the TensorRT
+    engines into the committed folder (exporter/engines.py): a failed engine costs only
+    itself, never the ONNX. Progress goes to the ``mllama_export`` logger.
     """
     out = Path(options.out)
     source, plan = _check_before_work(options, out)
@@ -77,7 +91,46 @@ def build(options: BuildOptions) -> Path:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        manifest = read_manifest(out)
+        if manifest["tensorrt"].get("status") == "pending":
+            build_engines(out, pending_engines(manifest), info)
     return out
+
+
+def rebuild_engines(
+    folder: Path, names=None, rebuild: bool = False, progress: Callable[[str], None] = info
+) -> dict:
+    """`mllama-export engines DIR`: builds the engines of an existing artifact folder (the
+    retry after a failed engine, or engines built on another machine than the ONNX), after
+    checking its files against the manifest; the ONNX stays as it is."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    # the ONNX stage's files must be what it wrote; the engine stage's own (engines, logs,
+    # timing cache: a stage killed midway may have left them newer than the manifest) are
+    # rebuilt or replaced
+    stage = {k for k in manifest["files"] if k.startswith(f"{ENGINE_DIR}/") and k != TRTEXEC_SCRIPT}
+    verify_files(
+        folder,
+        {**manifest, "files": {k: v for k, v in manifest["files"].items() if k not in stage}},
+    )
+    if not (manifest.get("tensorrt") or {}).get("profiles"):
+        raise MllamaExportError(
+            f"{folder}'s manifest has no optimization profiles (written by an older "
+            "mllama-export?); rebuild the artifacts with `mllama-export build`"
+        )
+    config = MllamaConfig.from_hf_dict(manifest["model"]["config"])
+    precisions = {g.get("precision", manifest["precision"]) for g in manifest["graphs"].values()}
+    reason = tensorrt_unavailable(needs_fp8="fp8" in precisions)
+    if reason is not None:
+        raise MllamaExportError(f"cannot build TensorRT engines here: {reason}")
+    limits = Limits(**manifest["limits"])
+    check_tensor_volumes(config, limits, rebuild_hint=limits_problem_hint(manifest))
+    with build_lock(folder):
+        todo = pending_engines(read_manifest(folder), names, rebuild)
+        if not todo:
+            progress("every engine is built by this TensorRT on this GPU (--rebuild rebuilds)")
+            return read_manifest(folder)["tensorrt"]
+        return build_engines(folder, todo, progress)
 
 
 def _check_before_work(options: BuildOptions, out: Path) -> tuple[ResolvedModel, CheckPlan]:
@@ -89,6 +142,7 @@ def _check_before_work(options: BuildOptions, out: Path) -> tuple[ResolvedModel,
     source = resolve_model(options.model)
     config = source.config
     options.check(config)
+    check_engines_before_work(options, config)
     if options.precision == "fp8":
         fp8_layers(config, options)  # an --fp8-exclude that matches nothing
         if options.calibration is not None and source.path is not None:
@@ -139,7 +193,7 @@ def _build_into(options: BuildOptions, work: Path, source: ResolvedModel, plan: 
             shutil.copy(checkpoint / side, work / side)
     if checkpoint.parent == work:
         shutil.rmtree(checkpoint)
-    tensorrt = build_engines(work, graphs, config, options, info)
+    tensorrt = prepare_engines(work, graphs, config, options, info)
     manifest = _manifest(options, source, config, graphs, quantization, tensorrt)
     write_manifest(work, manifest)
 

@@ -33,8 +33,8 @@ from .weightfile import graph_names
 # shows up; the first case differs from them in every dynamic dim and always runs, the
 # second runs where it fits (six images of vision attention at the 11B width do not).
 CHECK_CASES = (
-    {"batch": 1, "num_images": 1, "sequence": 5, "past_sequence": 9},
-    {"batch": 3, "num_images": 2, "sequence": 4, "past_sequence": 6},
+    {"batch": 1, "num_images": 1, "sequence": 5, "num_logits": 1, "past_sequence": 9},
+    {"batch": 3, "num_images": 2, "sequence": 4, "num_logits": 4, "past_sequence": 6},
 )
 REDUCED_VOCAB = 4096
 GB = 1e9

@@ -39,6 +39,9 @@ class BuildOptions:
     check_depth: str = "auto"
     fp8_exclude: tuple[str, ...] = ()  # fp8 only: glob patterns of layers kept in 16 bits
     calibration: Path | None = None  # fp8 only: a prompts.jsonl folder; None: built-in set
+    # TensorRT engines after the ONNX: where TensorRT and a GPU exist (auto), never (skip),
+    # or refuse before any work where they cannot be built (require); exporter/engines.py
+    engines: str = "auto"
 
     @property
     def dtype(self) -> torch.dtype:

@@ -60,6 +60,13 @@ def ort_artifacts(tmp_path_factory, hf_checkpoint):
     return out
 
 
+@pytest.fixture(scope="session")
+def fp8_dir(tmp_path_factory) -> Path:
+    """The tiny preset's fp8 artifacts (FP8 Q/DQ text graphs), built once per session."""
+    out = tmp_path_factory.mktemp("fp8") / "tiny-fp8"
+    return build(BuildOptions(model="tiny", out=out, precision="fp8"))
+
+
 def torch_runner(model: MllamaModel, limits: Limits | None = None) -> Runner:
     return Runner(
         model.config,

@@ -50,12 +50,6 @@ FP8 = onnx.TensorProto.FLOAT8E4M3FN
 E4M3 = ml_dtypes.float8_e4m3fn
 
 
-@pytest.fixture(scope="session")
-def fp8_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fp8") / "tiny-fp8"
-    return build(BuildOptions(model="tiny", out=out, precision="fp8"))
-
-
 def _session(path: Path):
     import onnxruntime as ort
 

@@ -85,9 +85,19 @@ import click
     "4096 vocabulary rows; full size on a small machine). auto: full when the memory estimate "
     "fits, else reduced; refused up front when neither fits.",
 )
+@click.option(
+    "--engines",
+    type=click.Choice(["auto", "skip", "require"]),
+    default="auto",
+    show_default=True,
+    help="TensorRT engines, built after the ONNX artifacts are complete. auto: where "
+    "TensorRT and a CUDA GPU exist, else say why not; skip: none (build them later with "
+    "`mllama-export engines DIR`); require: exit 2 before any work where they cannot be built.",
+)
 def command(**options):
     """Export the vision, prefill and decode graphs to ONNX, check them against PyTorch, and
-    write them with a manifest. TensorRT engines follow where TensorRT and a GPU exist.
+    write them with a manifest; then build the TensorRT engines into the same folder (a
+    failed engine keeps the ONNX: retry with `mllama-export engines DIR`).
 
     \b
     Examples:
@@ -110,5 +120,5 @@ def command(**options):
     if tensorrt.get("built"):
         click.echo(f"TensorRT engines built in {out / 'engines'}")
     else:
-        click.echo(f"TensorRT engines not built: {tensorrt['reason']}")
+        click.echo(f"TensorRT engines not built: {tensorrt.get('reason', 'not recorded')}")
     click.echo(f"wrote {out}")
