@@ -112,9 +112,11 @@ class TextRunner(Runner):
         images: Sequence[ImageSource] = (),
         max_new_tokens: int = 64,
         sampling: Sampling | None = None,
+        prefill_chunk: int | None = None,
     ) -> TextGeneration:
+        """prefill_chunk=N: the prompt goes through the step graph N tokens at a time."""
         pieces = []
-        result = self._start(prompt, images, max_new_tokens, sampling, pieces)
+        result = self._start(prompt, images, max_new_tokens, sampling, pieces, prefill_chunk)
         for _ in result.steps:
             pass
         return result.finish(pieces)
@@ -125,9 +127,10 @@ class TextRunner(Runner):
         images: Sequence[ImageSource] = (),
         max_new_tokens: int = 64,
         sampling: Sampling | None = None,
+        prefill_chunk: int | None = None,
     ) -> Iterator[str]:
         """Yields text pieces as tokens arrive; multi-byte characters are never split."""
-        run = self._start(prompt, images, max_new_tokens, sampling, [])
+        run = self._start(prompt, images, max_new_tokens, sampling, [], prefill_chunk)
         decoder = self._need_tokenizer().stream_decoder()
         for tokens in run.steps:
             if tokens[0] >= 0 and (piece := decoder.push(int(tokens[0]))):
@@ -135,11 +138,13 @@ class TextRunner(Runner):
         if tail := decoder.finish():
             yield tail
 
-    def _start(self, prompt, images, max_new_tokens, sampling, pieces) -> _Run:
+    def _start(self, prompt, images, max_new_tokens, sampling, pieces, prefill_chunk) -> _Run:
         ids, batch = self.encode(prompt, images)
         result = Generation([[]])
         stop = self._need_tokenizer().eos_token_ids | set(self.config.text.eos_token_ids)
-        steps = self.iter_steps([ids], batch, max_new_tokens, sampling, stop, result)
+        steps = self.iter_steps(
+            [ids], batch, max_new_tokens, sampling, stop, result, prefill_chunk=prefill_chunk
+        )
         return _Run(self._need_tokenizer(), ids, result, steps)
 
     def _need_tokenizer(self) -> Tokenizer:

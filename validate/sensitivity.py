@@ -166,10 +166,12 @@ def run_sensitivity(
     steps: int = 8,
     checkpoint: str | Path | None = None,
     progress: Progress | None = None,
+    prefill_chunk: int | None = None,
 ) -> SensitivityReport:
     """Ranks the FP8 layers of ``artifacts`` (those matching the glob ``layers``; default
     all) by the share of the fp8 budget each uses alone. One gate run per layer, in PyTorch
-    on the CPU; the artifacts' own graphs are not run (``validate`` judges those)."""
+    on the CPU; the artifacts' own graphs are not run (``validate`` judges those).
+    ``prefill_chunk``: the quantized side prefills through the step graph in chunks."""
     from mllama_export.exporter.manifest import read_manifest
 
     start = time.perf_counter()
@@ -186,7 +188,10 @@ def run_sensitivity(
     def gate(label: str, chosen: dict[str, float]) -> LayerSensitivity:
         with _in_fp8(model, chosen):
             runner = GraphsReference(model, limits).runner  # graph modules see the swap
-            report = judge(runner, reference, cases, steps, limits_file, "fp8", f"FP8 {label}")
+            report = judge(
+                runner, reference, cases, steps, limits_file, "fp8", f"FP8 {label}",
+                prefill_chunk=prefill_chunk,
+            )  # fmt: skip
         return LayerSensitivity(label, report)
 
     results = []
@@ -201,6 +206,7 @@ def run_sensitivity(
         "reference_weights": source.describe(),
         "cases": [c.name for c in cases],
         "steps": steps,
+        "prefill_chunk": prefill_chunk,
         "thresholds_source": limits_file.source,
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -31,7 +31,7 @@ from ._shared import gate_options
     show_default=True,
     help="Layers to print (the report files list all).",
 )
-def command(folder, layers, thresholds, report_dir, evalset, steps, checkpoint, top):
+def command(folder, layers, thresholds, report_dir, evalset, steps, checkpoint, prefill_chunk, top):
     """Rank an fp8 artifact folder's FP8 layers by how much of the accuracy gate's fp8 budget
     each uses alone (the float32 PyTorch reference with one layer in FP8, judged by the gate).
     The top layers are the candidates for `build --fp8-exclude`."""
@@ -47,6 +47,7 @@ def command(folder, layers, thresholds, report_dir, evalset, steps, checkpoint, 
         steps=steps,
         checkpoint=checkpoint,
         progress=lambda msg: click.echo(f"  {msg}", err=True),
+        prefill_chunk=prefill_chunk,
     )
     paths = report.write(report_dir if report_dir is not None else folder / "sensitivity")
     click.echo(f"{'rank':>4}  {'budget':>7}  layer")
