@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import click
 
+from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
+
 
 @click.command("plan")
 @click.option("--model", required=True, help="A preset (tiny, 11b, 90b) or a checkpoint folder.")
@@ -37,12 +39,31 @@ import click
 @click.option(
     "--tiles", type=int, default=None, help="Tiles per image for the estimates [default: max]."
 )
-def command(model, precision, max_batch, max_seq_len, max_images, gpu, prompt_len, tiles):
-    """Print memory per engine and roofline lower bounds for decode and prefill."""
+@click.option(
+    "--text-engine",
+    type=click.Choice(TEXT_ENGINES),
+    default=DEFAULT_TEXT_ENGINE,
+    show_default=True,
+    help="The text engines to plan (as build --text-engine): split, prefill and decode "
+    "engines holding the text weights twice; shared, one engine holding them once.",
+)
+def command(
+    model, precision, max_batch, max_seq_len, max_images, gpu, prompt_len, tiles, text_engine
+):
+    """Print memory per engine and roofline lower bounds for decode and prefill, then both
+    text engines' totals and the largest batch and sequence each fits."""
     from mllama_export.exporter.plan import plan_command_text
 
     click.echo(
         plan_command_text(
-            model, precision, max_batch, max_seq_len, max_images, gpu, prompt_len, tiles
+            model,
+            precision,
+            max_batch,
+            max_seq_len,
+            max_images,
+            gpu,
+            prompt_len,
+            tiles,
+            text_engine,
         )
     )
