@@ -58,7 +58,7 @@ class Runner:
     shared text engine: `build --text-engine shared`), and prompts then go through the
     step graph. `decode` runs the step graph (graphs/model.py DecodeGraph): decode steps,
     chunked prefill and a shared engine's prefill. A step backend may take a limited number
-    of new tokens per call (`max_new_tokens`: 1 for a split decode engine, the profiles'
+    of new tokens per call (`max_step_tokens`: 1 for a split decode engine, the profiles'
     top for a shared one; none for ONNX Runtime).
     """
 
@@ -159,7 +159,7 @@ class Runner:
         new tokens, or chunks (of `chunk`, or of the most the backend takes) against the
         cache, each chunk seeing the slots the earlier ones filled."""
         s = feed["input_ids"].shape[1]
-        limit = self.max_new_tokens()
+        limit = self.max_step_tokens()
         if chunk is None and self.prefill is not None:
             out = self.prefill.infer({**feed, "cross_key": xk, "cross_value": xv})
             cache.write(out["present_key"], out["present_value"], feed["attention_mask"])
@@ -186,9 +186,9 @@ class Runner:
             result.prompt_mask = feed["attention_mask"]
         return last
 
-    def max_new_tokens(self) -> int | None:
+    def max_step_tokens(self) -> int | None:
         """The most new tokens one call of the step backend takes (None: any)."""
-        return getattr(self.decode, "max_new_tokens", None)
+        return getattr(self.decode, "max_step_tokens", None)
 
     def _decode_loop(
         self, logits, cache, step_inputs, result, max_new_tokens, stop, sampling, forced
@@ -276,7 +276,7 @@ class Runner:
 
     def _check_steps(self, batch: int, max_new_tokens: int, chunk, forced) -> None:
         """prefill_chunk and forced tokens, refused before any work."""
-        limit = self.max_new_tokens()
+        limit = self.max_step_tokens()
         if chunk is not None:
             if isinstance(chunk, bool) or not isinstance(chunk, int | np.integer) or chunk < 1:
                 raise MllamaExportError(
@@ -294,8 +294,6 @@ class Runner:
                     )
                     + ")"
                 )
-        if self.prefill is None and self.decode is None:
-            raise MllamaExportError("this runner has neither a prefill nor a step backend")
         if forced is not None and np.shape(forced) != (max_new_tokens, batch):
             raise MllamaExportError(
                 f"forced tokens of shape {list(np.shape(forced))}; expected "

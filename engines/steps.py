@@ -117,9 +117,9 @@ class OneTokenDecode:
     """The decode graph of artifacts built before it took several new tokens, behind the step
     graph's contract: it took one token, no logit_positions, and an attention_mask over the
     cache slots only (the new token always saw itself). Fed one new token, it runs the old
-    graph on what it took; more new tokens per call are refused (max_new_tokens is 1)."""
+    graph on what it took; more new tokens per call are refused (max_step_tokens is 1)."""
 
-    max_new_tokens = 1
+    max_step_tokens = 1
 
     def __init__(self, backend):
         self.backend, self.name = backend, getattr(backend, "name", type(backend).__name__)

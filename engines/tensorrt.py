@@ -222,7 +222,7 @@ class TensorRTBackend:
         self._chosen: dict[tuple, int] = {}
 
     @property
-    def max_new_tokens(self) -> int | None:
+    def max_step_tokens(self) -> int | None:
         """The most new tokens one call takes: the step (decode) graph's engine only, 1 for a
         split decode engine, its profiles' top for a shared one (the runner prefills longer
         prompts in chunks of this many); None for an engine of another graph."""

@@ -4,7 +4,7 @@ cap (engines/profiles.py), which `build` applies before any work."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mllama_export.engines.profiles import TEXT_ENGINES, Limits, largest_fitting
 from mllama_export.graphs.config import MllamaConfig
@@ -50,8 +50,7 @@ def fitting(
     def capped(limit: str, value: int) -> int:
         if value == 0:
             return 0
-        limits = Limits(max_batch, max_seq_len, max_images)
-        limits = Limits(**{**limits.__dict__, limit: value})
+        limits = replace(Limits(max_batch, max_seq_len, max_images), **{limit: value})
         return largest_fitting(config, limits, limit, text_engine=text_engine) or 0
 
     return Fitting(

@@ -127,7 +127,7 @@ def grouped_attention_step(
     past_allowed: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    new_allowed: torch.Tensor,
+    new_allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """New tokens attending to the cache and to each other, without concatenating the cache.
 
@@ -138,7 +138,8 @@ def grouped_attention_step(
     Each token's score against its own key is computed elementwise (a product and a sum over
     Dh), as the one-token decode step always computed its only new score, and a matmul gives
     the others: a matmul sums in another order, so one new token is the old decode step bit
-    for bit.
+    for bit. new_allowed None: every new token is real (causal among them), which is what
+    callers that mask only the past pass (the LLaVA decode graph, one token per step).
     """
     # q: [B, H, N, D]; past_k, past_v: [B, H_kv, T, D]; past_allowed: [B, T]
     # k, v: [B, H_kv, N, D]; new_allowed: [B, N, N] (query i may see new key j)
@@ -150,6 +151,8 @@ def grouped_attention_step(
     past_scores = past_scores.masked_fill(~past_allowed[:, None, None], MASKED_SCORE)
     own = (qg * k.repeat(1, 1, g, 1)).sum(-1, keepdim=True)  # [B, H_kv, G*N, 1]
     positions = torch.arange(n, device=q.device)
+    if new_allowed is None:
+        new_allowed = (positions[:, None] >= positions[None, :])[None]
     diagonal = (positions[None, :] == positions[:, None]).repeat(g, 1)  # [G*N, N]
     new_scores = torch.where(diagonal, own, qg @ k.transpose(-1, -2)).float()
     new_scores = new_scores.masked_fill(~new_allowed.repeat(1, g, 1)[:, None], MASKED_SCORE)

@@ -127,15 +127,15 @@ def test_the_step_graph_prefills_a_whole_prompt_against_one_masked_slot(ort_arti
 
 class _AtMost:
     """A step backend that takes at most `n` new tokens per call, as a TensorRT engine's
-    profiles allow (max_new_tokens), and records the calls."""
+    profiles allow (max_step_tokens), and records the calls."""
 
     def __init__(self, backend, n):
-        self.backend, self.max_new_tokens, self.calls = backend, n, []
+        self.backend, self.max_step_tokens, self.calls = backend, n, []
         self.name, self.inputs, self.outputs = backend.name, backend.inputs, backend.outputs
 
     def infer(self, feed):
         self.calls.append((feed["input_ids"].shape[1], feed["past_key"].shape[3]))
-        assert self.calls[-1][0] <= self.max_new_tokens
+        assert self.calls[-1][0] <= self.max_step_tokens
         return self.backend.infer(feed)
 
 

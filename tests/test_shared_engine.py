@@ -107,7 +107,7 @@ def test_the_runner_picks_the_right_profile_at_every_bucket_edge(
 ):
     out, _, _ = shared_build
     trt = Runner.from_artifacts(out, backend="tensorrt")
-    assert trt.prefill is None and trt.max_new_tokens() == SEQ
+    assert trt.prefill is None and trt.max_step_tokens() == SEQ
     prompts = [[500, IMG, *(20 + i % 400 for i in range(length - 2))], [500, IMG, 30, 31]]
     images = random_images(trt.config, [[6], [2]], seed=length)
     kw = dict(max_new_tokens=new, stop_tokens=set(), keep_logits=True)
@@ -164,7 +164,7 @@ def test_a_split_decode_engine_refuses_longer_chunks_in_one_line(
     from mllama_export.graphs.model import DecodeGraph
 
     decode = standin.CpuTensorRTBackend(path, DecodeGraph.INPUTS, DecodeGraph.OUTPUTS, profiles)
-    assert decode.max_new_tokens == 1
+    assert decode.max_step_tokens == 1
     runner = Runner.from_artifacts(out)
     runner.decode = decode
     with pytest.raises(MllamaExportError) as err:
@@ -193,3 +193,42 @@ def test_text_engine_is_a_checked_build_option(tmp_path):
         BuildOptions(model="tiny", out=tmp_path / "x", text_engine="one").check(preset("tiny"))
     shown = CliRunner().invoke(main, ["build", "--help"])
     assert "--text-engine [split|shared]" in shown.output
+
+
+# -- a real shared engine (TensorRT and a GPU) ------------------------------------------------
+
+
+def _tensorrt_here() -> str | None:
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed"
+    return None if torch.cuda.is_available() else "no CUDA GPU is visible"
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(_tensorrt_here() is not None, reason=f"needs TensorRT: {_tensorrt_here()}")
+def test_real_shared_engine_generates_what_onnxruntime_does(tiny_dir, tmp_path_factory):
+    from mllama_export.exporter.build import build
+
+    out = tmp_path_factory.mktemp("trt-shared") / "tiny-shared"
+    options = BuildOptions(
+        model=str(tiny_dir), out=out, xattn_mask="hf", max_seq_len=SEQ, text_engine="shared",
+        engines="require",
+    )  # fmt: skip
+    build(options, progress=print)
+    trt = Runner.from_artifacts(out, backend="tensorrt", device="cuda")
+    ort = Runner.from_artifacts(out)
+    assert trt.prefill is None and trt.max_step_tokens() == SEQ
+    used = set()
+    for length, new in EDGES:
+        prompts = [[500, IMG, *(20 + i % 400 for i in range(length - 2))], [500, IMG, 30, 31]]
+        images = random_images(trt.config, [[6], [2]], seed=length)
+        for chunk in (None, 8):
+            kw = dict(max_new_tokens=new, stop_tokens=set(), prefill_chunk=chunk)
+            ours = trt.generate_ids(prompts, images, **kw)
+            assert ours.token_ids == ort.generate_ids(prompts, images, **kw).token_ids
+        used |= {trt.decode.profiles[i].phase for i in trt.decode._chosen.values()}
+    assert used == {"prefill", "decode", "chunk"}

@@ -185,7 +185,7 @@ def test_artifacts_with_the_old_decode_graph_still_generate_the_same_tokens(
         "batch",
         "one",
     ]
-    assert legacy.max_new_tokens() == 1 and current.max_new_tokens() is None
+    assert legacy.max_step_tokens() == 1 and current.max_step_tokens() is None
     prompts = [[500, IMG, 30, 31, 32, 33, 34], [500, IMG, IMG, 35]]
     images = random_images(legacy.config, [[6], [2, 3]], seed=5)
     kw = dict(max_new_tokens=10, stop_tokens=set(), keep_logits=True)
