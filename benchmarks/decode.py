@@ -1,19 +1,32 @@
-"""Decode speed of the ONNX Runtime runner against transformers' generate, side by side.
+"""Decode speed of the ONNX Runtime runner against transformers' generate, side by side; and
+chunked prefill's memory and time against one-shot prefill.
 
-One synthetic model of about 100M parameters (not the tiny preset), exported once; both
-sides generate the same number of tokens greedily from the same prompts in the same
-process. Decode time excludes prefill on both sides: ours from the runner's own timing,
-transformers' as generate(N) minus generate(1), each the median of several runs.
+One synthetic model of about 100M parameters (not the tiny preset), exported once.
+
+--case decode: both sides generate the same number of tokens greedily from the same prompts
+in the same process. Decode time excludes prefill on both sides: ours from the runner's own
+timing, transformers' as generate(N) minus generate(1), each the median of several runs.
+
+--case chunked-prefill: one long prompt prefilled by the prefill graph at once, then through
+the decode (step) graph in chunks of each size. Peak memory: each size in a fresh child
+process (ONNX Runtime's arena keeps what a call grew it to), the resident set sampled every
+millisecond during the prefill, less what it was just before. Time per prompt token: every
+size side by side in this process, the median of several runs, with the ratio to one-shot.
+Each size's last-position logits are checked against one-shot's (relative L2 below 1e-5).
 
     python benchmarks/decode.py [--new-tokens 64] [--repeats 3] [--threads 2]
+    python benchmarks/decode.py --case chunked-prefill [--prompt-len 1536] [--chunks 512 128 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
+import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -59,12 +72,19 @@ def median_time(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=["decode", "chunked-prefill"], default="decode")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=None, help="32; chunked: 1536")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[1024, 512, 256, 128, 64, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.case == "chunked-prefill":
+        args.prompt_len = args.prompt_len or 1536
+        chunked_prefill(args)
+        return
+    args.prompt_len = args.prompt_len or 32
     from transformers import MllamaForConditionalGeneration
 
     config = bench_config()
@@ -123,6 +143,133 @@ def row(runners, hf, batch, args) -> None:
             f"{batch:>5} {name:>15} {ours_tps:>8.1f} {hf_tps:>9.1f} {ours_tps / hf_tps:>5.2f}x "
             f"{results[-1].cache_bytes_per_step:>18,}"
         )
+
+
+# -- chunked prefill ---------------------------------------------------------------------------
+
+
+ONE_SLOT = "one-slot"  # the whole prompt by the step graph against one masked past slot
+
+
+def chunked_prefill(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_checkpoint(bench_config(), Path(tmp) / "ckpt")
+        out = Path(tmp) / "artifacts"
+        build(
+            BuildOptions(str(ckpt), out, max_batch=1, max_seq_len=args.prompt_len + 8),
+            progress=lambda m: None,
+        )
+        rng = np.random.default_rng(0)
+        prompt = [[1, *rng.integers(3, 31000, args.prompt_len - 1).tolist()]]
+        sizes = [None, ONE_SLOT, *args.chunks]
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(1, maxtasksperchild=1) as pool:
+            memory = [pool.apply(prefill_memory, (out, prompt, c, args.threads)) for c in sizes]
+        runner = _LastLogits.wrap(Runner.from_artifacts(out))
+        times, last = {}, {}
+        for chunk in sizes:  # side by side in this process, warm
+            prefill_once(runner, prompt, chunk)
+        for _ in range(args.repeats):
+            for chunk in sizes:
+                start = time.perf_counter()
+                last[chunk] = prefill_once(runner, prompt, chunk)
+                times.setdefault(chunk, []).append(time.perf_counter() - start)
+        print(
+            f"model: {_params(runner)}M parameters; one prompt of "
+            f"{args.prompt_len} tokens, batch 1, fp32, {args.threads} threads, ONNX Runtime "
+            f"(CPU); time: median of {args.repeats}"
+        )
+        print(
+            f"{'prefill':>16} {'calls':>6} {'peak MB':>8} {'vs one-shot':>11} "
+            f"{'ms/token':>9} {'vs one-shot':>11} {'rel L2':>8}"
+        )
+        base_mem, base_time = memory[0], statistics.median(times[None])
+        for chunk, mem in zip(sizes, memory, strict=True):
+            t = statistics.median(times[chunk])
+            err = _rel_l2(last[chunk], last[None])
+            assert err < 1e-5, f"chunk {chunk}: logits differ from one-shot ({err:.1e})"
+            name = {None: "prefill graph", ONE_SLOT: "step, one slot"}.get(
+                chunk, f"chunks of {chunk}"
+            )
+            calls = 1 if chunk in (None, ONE_SLOT) else -(-args.prompt_len // chunk)
+            print(
+                f"{name:>16} {calls:>6} {mem / 1e6:>8.1f} {mem / base_mem:>10.2f}x "
+                f"{t / args.prompt_len * 1e3:>9.3f} {t / base_time:>10.2f}x {err:>8.1e}"
+            )
+
+
+class _LastLogits:
+    """A backend that keeps the last position's logits of its last call."""
+
+    def __init__(self, backend):
+        self.backend, self.logits = backend, None
+        self.name, self.inputs, self.outputs = backend.name, backend.inputs, backend.outputs
+
+    def infer(self, feed):
+        out = self.backend.infer(feed)
+        self.logits = np.asarray(out["logits"][:, -1])
+        return out
+
+    @classmethod
+    def wrap(cls, runner):
+        runner.prefill, runner.decode = cls(runner.prefill), cls(runner.decode)
+        return runner
+
+
+def prefill_once(runner, prompt, chunk) -> np.ndarray:
+    """The prompt's prefill (one new token: no decode step); its last-position logits.
+    ONE_SLOT: without the prefill graph, as a shared text engine prefills."""
+    run = _without_prefill(runner) if chunk == ONE_SLOT else runner
+    chunk = None if chunk == ONE_SLOT else chunk
+    gen = run.generate_ids(prompt, None, 1, stop_tokens=set(), prefill_chunk=chunk)
+    assert gen.timings["decode_steps"] == 0
+    return (run.prefill if run.prefill is not None and chunk is None else run.decode).logits
+
+
+def _without_prefill(runner):
+    run = copy.copy(runner)
+    run.prefill = None
+    return run
+
+
+def prefill_memory(folder, prompt, chunk, threads) -> int:
+    """In a fresh process: the most the resident set grows during one prefill (bytes)."""
+    torch.set_num_threads(threads)
+    runner = Runner.from_artifacts(folder)
+    if chunk == ONE_SLOT:
+        runner, chunk = _without_prefill(runner), None
+    page = os.sysconf("SC_PAGE_SIZE")
+    peak, done = [0], threading.Event()
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    before = rss()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        runner.generate_ids(prompt, None, 1, stop_tokens=set(), prefill_chunk=chunk)
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], rss()) - before
+
+
+def _params(runner) -> int:
+    from mllama_export.exporter.plan import count_params
+
+    return round(count_params(runner.config).total / 1e6)
+
+
+def _rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from pathlib import Path
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.manifest import check_external_data, read_manifest, verify_files
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.contract import TensorSpec
 from mllama_export.graphs.model import DecodeGraph, PrefillGraph, VisionGraph
 
 from .onnxrt import OnnxRuntimeBackend
 from .pipeline import TextRunner
 from .preprocess import ImageProcessorConfig
 from .runner import Limits
+from .steps import OneTokenDecode
 from .text import Tokenizer
 
 # onnx-reference: onnx.reference on the CPU, slow; it runs bfloat16, which ORT's CPU cannot
@@ -40,12 +42,15 @@ def load_runner(
     check_writer_version(folder, manifest)
     verify_files(folder, manifest)
     config = MllamaConfig.from_hf_dict(manifest["model"]["config"])
+    specs = graph_specs(manifest)
     if backend == "tensorrt":
-        backends = _tensorrt_backends(folder, manifest, device, io_binding)
+        backends = _tensorrt_backends(folder, manifest, specs, device, io_binding)
     elif backend == "onnx-reference":
-        backends = _reference_backends(folder, manifest, device)
+        backends = _reference_backends(folder, manifest, specs, device)
     else:
-        backends = _onnxruntime_backends(folder, manifest, config, device, io_binding)
+        backends = _onnxruntime_backends(folder, manifest, specs, config, device, io_binding)
+    if legacy_decode(manifest):
+        backends[2] = OneTokenDecode(backends[2])
     runner = TextRunner(config, *backends, Limits(**manifest["limits"]), manifest["io_dtype"])
     if (folder / "tokenizer.json").is_file():
         runner.tokenizer = Tokenizer.from_dir(folder)
@@ -56,21 +61,45 @@ def load_runner(
 
 
 GRAPH_CLASSES = (("vision", VisionGraph), ("prefill", PrefillGraph), ("decode", DecodeGraph))
+Specs = dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]
 
 
-def _tensorrt_backends(folder: Path, manifest: dict, device: str, io_binding: bool | None) -> list:
+def legacy_decode(manifest: dict) -> bool:
+    """Artifacts of an mllama-export from before the step graph: a decode graph without
+    logit_positions, one token per step (docs/graphs.md)."""
+    inputs = manifest["graphs"]["decode"].get("inputs")
+    return bool(inputs) and "logit_positions" not in {i["name"] for i in inputs}
+
+
+def graph_specs(manifest: dict) -> Specs:
+    """Each graph's inputs and outputs: the contract's, or for an older decode graph the ones
+    its manifest recorded."""
+    specs = {name: (cls.INPUTS, cls.OUTPUTS) for name, cls in GRAPH_CLASSES}
+    if legacy_decode(manifest):
+        entry = manifest["graphs"]["decode"]
+        specs["decode"] = tuple(
+            tuple(TensorSpec(t["name"], t["dtype"], tuple(t["dims"]), t.get("doc", "")) for t in ts)
+            for ts in (entry["inputs"], entry["outputs"])
+        )
+    return specs
+
+
+def _tensorrt_backends(
+    folder: Path, manifest: dict, specs: Specs, device: str, io_binding: bool | None
+) -> list:
+    """[vision, prefill, decode]; prefill None for a shared text engine (its decode engine
+    serves prefill)."""
     if not manifest.get("tensorrt", {}).get("built"):
         reason = manifest.get("tensorrt", {}).get("reason", "no engines in the manifest")
         raise MllamaExportError(f"{folder} has no TensorRT engines: {reason}")
     from .tensorrt import tensorrt_backends
 
-    specs = {name: (cls.INPUTS, cls.OUTPUTS) for name, cls in GRAPH_CLASSES}
     return tensorrt_backends(
         folder, manifest, specs, device, device_outputs=io_binding is not False
     )
 
 
-def _reference_backends(folder: Path, manifest: dict, device: str) -> list:
+def _reference_backends(folder: Path, manifest: dict, specs: Specs, device: str) -> list:
     if device != "cpu":
         raise MllamaExportError(
             f"the onnx-reference backend runs on the CPU only (asked: {device}); use "
@@ -82,12 +111,14 @@ def _reference_backends(folder: Path, manifest: dict, device: str) -> list:
     for graph in graphs.values():
         check_external_data(folder, folder / graph["file"])
     return [
-        OnnxReferenceBackend(folder / graphs[name]["file"], cls.INPUTS, cls.OUTPUTS)
-        for name, cls in GRAPH_CLASSES
+        OnnxReferenceBackend(folder / graphs[name]["file"], *specs[name])
+        for name, _ in GRAPH_CLASSES
     ]
 
 
-def _onnxruntime_backends(folder: Path, manifest: dict, config, device: str, io_binding) -> list:
+def _onnxruntime_backends(
+    folder: Path, manifest: dict, specs: Specs, config, device: str, io_binding
+) -> list:
     if manifest["io_dtype"] == "bfloat16" and device == "cpu":
         raise MllamaExportError(
             f"{folder} holds bf16 graphs, which ONNX Runtime's CPU provider cannot run (it has "
@@ -109,14 +140,13 @@ def _onnxruntime_backends(folder: Path, manifest: dict, config, device: str, io_
     return [
         OnnxRuntimeBackend(
             folder / graphs[name]["file"],
-            cls.INPUTS,
-            cls.OUTPUTS,
+            *specs[name],
             device,
             optimization=optimization,
             io_binding=bind,
             tokens_per_image=tokens,
         )
-        for name, cls in GRAPH_CLASSES
+        for name, _ in GRAPH_CLASSES
     ]
 
 

@@ -112,8 +112,10 @@ class TextRunner(Runner):
         images: Sequence[ImageSource] = (),
         max_new_tokens: int = 64,
         sampling: Sampling | None = None,
+        prefill_chunk: int | None = None,
     ) -> TextGeneration:
-        run = self._start(prompt, images, max_new_tokens, sampling)
+        """prefill_chunk=N: the prompt goes through the step graph N tokens at a time."""
+        run = self._start(prompt, images, max_new_tokens, sampling, prefill_chunk)
         for _ in run.steps:
             pass
         return run.finish()
@@ -126,12 +128,13 @@ class TextRunner(Runner):
         sampling: Sampling | None = None,
         errors: str = "replace",
         done: TextGeneration | None = None,
+        prefill_chunk: int | None = None,
     ) -> Iterator[str]:
         """Yields text pieces as tokens arrive; multi-byte characters are never split. Bytes
         that never form a character become U+FFFD, or with ``errors="backslashreplace"``
         escapes such as ``\\x80``. ``done``, if given, is filled in at the end with what
-        ``generate`` would have returned (token ids, timings)."""
-        run = self._start(prompt, images, max_new_tokens, sampling)
+        ``generate`` would have returned (token ids, timings). prefill_chunk: as ``generate``."""
+        run = self._start(prompt, images, max_new_tokens, sampling, prefill_chunk)
         decoder = self._need_tokenizer().stream_decoder(errors=errors)
         for tokens in run.steps:
             if tokens[0] >= 0 and (piece := decoder.push(int(tokens[0]))):
@@ -141,11 +144,13 @@ class TextRunner(Runner):
         if done is not None:
             vars(done).update(vars(run.finish()))
 
-    def _start(self, prompt, images, max_new_tokens, sampling) -> _Run:
+    def _start(self, prompt, images, max_new_tokens, sampling, prefill_chunk) -> _Run:
         ids, batch = self.encode(prompt, images)
         result = Generation([[]])
         stop = self._need_tokenizer().eos_token_ids | set(self.config.text.eos_token_ids)
-        steps = self.iter_steps([ids], batch, max_new_tokens, sampling, stop, result)
+        steps = self.iter_steps(
+            [ids], batch, max_new_tokens, sampling, stop, result, prefill_chunk=prefill_chunk
+        )
         return _Run(self._need_tokenizer(), ids, result, steps)
 
     def _need_tokenizer(self) -> Tokenizer:

@@ -49,6 +49,10 @@ GRAPH_OUTPUTS: dict[str, tuple[TensorSpec, ...]] = {
     "prefill": contract.PREFILL_OUTPUTS,
     "decode": contract.DECODE_OUTPUTS,
 }
+# build --text-engine: a prefill and a decode engine, each with its own copy of the text
+# weights, or one engine of the decode (step) graph serving both phases (docs/tensorrt.md)
+TEXT_ENGINES = ("split", "shared")
+DEFAULT_TEXT_ENGINE = "split"
 # TensorRT's limit on the elements of one tensor (kernels address tensors with 32-bit offsets)
 MAX_TENSOR_VOLUME = 2**31 - 1
 
@@ -84,6 +88,9 @@ class ProfileScheme:
     # opt of a dim spanning its whole range: the common call (see COMMON)
     typical_prompt: int = 128
     typical_context: int = 1024  # prompt plus new tokens: decode's cache capacity
+    # the most new tokens one call of a shared text engine takes: its prefill profiles' top
+    # and the chunk longer prompts are prefilled in (step_tokens() lowers it to fit the cap)
+    step_tokens: int = 1024
 
     def __post_init__(self):
         for name in ("batch", "images", "sequence", "past"):
@@ -93,14 +100,15 @@ class ProfileScheme:
                     f"profile scheme {name}: first edge {first} and growth {growth} "
                     "(need first >= 1 and growth >= 2)"
                 )
-        if self.typical_prompt < 1 or self.typical_context < 1:
-            raise MllamaExportError("profile scheme: typical prompt and context must be >= 1")
+        if self.typical_prompt < 1 or self.typical_context < 1 or self.step_tokens < 1:
+            raise MllamaExportError(
+                "profile scheme: typical prompt and context, and step tokens, must be >= 1"
+            )
 
     def common(self, dim: str) -> int:
         """The opt of `dim` where a profile spans its whole range: the call most made."""
-        return COMMON.get(dim) or getattr(
-            self, {"sequence": "typical_prompt"}.get(dim, "typical_context")
-        )
+        prompt = {"sequence": "typical_prompt", "new_tokens": "typical_prompt"}
+        return COMMON.get(dim) or getattr(self, prompt.get(dim, "typical_context"))
 
 
 # batch 1, one image, the last position's logits: what a single user's request looks like
@@ -134,6 +142,7 @@ class ShapeProfile:
     ranges: dict[str, Range]  # every dynamic dim the graph's inputs use, image_tokens included
     inputs: dict[str, tuple[str, ...]]  # input name -> its named dims, in the graph's order
     shapes: dict[str, tuple[Shape, Shape, Shape]] = field(repr=False)  # name -> (min, opt, max)
+    phase: str = ""  # what the calls in it are: vision, prefill, decode or chunk
 
     @classmethod
     def from_ranges(
@@ -143,6 +152,7 @@ class ShapeProfile:
         ranges: Mapping[str, Range],
         specs: Sequence[TensorSpec],
         fixed: Mapping[str, int],
+        phase: str = "",
     ) -> ShapeProfile:
         """Shapes of every input read off one table of dim sizes, so shared dims agree."""
         used = {d for s in specs for d in s.dims if d in contract.DYNAMIC_DIMS}
@@ -157,6 +167,7 @@ class ShapeProfile:
             {d: tuple(ranges[d]) for d in contract.DYNAMIC_DIMS if d in used},
             {s.name: s.dims for s in specs},
             shapes,
+            phase or graph,
         )
 
     def contains(self, feed_shapes: Mapping[str, Sequence[int]]) -> bool:
@@ -179,7 +190,8 @@ class ShapeProfile:
         return total
 
     def describe(self) -> str:
-        return ", ".join(f"{d} {lo}..{hi}" for d, (lo, _, hi) in self.ranges.items())
+        dims = ", ".join(f"{d} {lo}..{hi}" for d, (lo, _, hi) in self.ranges.items())
+        return dims if self.phase in ("", self.graph) else f"{self.phase}: {dims}"
 
     def trtexec_shapes(self) -> dict[str, str]:
         """{'min': 'input_ids:1x1,position_ids:1x1,...', 'opt': ..., 'max': ...}, the values
@@ -196,6 +208,7 @@ class ShapeProfile:
         return {
             "graph": self.graph,
             "index": self.index,
+            "phase": self.phase,
             "dims": {d: {"min": r[0], "opt": r[1], "max": r[2]} for d, r in self.ranges.items()},
             "inputs": {
                 name: {
@@ -220,6 +233,7 @@ class ShapeProfile:
                     name: tuple(tuple(int(x) for x in v[k]) for k in ("min", "opt", "max"))
                     for name, v in data["inputs"].items()
                 },
+                str(data.get("phase") or data["graph"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise MllamaExportError(
@@ -232,76 +246,158 @@ def graph_profiles(
     config: MllamaConfig,
     limits: HasLimits,
     scheme: ProfileScheme = DEFAULT_SCHEME,
+    text_engine: str = "split",
 ) -> list[ShapeProfile]:
-    """The profiles of one graph, smallest first, covering exactly what `limits` promise:
-    batch 1..max_batch, num_images 1..max_images, sequence and past_sequence 1..max_seq_len
-    (num_logits 1..sequence, capped by TensorRT's tensor volume limit on the logits)."""
+    """The profiles of one graph's engine, smallest first, covering exactly what `limits`
+    promise: batch 1..max_batch, num_images 1..max_images, sequence and past_sequence
+    1..max_seq_len (num_logits 1..the new tokens or sequence, capped by TensorRT's tensor
+    volume limit on the logits). With `text_engine` "shared" the decode graph's engine also
+    serves prefill (`shared_phases`) and there is no prefill engine."""
+    check_text_engine(text_engine)
     if graph not in GRAPH_INPUTS:
         raise MllamaExportError(f"unknown graph {graph!r}; expected one of {list(GRAPH_INPUTS)}")
+    if graph not in engine_graphs(text_engine):
+        raise MllamaExportError(
+            f"a shared text engine has no {graph} engine: the decode engine serves prefill"
+        )
     for name in ("max_batch", "max_seq_len", "max_images"):
         if getattr(limits, name) < 1:
             raise MllamaExportError(f"cannot make profiles for {name} {getattr(limits, name)}")
     fixed = static_dims(config)
     per_image = config.vision.max_num_tiles * config.vision.num_patches
-    whole = _limits(limits)
     profiles = []
-    for index, cell in enumerate(_grid(graph, limits, scheme)):
+    for index, (phase, cell, whole) in enumerate(_grid(graph, config, limits, scheme, text_engine)):
         ranges: dict[str, Range] = {
             d: _range(d, lo, hi, whole[d], scheme) for d, (lo, hi) in cell.items()
         }
-        if graph == "prefill":
+        if graph != "vision":
             ranges["num_logits"] = _logits_range(ranges, fixed["vocab"])
+        if graph == "decode":
+            past, new = ranges["past_sequence"], ranges["new_tokens"]
+            ranges["total_sequence"] = tuple(p + n for p, n in zip(past, new, strict=True))
         lo, opt, hi = ranges["num_images"]
         ranges["image_tokens"] = (lo * per_image, opt * per_image, hi * per_image)
-        profiles.append(ShapeProfile.from_ranges(graph, index, ranges, GRAPH_INPUTS[graph], fixed))
+        profiles.append(
+            ShapeProfile.from_ranges(graph, index, ranges, GRAPH_INPUTS[graph], fixed, phase)
+        )
     return profiles
 
 
-def _limits(limits: HasLimits) -> dict[str, int]:
-    seq = limits.max_seq_len
-    return {
-        "batch": limits.max_batch,
-        "num_images": limits.max_images,
-        "sequence": seq,
-        "past_sequence": seq,
+def check_text_engine(text_engine: str) -> None:
+    if text_engine not in TEXT_ENGINES:
+        raise MllamaExportError(
+            f"unknown text engine {text_engine!r}; expected one of {', '.join(TEXT_ENGINES)}"
+        )
+
+
+def engine_graphs(text_engine: str = "split") -> tuple[str, ...]:
+    """The graphs that get a TensorRT engine: all three, or vision and the shared step."""
+    check_text_engine(text_engine)
+    return ("vision", "prefill", "decode") if text_engine == "split" else ("vision", "decode")
+
+
+def step_tokens(config: MllamaConfig, limits: HasLimits, scheme: ProfileScheme = DEFAULT_SCHEME):
+    """The most new tokens one call of a shared text engine takes (its prefill profiles' top,
+    the chunk its runner prefills longer prompts in): scheme.step_tokens, at most
+    max_seq_len, lowered until a chunk's materialized attention scores
+    [max_batch, H_kv, G*N, max_seq_len + N] fit TensorRT's tensor cap."""
+    b, s, heads = limits.max_batch, limits.max_seq_len, config.text.num_heads
+    lo, hi = 1, max(1, min(scheme.step_tokens, s))  # lo fits or nothing does; largest that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if b * heads * mid * (s + mid) <= MAX_TENSOR_VOLUME:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+Cell = tuple[str, dict[str, tuple[int, int]], dict[str, tuple[int, int]]]
+
+
+def _grid(graph: str, config, limits: HasLimits, s: ProfileScheme, text_engine: str) -> list[Cell]:
+    """(phase, one bucket range per dim, each dim's whole range) per profile."""
+    whole = {
+        "batch": (1, limits.max_batch),
+        "num_images": (1, limits.max_images),
+        "sequence": (1, limits.max_seq_len),
+        "past_sequence": (1, limits.max_seq_len),
+        "new_tokens": (1, 1),
     }
-
-
-def _grid(graph: str, limits: HasLimits, s: ProfileScheme) -> list[dict[str, tuple[int, int]]]:
-    """One cell of bucket ranges per profile."""
-    whole_batch, whole_images = (1, limits.max_batch), (1, limits.max_images)
     batch = buckets(limits.max_batch, s.batch_first, s.batch_growth)
     images = buckets(limits.max_images, s.images_first, s.images_growth)
     if graph == "vision":
-        return [{"batch": b, "num_images": n} for b in batch for n in images]
+        return [("vision", {"batch": b, "num_images": n}, whole) for b in batch for n in images]
+    spanning = {"batch": whole["batch"], "num_images": whole["num_images"]}
     if graph == "prefill":
         seq = buckets(limits.max_seq_len, s.sequence_first, s.sequence_growth)
-        return [{"batch": whole_batch, "num_images": whole_images, "sequence": q} for q in seq]
+        return [("prefill", {**spanning, "sequence": q}, whole) for q in seq]
     past = buckets(limits.max_seq_len, s.past_first, s.past_growth)
-    return [
-        {"batch": b, "num_images": whole_images, "past_sequence": p} for b in batch for p in past
+    if text_engine == "split":
+        return [
+            ("decode", {"batch": b, "num_images": whole["num_images"], "past_sequence": p,
+                        "new_tokens": (1, 1)}, whole)
+            for b in batch for p in past
+        ]  # fmt: skip
+    return _shared_phases(limits, s, step_tokens(config, limits, s), batch, past, whole)
+
+
+def _shared_phases(limits, s: ProfileScheme, top: int, batch, past, whole) -> list[Cell]:
+    """A shared text engine's profiles, one phase after the other, partitioning the calls:
+
+    - prefill: the whole prompt (new_tokens 1..top, in the prompt buckets) against one masked
+      past slot; batch and images span their range, as the prefill engine's do;
+    - decode: one new token, per batch bucket x past bucket (past from 2: a decode step's
+      cache holds the prompt and the token, so a past of 1 is always prefill's);
+    - chunk: 2..top new tokens against the cache buffer, per past bucket (chunked prefill,
+      and prompts longer than `top`)."""
+    spanning = {"batch": whole["batch"], "num_images": whole["num_images"]}
+    from_two = [(max(2, lo), hi) for lo, hi in past if hi >= 2]
+    phased = {**whole, "past_sequence": (2, limits.max_seq_len), "new_tokens": (1, top)}
+    prefill = [
+        ("prefill", {**spanning, "past_sequence": (1, 1), "new_tokens": q}, phased)
+        for q in buckets(top, s.sequence_first, s.sequence_growth)
     ]
+    decode = [
+        ("decode", {"batch": b, "num_images": whole["num_images"], "past_sequence": p,
+                    "new_tokens": (1, 1)}, phased)
+        for b in batch for p in from_two
+    ]  # fmt: skip
+    chunk = [
+        ("chunk", {**spanning, "past_sequence": p, "new_tokens": (2, top)}, phased)
+        for p in from_two
+        if top >= 2
+    ]
+    return prefill + decode + chunk
 
 
-def _range(dim: str, lo: int, hi: int, limit: int, scheme: ProfileScheme) -> Range:
+def _range(dim: str, lo: int, hi: int, whole: tuple[int, int], scheme: ProfileScheme) -> Range:
     """(min, opt, max): opt at the bucket's top, or at the common call when the profile spans
     the dim's whole range (no bucket to stand for; TensorRT tunes for opt)."""
-    if (lo, hi) == (1, limit):
+    if (lo, hi) == whole and lo < hi:
         return (lo, min(max(scheme.common(dim), lo), hi), hi)
     return (lo, hi, hi)
 
 
 def _logits_range(ranges: Mapping[str, Range], vocab: int) -> Range:
-    """num_logits 1..the bucket's top sequence length, tuned for 1 (serving), capped so that
-    the logits [batch, num_logits, vocab] stay within TensorRT's tensor volume limit."""
-    batch, seq = ranges["batch"][2], ranges["sequence"][2]
+    """num_logits 1..the profile's top count of positions (prompt or new tokens), tuned for
+    1 (serving), capped so that the logits [batch, num_logits, vocab] stay within TensorRT's
+    tensor volume limit."""
+    batch, seq = ranges["batch"][2], ranges.get("sequence", ranges.get("new_tokens"))[2]
     return (1, 1, max(1, min(seq, MAX_TENSOR_VOLUME // (batch * vocab))))
 
 
 def all_profiles(
-    config: MllamaConfig, limits: HasLimits, scheme: ProfileScheme = DEFAULT_SCHEME
+    config: MllamaConfig,
+    limits: HasLimits,
+    scheme: ProfileScheme = DEFAULT_SCHEME,
+    text_engine: str = "split",
 ) -> dict[str, list[ShapeProfile]]:
-    return {g: graph_profiles(g, config, limits, scheme) for g in GRAPH_INPUTS}
+    """The profiles of every engine (engine_graphs: a shared text engine has no prefill)."""
+    return {
+        g: graph_profiles(g, config, limits, scheme, text_engine)
+        for g in engine_graphs(text_engine)
+    }
 
 
 # which build limit lowers which dim
@@ -312,6 +408,8 @@ LIMIT_OF_DIM = {
     "sequence": "max_seq_len",
     "num_logits": "max_seq_len",
     "past_sequence": "max_seq_len",
+    "new_tokens": "max_seq_len",
+    "total_sequence": "max_seq_len",
 }
 
 
@@ -347,20 +445,22 @@ def materialized_scores(
 ) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
     """Attention score tensors the engine holds whole: {name: (shape, dims it grows with)}.
 
-    Only the decode step's self-attention: its softmax spans the cached and the new token's
-    scores, which is not the pattern TensorRT fuses. Every other attention is written in the
-    documented fusable form (graphs/layers.py grouped_attention), whose scores are never
-    materialized when fused; exporter/plan.py reports what they would take if not."""
+    Only the decode (step) graph's self-attention: its softmax spans the cached and the new
+    tokens' scores, which is not the pattern TensorRT fuses; [B, H_kv, G*N, T + N] float32
+    (one row per head and new token). Every other attention is written in the documented
+    fusable form (graphs/layers.py grouped_attention), whose scores are never materialized
+    when fused; exporter/plan.py reports what they would take if not."""
     if graph != "decode":
         return {}
     t = config.text
+    new = sizes.get("new_tokens", 1)
     shape = (
         sizes["batch"],
         t.num_kv_heads,
-        t.num_heads // t.num_kv_heads,
-        sizes["past_sequence"] + 1,
+        t.num_heads // t.num_kv_heads * new,
+        sizes["past_sequence"] + new,
     )
-    return {"self-attention scores": (shape, ("batch", "past_sequence"))}
+    return {"self-attention scores": (shape, ("batch", "past_sequence", "new_tokens"))}
 
 
 def tensor_shapes(
@@ -380,11 +480,14 @@ def tensor_shapes(
 
 
 def tensor_volume_problems(
-    config: MllamaConfig, limits: HasLimits, scheme: ProfileScheme = DEFAULT_SCHEME
+    config: MllamaConfig,
+    limits: HasLimits,
+    scheme: ProfileScheme = DEFAULT_SCHEME,
+    text_engine: str = "split",
 ) -> list[VolumeProblem]:
     """Every tensor over MAX_TENSOR_VOLUME at some profile's maximum, the largest first."""
     problems = []
-    for graph, profiles in all_profiles(config, limits, scheme).items():
+    for graph, profiles in all_profiles(config, limits, scheme, text_engine).items():
         for p in profiles:
             for name, (shape, dims) in tensor_shapes(p, config).items():
                 problem = VolumeProblem(
@@ -396,7 +499,11 @@ def tensor_volume_problems(
 
 
 def largest_fitting(
-    config: MllamaConfig, limits: HasLimits, name: str, scheme: ProfileScheme = DEFAULT_SCHEME
+    config: MllamaConfig,
+    limits: HasLimits,
+    name: str,
+    scheme: ProfileScheme = DEFAULT_SCHEME,
+    text_engine: str = "split",
 ) -> int | None:
     """The largest value of the limit `name` (the others kept) at which no tensor exceeds
     the cap; None when even 1 does not fit."""
@@ -404,7 +511,7 @@ def largest_fitting(
     lo, hi = 0, getattr(base, name)  # invariant: lo fits (or is 0), hi + 1 does not
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if tensor_volume_problems(config, replace(base, **{name: mid}), scheme):
+        if tensor_volume_problems(config, replace(base, **{name: mid}), scheme, text_engine):
             hi = mid - 1
         else:
             lo = mid
@@ -491,7 +598,12 @@ def shape_problems(
             problems.append(
                 f"{d} differs between inputs (" + ", ".join(f"{x} in {n}" for n, x in values) + ")"
             )
-    return problems + _image_token_mismatch(profiles[0], seen) + _logits_past_the_prompt(seen)
+    return (
+        problems
+        + _image_token_mismatch(profiles[0], seen)
+        + _logits_past_the_prompt(seen)
+        + _total_mismatch(seen)
+    )
 
 
 def _fixed_mismatches(profile: ShapeProfile, feed_shapes: Mapping[str, Sequence[int]]) -> list:
@@ -508,11 +620,23 @@ def _fixed_mismatches(profile: ShapeProfile, feed_shapes: Mapping[str, Sequence[
 
 
 def _logits_past_the_prompt(seen: dict) -> list:
-    logits, prompt = seen.get("num_logits"), seen.get("sequence")
-    if logits and prompt and logits[0][1] > prompt[0][1] >= 1:
+    logits = seen.get("num_logits")
+    for dim, what in (("sequence", "the prompt"), ("new_tokens", "the new tokens")):
+        tokens = seen.get(dim)
+        if logits and tokens and logits[0][1] > tokens[0][1] >= 1:
+            return [
+                f"num_logits {logits[0][1]} is more than {dim} {tokens[0][1]} "
+                f"(logit_positions are positions of {what})"
+            ]
+    return []
+
+
+def _total_mismatch(seen: dict) -> list:
+    total, past, new = (seen.get(d) for d in ("total_sequence", "past_sequence", "new_tokens"))
+    if total and past and new and total[0][1] != past[0][1] + new[0][1]:
         return [
-            f"num_logits {logits[0][1]} is more than sequence {prompt[0][1]} (logit_positions "
-            "are positions of the prompt)"
+            f"total_sequence {total[0][1]} (attention_mask) is not past_sequence "
+            f"{past[0][1]} + new_tokens {new[0][1]}"
         ]
     return []
 

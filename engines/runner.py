@@ -16,6 +16,7 @@ from mllama_export.graphs.contract import logit_positions
 from .backend import Backend
 from .preprocess import PreprocessedImages as Images
 from .sampling import Sampling, TokenPicker
+from .steps import KVCache, chunk_feed, decode_feed, one_slot_feed
 from .store import NumpyStore
 from .text import cross_attention_mask_from_ids
 
@@ -39,6 +40,7 @@ class Generation:
     step_logits: list[np.ndarray] = field(default_factory=list)  # [B, V] per step when asked for
     timings: dict[str, float] = field(default_factory=dict)
     cache_bytes_per_step: int = 0  # bytes the runner copied into its buffers per decode step
+    prompt_mask: np.ndarray | None = None  # [B, S] 1 for a real prompt token, with the logits
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -49,39 +51,22 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-class _Cache:
-    """Self-attention K/V in buffers sized once per generation; each step fills one slot.
-
-    The buffers live in the decode backend's store (host arrays, or device tensors bound by
-    pointer), so the past is never copied: not into a new tensor, not across to the host.
-    """
-
-    def __init__(self, present_k, present_v, mask: np.ndarray, cap: int, store, dtype):
-        layers, b, heads, s, dim = present_k.shape
-        self.k = store.zeros((layers, b, heads, cap, dim), dtype)
-        self.v = store.zeros((layers, b, heads, cap, dim), dtype)
-        self.mask = store.zeros((b, cap), np.dtype(np.int64))
-        self.k[:, :, :, :s], self.v[:, :, :, :s] = present_k, present_v
-        self.mask[:, :s] = store.put(mask)
-        self.length = s
-
-    def append(self, new_k: np.ndarray, new_v: np.ndarray) -> int:
-        # new_k, new_v: [L, B, H_kv, 1, Dh]
-        self.k[:, :, :, self.length] = new_k[:, :, :, 0]
-        self.v[:, :, :, self.length] = new_v[:, :, :, 0]
-        self.mask[:, self.length] = 1
-        self.length += 1
-        return new_k.nbytes + new_v.nbytes + self.mask.shape[0] * 8
-
-
 class Runner:
-    """Generates tokens by chaining the three graphs; the backends do all model arithmetic."""
+    """Generates tokens by chaining the graphs; the backends do all model arithmetic.
+
+    `prefill` runs the prefill graph; None when the artifacts have no prefill engine (a
+    shared text engine: `build --text-engine shared`), and prompts then go through the
+    step graph. `decode` runs the step graph (graphs/model.py DecodeGraph): decode steps,
+    chunked prefill and a shared engine's prefill. A step backend may take a limited number
+    of new tokens per call (`max_step_tokens`: 1 for a split decode engine, the profiles'
+    top for a shared one; none for ONNX Runtime).
+    """
 
     def __init__(
         self,
         config: MllamaConfig,
         vision: Backend,
-        prefill: Backend,
+        prefill: Backend | None,
         decode: Backend,
         limits: Limits,
         model_dtype: str = "float32",
@@ -113,12 +98,21 @@ class Runner:
         sampling: Sampling | None = None,
         stop_tokens: set[int] | None = None,
         keep_logits: bool = False,
+        prefill_chunk: int | None = None,
+        forced: np.ndarray | None = None,
     ) -> Generation:
-        """Token ids in, generated token ids out. Prompts are left-padded into one batch."""
+        """Token ids in, generated token ids out. Prompts are left-padded into one batch.
+
+        prefill_chunk=N pushes the prompt through the step graph N tokens at a time (the last
+        chunk may be shorter), so prefill's activations are bounded by N, not by the prompt.
+        forced ([max_new_tokens, B], teacher forcing, as the accuracy gate does): the tokens
+        fed at each step instead of the chosen ones; token_ids then holds them."""
         result = Generation([[] for _ in prompts])
-        for _ in self.iter_steps(
-            prompts, images, max_new_tokens, sampling, stop_tokens, result, keep_logits
-        ):
+        steps = self.iter_steps(
+            prompts, images, max_new_tokens, sampling, stop_tokens, result, keep_logits,
+            prefill_chunk=prefill_chunk, forced=forced,
+        )  # fmt: skip
+        for _ in steps:
             pass
         return result
 
@@ -131,29 +125,22 @@ class Runner:
         stop_tokens: set[int] | None,
         result: Generation,
         keep_logits: bool = False,
+        prefill_chunk: int | None = None,
+        forced: np.ndarray | None = None,
     ) -> Iterator[np.ndarray]:
         """Yields each step's tokens [B] as soon as they are chosen, filling `result`."""
         stop = set(self.config.text.eos_token_ids) if stop_tokens is None else set(stop_tokens)
         self._check_request(prompts, images, max_new_tokens)
+        self._check_steps(len(prompts), max_new_tokens, prefill_chunk, forced)
         feed = self._prompt_feed(prompts, images)
         if keep_logits:  # every position's logits, not only the last one's
             feed["logit_positions"] = logit_positions(feed["input_ids"].shape[1], None)
         xk, xv = self._cross_kv(images, len(prompts), result.timings)
         start = time.perf_counter()
-        out = self.prefill.infer({**feed, "cross_key": xk, "cross_value": xv})
-        result.timings["prefill_s"] = time.perf_counter() - start
-        logits = self.store.host(out["logits"][:, -1])  # position S - 1 either way
-        if keep_logits:
-            result.prefill_logits = self.store.host(out["logits"])
         capacity = feed["input_ids"].shape[1] + max_new_tokens
-        cache = _Cache(
-            out["present_key"],
-            out["present_value"],
-            feed["attention_mask"],
-            capacity,
-            self.store,
-            self.dtype,
-        )
+        cache = KVCache(self.config, len(prompts), capacity, self.store, self.dtype)
+        logits = self._prefill(feed, xk, xv, cache, prefill_chunk, result, keep_logits)
+        result.timings["prefill_s"] = time.perf_counter() - start
         step_inputs = {
             "position_ids": feed["position_ids"][:, -1:].copy(),
             "cross_attention_mask": feed["cross_attention_mask"][:, -1:].copy(),
@@ -161,15 +148,57 @@ class Runner:
             "cross_value": xv,
         }
         yield from self._decode_loop(
-            logits, cache, step_inputs, result, max_new_tokens, stop, sampling
+            logits, cache, step_inputs, result, max_new_tokens, stop, sampling, forced
         )
 
-    def _decode_loop(self, logits, cache, step_inputs, result, max_new_tokens, stop, sampling):
+    def _prefill(self, feed, xk, xv, cache, chunk, result, keep) -> np.ndarray:
+        """Fills the cache with the prompt; returns the logits of its last position [B, V].
+
+        The prefill graph when there is one and no chunk is asked for; else the step graph:
+        the whole prompt against one masked past slot when the step backend takes that many
+        new tokens, or chunks (of `chunk`, or of the most the backend takes) against the
+        cache, each chunk seeing the slots the earlier ones filled."""
+        s = feed["input_ids"].shape[1]
+        limit = self.max_step_tokens()
+        if chunk is None and self.prefill is not None:
+            out = self.prefill.infer({**feed, "cross_key": xk, "cross_value": xv})
+            cache.write(out["present_key"], out["present_value"], feed["attention_mask"])
+            pieces, calls = [out["logits"]], 1
+        elif chunk is None and (limit is None or s <= limit):
+            out = self.decode.infer(
+                one_slot_feed(feed, self.config, self.store, self.dtype, xk, xv)
+            )
+            cache.write(out["new_key"], out["new_value"], feed["attention_mask"])
+            pieces, calls = [out["logits"]], 1
+        else:
+            chunk = chunk or limit
+            pieces = []
+            for a in range(0, s, chunk):
+                b = min(a + chunk, s)
+                out = self.decode.infer(chunk_feed(feed, a, b, cache, xk, xv, keep))
+                cache.write(out["new_key"], out["new_value"], feed["attention_mask"][:, a:b])
+                pieces.append(out["logits"])
+            calls = len(pieces)
+        result.timings["prefill_calls"] = calls
+        last = self.store.host(pieces[-1][:, -1])  # position S - 1 either way
+        if keep:
+            result.prefill_logits = np.concatenate([self.store.host(p) for p in pieces], axis=1)
+            result.prompt_mask = feed["attention_mask"]
+        return last
+
+    def max_step_tokens(self) -> int | None:
+        """The most new tokens one call of the step backend takes (None: any)."""
+        return getattr(self.decode, "max_step_tokens", None)
+
+    def _decode_loop(
+        self, logits, cache, step_inputs, result, max_new_tokens, stop, sampling, forced
+    ):
         # Finished rows keep stepping with the pad token, as transformers' generate does.
         pick = TokenPicker(sampling or Sampling())
         pad = self.config.text.pad_token_id or 0
         done = np.zeros(len(result.token_ids), bool)
-        tokens, steps, start = pick(logits), 0, time.perf_counter()
+        tokens = pick(logits) if forced is None else forced[0]
+        steps, start = 0, time.perf_counter()
         for step in range(max_new_tokens):
             tokens = np.where(done, pad, tokens)
             for row in np.flatnonzero(~done):
@@ -179,15 +208,15 @@ class Runner:
             if done.all() or step == max_new_tokens - 1:
                 break
             step_inputs["position_ids"] += 1
-            feed = {"input_ids": tokens[:, None], "attention_mask": cache.mask}
-            out = self.decode.infer(
-                {**step_inputs, **feed, "past_key": cache.k, "past_value": cache.v}
+            out = self.decode.infer(decode_feed(tokens, cache, step_inputs))
+            result.cache_bytes_per_step = cache.write(
+                out["new_key"], out["new_value"], np.ones((len(tokens), 1), np.int64)
             )
-            result.cache_bytes_per_step = cache.append(out["new_key"], out["new_value"])
             logits = self.store.host(out["logits"][:, -1])
             if result.prefill_logits is not None:
                 result.step_logits.append(logits)
-            tokens, steps = pick(logits), steps + 1
+            tokens = pick(logits) if forced is None else forced[step + 1]
+            steps += 1
         result.timings.update(decode_s=time.perf_counter() - start, decode_steps=steps)
 
     def _prompt_feed(
@@ -244,6 +273,32 @@ class Runner:
             )
         if problems:
             raise MllamaExportError("cannot generate: " + "; ".join(problems))
+
+    def _check_steps(self, batch: int, max_new_tokens: int, chunk, forced) -> None:
+        """prefill_chunk and forced tokens, refused before any work."""
+        limit = self.max_step_tokens()
+        if chunk is not None:
+            if isinstance(chunk, bool) or not isinstance(chunk, int | np.integer) or chunk < 1:
+                raise MllamaExportError(
+                    f"prefill_chunk {chunk!r}: expected a positive number of prompt tokens"
+                )
+            if limit is not None and chunk > limit:
+                raise MllamaExportError(
+                    f"prefill_chunk {chunk}: this step engine takes at most {limit} new "
+                    "token(s) per call ("
+                    + (
+                        "a split decode engine takes one: rebuild with --text-engine shared "
+                        "for chunks, or run on ONNX Runtime"
+                        if limit == 1
+                        else f"its profiles' top); use a prefill_chunk of 1..{limit}"
+                    )
+                    + ")"
+                )
+        if forced is not None and np.shape(forced) != (max_new_tokens, batch):
+            raise MllamaExportError(
+                f"forced tokens of shape {list(np.shape(forced))}; expected "
+                f"[max_new_tokens {max_new_tokens}, batch {batch}]"
+            )
 
     def _cross_kv(
         self, images: Images | None, batch: int, timings: dict

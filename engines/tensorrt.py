@@ -47,7 +47,7 @@ from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.contract import TensorSpec
 
 from .backend import check_feed
-from .profiles import ShapeProfile, select_profile
+from .profiles import ShapeProfile, coverage, select_profile
 
 # TensorRT DataType names -> torch dtype names
 _DTYPES = {
@@ -220,6 +220,13 @@ class TensorRTBackend:
         }
         self._active: int | None = None
         self._chosen: dict[tuple, int] = {}
+
+    @property
+    def max_step_tokens(self) -> int | None:
+        """The most new tokens one call takes: the step (decode) graph's engine only, 1 for a
+        split decode engine, its profiles' top for a shared one (the runner prefills longer
+        prompts in chunks of this many); None for an engine of another graph."""
+        return coverage(self.profiles).get("new_tokens", (None, None))[1]
 
     # -- hooks a test can replace to run the same code on the CPU with a stand-in engine --
 
@@ -404,18 +411,22 @@ def tensorrt_backends(
     graph_specs: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]],
     device: str = "cuda",
     device_outputs: bool = True,
-) -> list[TensorRTBackend]:
+) -> list[TensorRTBackend | None]:
     """One backend per graph of `graph_specs` ({name: (INPUTS, OUTPUTS)}, in order), from a
-    manifest whose files the caller has already verified. device 'cpu' (the CLI's default,
-    an ONNX Runtime setting) means the default CUDA device here."""
+    manifest whose files the caller has already verified; None for the prefill graph of a
+    shared text engine (`text_engine` "shared": the decode engine serves prefill). device
+    'cpu' (the CLI's default, an ONNX Runtime setting) means the default CUDA device here."""
     entry = manifest.get("tensorrt") or {}
     if not entry.get("built"):
         reason = entry.get("reason", "no engines in the manifest")
         raise MllamaExportError(f"{folder} has no TensorRT engines: {reason}")
     folder = Path(folder)
-    backends: list[TensorRTBackend] = []
+    backends: list[TensorRTBackend | None] = []
     shared: dict[str, Any] = {}  # one stream and one scratch buffer for all of them
     for name, (inputs, outputs) in graph_specs.items():
+        if entry.get("text_engine") == "shared" and name == "prefill":
+            backends.append(None)
+            continue
         engine = entry.get("engines", {}).get(name)
         profiles = entry.get("profiles", {}).get(name)
         if engine is None or not profiles:

@@ -124,7 +124,10 @@ def rebuild_engines(
     if reason is not None:
         raise MllamaExportError(f"cannot build TensorRT engines here: {reason}")
     limits = Limits(**manifest["limits"])
-    check_tensor_volumes(config, limits, rebuild_hint=limits_problem_hint(manifest))
+    text_engine = manifest["tensorrt"].get("text_engine", "split")
+    check_tensor_volumes(
+        config, limits, rebuild_hint=limits_problem_hint(manifest), text_engine=text_engine
+    )
     with build_lock(folder):
         todo = pending_engines(read_manifest(folder), names, rebuild)
         if not todo:

@@ -31,6 +31,7 @@ from mllama_export.engines.profiles import (
     ProfileScheme,
     ShapeProfile,
     all_profiles,
+    engine_graphs,
     largest_fitting,
     tensor_volume_problems,
 )
@@ -70,12 +71,15 @@ def plan_engines(
     graphs: dict[str, dict],
     profiles: dict[str, list[ShapeProfile]],
     precision: str,
+    engines: tuple[str, ...] | None = None,
 ) -> list[EnginePlan]:
-    """One plan per graph of `graphs` ({name: {"file": "onnx/<name>.onnx", ...}}), in the
+    """One plan per graph of `graphs` ({name: {"file": "onnx/<name>.onnx", ...}}) that gets
+    an engine (`engines`, default all: a shared text engine has none for prefill), in the
     vision, prefill, decode order; a graph's own "precision" entry, where present, overrides
     the build's (FP8 text beside a 16-bit vision graph)."""
     plans = []
-    for name in sorted(graphs, key=lambda g: GRAPH_ORDER.index(g) if g in GRAPH_ORDER else 9):
+    names = [g for g in graphs if engines is None or g in engines]
+    for name in sorted(names, key=lambda g: GRAPH_ORDER.index(g) if g in GRAPH_ORDER else 9):
         if name not in profiles:
             raise MllamaExportError(f"no optimization profiles for a graph named {name!r}")
         graph_precision = graphs[name].get("precision", precision)
@@ -123,8 +127,10 @@ def trtexec_script(plans: list[EnginePlan], optimization_level: int | None = Non
         "#!/bin/sh",
         "# Builds this folder's TensorRT engines by hand with trtexec (TensorRT 10 or 11):",
         "# the same strongly typed networks, optimization profiles and timing cache as",
-        "# `mllama-export build`. Usage: sh engines/trtexec.sh [vision] [prefill] [decode]",
-        "# (default: all three). TRTEXEC=/path/to/trtexec picks the binary; TRTEXEC_FLAGS adds",
+        "# `mllama-export build`. Usage: sh engines/trtexec.sh ["
+        + "] [".join(p.graph for p in plans)
+        + "]",
+        "# (default: all of them). TRTEXEC=/path/to/trtexec picks the binary; TRTEXEC_FLAGS adds",
         "# flags to every build (e.g. --verbose). Each engine is written as <name>.partial and",
         "# renamed when trtexec succeeds. Engines built by hand are not in manifest.json:",
         "# `mllama-export engines DIR` builds and records them, or load them with",
@@ -192,17 +198,21 @@ def _cc(capability) -> str:
 
 
 def check_tensor_volumes(
-    config: MllamaConfig, limits, scheme: ProfileScheme = DEFAULT_SCHEME, rebuild_hint=""
+    config: MllamaConfig,
+    limits,
+    scheme: ProfileScheme = DEFAULT_SCHEME,
+    rebuild_hint="",
+    text_engine: str = "split",
 ) -> None:
     """Refuses limits at which some engine tensor would exceed TensorRT's element cap, naming
     the tensor and the largest value of each option that lowers it."""
-    problems = tensor_volume_problems(config, limits, scheme)
+    problems = tensor_volume_problems(config, limits, scheme, text_engine)
     if not problems:
         return
     worst = problems[0]
     fixes = []
     for name in worst.limits:
-        best = largest_fitting(config, limits, name, scheme)
+        best = largest_fitting(config, limits, name, scheme, text_engine)
         if best is not None:
             fixes.append(f"--{name.replace('_', '-')} {best}")
     shape = "x".join(str(d) for d in worst.shape)
@@ -226,7 +236,7 @@ def check_engines_before_work(options, config: MllamaConfig) -> None:
         )
     if mode == "skip":
         return
-    check_tensor_volumes(config, options)
+    check_tensor_volumes(config, options, text_engine=options.text_engine)
     if mode == "require":
         reason = tensorrt_unavailable(needs_fp8=options.precision == "fp8")
         if reason is not None:
@@ -253,14 +263,15 @@ def prepare_engines(
     `tensorrt` entry before any engine exists (status pending, skipped or unavailable). A
     rebuild into the same --out keeps the last build's timing cache when it was measured by
     this TensorRT on this GPU."""
-    profiles = all_profiles(config, options, scheme)
-    plans = plan_engines(graphs, profiles, options.precision)
+    profiles = all_profiles(config, options, scheme, options.text_engine)
+    plans = plan_engines(graphs, profiles, options.precision, engine_graphs(options.text_engine))
     (work / ENGINE_DIR).mkdir(exist_ok=True)
     script = work / TRTEXEC_SCRIPT
     script.write_text(trtexec_script(plans, optimization_level))
     script.chmod(0o755)
     entry: dict[str, Any] = {
         "built": False,
+        "text_engine": options.text_engine,
         "trtexec": TRTEXEC_SCRIPT,
         "scheme": asdict(scheme),
         "optimization_level": optimization_level,
@@ -315,11 +326,14 @@ def pending_engines(manifest: dict, names=None, rebuild: bool = False) -> list[s
     failed, or were built by another TensorRT or on another GPU; all of them with `rebuild`."""
     entry = manifest.get("tensorrt") or {}
     engines = entry.get("engines") or {}
-    names = list(names or engines or GRAPH_ORDER)
-    unknown = [n for n in names if n not in GRAPH_ORDER]
+    known = tuple(engines) or engine_graphs(entry.get("text_engine", "split"))
+    names = list(names or known)
+    unknown = [n for n in names if n not in known]
     if unknown:
+        shared = entry.get("text_engine") == "shared" and "prefill" in unknown
         raise MllamaExportError(
-            f"unknown engine(s) {', '.join(unknown)}; expected some of {', '.join(GRAPH_ORDER)}"
+            f"unknown engine(s) {', '.join(unknown)}; expected some of {', '.join(known)}"
+            + (" (a shared text engine: the decode engine serves prefill)" if shared else "")
         )
     if rebuild:
         return names
@@ -369,7 +383,7 @@ def _plans_from_manifest(manifest: dict) -> list[EnginePlan]:
     profiles = {
         g: [ShapeProfile.from_json(p) for p in ps] for g, ps in entry.get("profiles", {}).items()
     }
-    return plan_engines(manifest["graphs"], profiles, manifest["precision"])
+    return plan_engines(manifest["graphs"], profiles, manifest["precision"], tuple(profiles))
 
 
 def _quantized(manifest: dict, name: str) -> int:

@@ -29,7 +29,14 @@ from .weightfile import (
 
 # Sizes of the example inputs traced at export: all >= 2 and distinct, so that no dynamic dim
 # is specialized to 0 or 1, or confused with another.
-EXAMPLE_SIZES = {"batch": 2, "num_images": 2, "sequence": 7, "num_logits": 3, "past_sequence": 11}
+EXAMPLE_SIZES = {
+    "batch": 2,
+    "num_images": 2,
+    "sequence": 7,
+    "num_logits": 3,
+    "past_sequence": 11,
+    "new_tokens": 5,
+}
 
 
 def dims_for(config: MllamaConfig, options: BuildOptions) -> dict[str, Dim]:
@@ -43,6 +50,9 @@ def dims_for(config: MllamaConfig, options: BuildOptions) -> dict[str, Dim]:
         "sequence": Dim("sequence", min=1, max=max(8, options.max_seq_len)),
         "num_logits": Dim("num_logits", min=1, max=max(8, options.max_seq_len)),
         "past_sequence": Dim("past_sequence", min=1, max=max(12, options.max_seq_len)),
+        "new_tokens": Dim("new_tokens", min=1, max=max(8, options.max_seq_len)),
+        # past_sequence + new_tokens: the exporter derives it from the graph's own slicing
+        "total_sequence": Dim("total_sequence", min=2, max=2 * max(12, options.max_seq_len)),
     }
 
 
@@ -53,6 +63,10 @@ def example_inputs(
     sizes = {**static_dims(config), **(sizes or EXAMPLE_SIZES)}
     sizes["image_tokens"] = sizes["num_images"] * sizes["tiles"] * config.vision.num_patches
     sizes.setdefault("num_logits", 1)  # what serving asks for
+    sizes.setdefault("new_tokens", 1)
+    sizes["total_sequence"] = sizes.get("past_sequence", 1) + sizes["new_tokens"]
+    # logit_positions index the prompt (prefill) or the new tokens (the decode step)
+    positions = "new_tokens" if any("new_tokens" in s.dims for s in specs) else "sequence"
     gen = torch.Generator().manual_seed(seed)
     tensors = []
     for spec in specs:
@@ -61,11 +75,9 @@ def example_inputs(
             high = {
                 "input_ids": config.text.vocab_size,
                 "position_ids": 64,
-                "logit_positions": sizes["sequence"],  # positions into the sequence axis
+                "logit_positions": sizes.get(positions, 1),
+                "aspect_ratio_ids": config.vision.max_aspect_ratio_id + 1,
             }.get(spec.name, 2)
-            high = (
-                config.vision.max_aspect_ratio_id + 1 if spec.name == "aspect_ratio_ids" else high
-            )
             tensors.append(torch.randint(0, high, shape, generator=gen))
         else:
             tensors.append(torch.randn(shape, generator=gen).to(dtype))

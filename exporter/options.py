@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.text import MASK_SEMANTICS
@@ -42,6 +43,9 @@ class BuildOptions:
     # TensorRT engines after the ONNX: where TensorRT and a GPU exist (auto), never (skip),
     # or refuse before any work where they cannot be built (require); exporter/engines.py
     engines: str = "auto"
+    # split: a prefill and a decode engine (the text weights twice); shared: one engine of
+    # the decode (step) graph for both phases (the text weights once); docs/tensorrt.md
+    text_engine: str = DEFAULT_TEXT_ENGINE
 
     @property
     def dtype(self) -> torch.dtype:
@@ -75,6 +79,10 @@ class BuildOptions:
         elif self.check_depth == "reduced" and self.precision == "fp8":
             problems.append(
                 "check-depth reduced with precision fp8 (FP8 calibrates the whole model)"
+            )
+        if self.text_engine not in TEXT_ENGINES:
+            problems.append(
+                f"text-engine {self.text_engine!r} (available: {', '.join(TEXT_ENGINES)})"
             )
         if self.xattn_mask not in MASK_SEMANTICS:
             problems.append(

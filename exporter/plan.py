@@ -8,9 +8,11 @@ Definitions (the tests pin them to hand calculations):
 * Engine ownership of weights. The vision engine holds the vision tower, the projector and every
   cross-attention layer's k_proj, v_proj and k_norm (it computes the cross K/V). Prefill and decode
   hold the rest of the text decoder: embedding (vocab + 8 rows), self layers, cross layers without
-  k/v/k_norm, final norm and lm_head. They are two TensorRT engines, and each holds its own copy
-  of these weights (an engine owns its weights; the project uses no weight streaming, stripped
-  plans or refit), so the totals count them twice.
+  k/v/k_norm, final norm and lm_head. With `text_engine` "split" they are two TensorRT engines,
+  and each holds its own copy of these weights (an engine owns its weights; the project uses no
+  weight streaming, stripped plans or refit), so the totals count them twice. With "shared" one
+  engine of the decode (step) graph serves both phases and holds them once; its prefill is a
+  phase of that engine (the prefill row's weights read "(decode)").
 * Precision. fp32 stores every parameter, cache and activation in 4 bytes and runs its GEMMs
   at the TF32 tensor-core rate (half the bf16 one). bf16 and fp16 store every parameter in 2 bytes. fp8 stores the text decoder's linear
   layers (q/k/v/o of self and cross attention, including the cross k/v projections that run in the
@@ -28,16 +30,22 @@ Definitions (the tests pin them to hand calculations):
   they run one after another), so the total counts the largest engine's, not their sum:
     text, per token: 2*D + (H + 2*H_kv)*Dh + H*Dh + 2*I  values (residual, normed input, q/k/v,
       attention output, MLP gate and up), x 2 bytes, over B*max_seq_len tokens (prefill) or B
-      (decode).
+      (decode). A shared engine's prefill takes at most N = step_tokens new tokens per call
+      (engines/profiles.py; longer prompts in chunks against the cache), so its live set is over
+      B*N tokens, plus its materialized self-attention scores B x H x N x (max_seq_len + N)
+      float32 (a chunk against a full cache buffer: the largest call).
     vision, per token: 6*Dv + Iv + taps*Dv + output_dim + D values (residual, normed, q/k/v/o, MLP
       hidden, the tapped states kept to the end, the features and their projection) x 2 bytes, over
       B*max_images*max_num_tiles*padded_patches tokens.
 * Outputs that are not caches: the float32 logits, B x V x 4 for prefill (serving asks for the
-  last position only) and for decode, and prefill's present K/V (the self cache at max_seq_len),
-  which the runner copies into its cache buffers while both exist.
+  last position only) and for decode, and prefill's present K/V (the self cache at max_seq_len;
+  shared: one call's new K/V, N tokens), which the runner copies into its cache buffers while
+  both exist.
 * Roofline, a lower bound: time = max(FLOPs / peak, bytes / bandwidth), FLOPs = 2 x matmul params
   x tokens + attention (4 x Dh per query-key pair and head; causal prefill counts S(S+1)/2 pairs);
   prefill's lm_head runs on the last position of each sequence only (serving's logit_positions).
+  A shared engine's prefill scores every key it is given: S(S+1) pairs against one masked slot,
+  or N x (max_seq_len + N) per chunk, and reads the weights (and the cache buffer) once a call.
   With fp8 the text decoder's linear FLOPs run at the FP8 peak, everything else at the bf16 peak.
 * Bytes read per decode step: every weight the decoder reads (all of prefill/decode's weights
   except the embedding table, of which a step reads one row; lm_head included) + the cross K/V
@@ -50,6 +58,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mllama_export.engines.profiles import (
+    DEFAULT_TEXT_ENGINE,
+    Limits,
+    check_text_engine,
+    step_tokens,
+)
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
 
@@ -226,6 +240,8 @@ class Plan:
     decode_floor_seconds: float
     decode_ceiling_bytes: int  # per step, max_seq_len cached
     decode_ceiling_seconds: float
+    text_engine: str = "split"
+    step_tokens: int | None = None  # shared: the most new tokens one call of its engine takes
 
     @property
     def engines(self) -> tuple[EnginePlan, EnginePlan, EnginePlan]:
@@ -234,6 +250,47 @@ class Plan:
     @property
     def free_bytes(self) -> int:
         return self.gpu.memory_bytes - self.total_bytes
+
+
+@dataclass(frozen=True)
+class _Prefill:
+    act: int  # scratch at the profile maxima: one layer's live set (+ materialized scores)
+    out: int  # last-position logits and the new K/V the runner copies into its cache
+    scores: int  # what fused attention's scores would add if the builder did not fuse them
+    self_pairs: int  # query-key pairs per head and layer the self-attention computes
+    calls: int  # calls of the engine one prompt takes
+    past_read: int  # cache slots each call reads (0: no cache buffer)
+    step_tokens: int | None
+
+
+def _prefill_work(config, text_engine, b, s, s_max, images, token_bytes, kv_row) -> _Prefill:
+    """split: the prefill engine takes the whole prompt, its attention fused (causal:
+    s(s+1)/2 pairs). shared: the decode (step) graph takes at most `top` new tokens per call
+    (engines/profiles.py step_tokens): the whole prompt against one masked slot, or chunks of
+    `top` against the cache buffer, whose every slot is scored; its scores are materialized
+    ([B, H, N, past + N] float32), the largest at a chunk against a full cache."""
+    t, v = config.text, config.vision
+    n_self = len(t.self_attention_layers)
+    logits = b * t.vocab_size * LOGIT_BYTES
+    image_tokens_max = images * v.max_num_tiles * v.num_patches
+    if text_engine == "split":
+        return _Prefill(
+            act=b * s_max * token_bytes,
+            out=logits + n_self * b * s_max * kv_row,
+            scores=b * t.num_heads * s_max * s_max * 4,
+            self_pairs=s * (s + 1) // 2,
+            calls=1, past_read=0, step_tokens=None,
+        )  # fmt: skip
+    top = step_tokens(config, Limits(b, s_max, images))
+    chunks = [s] if s <= top else [min(top, s - a) for a in range(0, s, top)]
+    past = 1 if len(chunks) == 1 else s_max
+    return _Prefill(
+        act=b * top * token_bytes + b * t.num_heads * top * (s_max + top) * 4,
+        out=logits + n_self * b * top * kv_row,
+        scores=b * t.num_heads * top * image_tokens_max * 4,  # the cross-attention's, fused
+        self_pairs=sum(n * (past + n) for n in chunks),
+        calls=len(chunks), past_read=0 if past == 1 else s_max, step_tokens=top,
+    )  # fmt: skip
 
 
 def _positive(name: str, value: object) -> int:
@@ -257,10 +314,13 @@ def plan(
     gpu: str = "h100",
     prompt_len: int | None = None,
     tiles: int | None = None,
+    text_engine: str = DEFAULT_TEXT_ENGINE,
 ) -> Plan:
     """Memory at the profile maxima and roofline times; `prompt_len` (default max_seq_len) sets
     the prefill workload, `tiles` per image (default max_num_tiles, what the graphs compute since
-    they pad every image to max tiles) the vision and cross-attention workload."""
+    they pad every image to max tiles) the vision and cross-attention workload; `text_engine`
+    split (prefill and decode engines, the text weights twice) or shared (one engine, once)."""
+    check_text_engine(text_engine)
     if precision not in PRECISIONS:
         raise MllamaExportError(
             f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}"
@@ -331,18 +391,23 @@ def plan(
     vision_moved = vision_w + cross_cache_used
     vision_s, vision_bound = _roofline(vision_flops16 * tf32, vision_flops8, vision_moved, g)
 
-    # Prefill at `prompt_len`; its memory at max_seq_len.
+    # Prefill at `prompt_len`; its memory at the profile maxima (the prompt at max_seq_len, or
+    # a shared engine's largest call).
     text_per_token = 2 * d + (h + 2 * h_kv) * dh + h * dh + 2 * t.intermediate_size
-    prefill_act = b * s_max * text_per_token * unit
-    # logits at the last position only (graphs/model.py logit_positions); present K/V
-    prefill_out = b * t.vocab_size * LOGIT_BYTES + n_self * b * s_max * kv_row
-    prefill_scores = b * h * s_max * s_max * 4  # fused: not held
-    attn_prefill = b * h * dh * (n_self * 2 * s * (s + 1) + n_cross * 4 * s * image_tokens)
+    pre = _prefill_work(config, text_engine, b, s, s_max, images, text_per_token * unit, kv_row)
+    prefill_act, prefill_out, prefill_scores = pre.act, pre.out, pre.scores
+    attn_prefill = b * h * dh * (n_self * 4 * pre.self_pairs + n_cross * 4 * s * image_tokens)
     prefill_flops8 = 2 * p.decoder_linear * b * s
     prefill_flops16 = 2 * p.lm_head * b + attn_prefill  # the lm_head on the last position only
     if precision != "fp8":
         prefill_flops16, prefill_flops8 = prefill_flops16 + prefill_flops8, 0
-    prefill_moved = read_w + b * s * d * 2 + cross_cache_used + n_self * b * s * kv_row
+    # weights once per call; a chunk reads the whole cache buffer, the prompt's K/V written once
+    prefill_moved = (
+        pre.calls * (read_w + pre.past_read * n_self * b * kv_row)
+        + b * s * d * 2
+        + cross_cache_used
+        + n_self * b * s * kv_row
+    )
     prefill_s, prefill_bound = _roofline(prefill_flops16 * tf32, prefill_flops8, prefill_moved, g)
 
     # Decode: memory at max_seq_len; roofline at the full context (the ceiling).
@@ -365,17 +430,21 @@ def plan(
         "vision", p.vision_engine, vision_w, cross_cache, vision_act, 0, vision_scores,
         vision_flops16 + vision_flops8, vision_moved, vision_s, vision_bound, image_desc,
     )  # fmt: skip
+    shared = text_engine == "shared"
     prefill = EnginePlan(
-        "prefill", p.text_engine, text_w, self_cache + cross_cache, prefill_act, prefill_out,
-        prefill_scores, prefill_flops16 + prefill_flops8, prefill_moved, prefill_s, prefill_bound,
-        f"{b} x {s} prompt tokens",
+        "prefill", p.text_engine, 0 if shared else text_w, self_cache + cross_cache,
+        prefill_act, prefill_out, prefill_scores, prefill_flops16 + prefill_flops8,
+        prefill_moved, prefill_s, prefill_bound,
+        f"{b} x {s} prompt tokens" + (f" in {pre.calls} call(s) of the decode engine"
+                                      if shared else ""),
     )  # fmt: skip
     decode = EnginePlan(
         "decode", p.text_engine, text_w, self_cache + cross_cache, decode_act, decode_out,
         decode_scores, decode_flops16 + decode_flops8, decode_moved, decode_s, decode_bound,
         f"one step of {b} token(s), {s_max} cached",
     )  # fmt: skip
-    weights = vision_w + 2 * text_w  # prefill and decode: two engines, two copies
+    # split: prefill and decode are two engines, two copies; shared: one engine, one copy
+    weights = vision_w + (1 if shared else 2) * text_w
     scratch = max(vision_act, prefill_act, decode_act)  # one shared buffer
     outputs = max(prefill_out, decode_out)  # prefill's are freed before decode runs
     total = weights + self_cache + cross_cache + scratch + outputs
@@ -399,6 +468,8 @@ def plan(
         output_bytes=outputs,
         total_bytes=total,
         fits=total <= g.memory_bytes,
+        text_engine=text_engine,
+        step_tokens=pre.step_tokens,
         decode_roofline=roof,
         decode_floor_bytes=roof.bytes_per_step(0),
         decode_floor_seconds=roof.seconds_per_step(0),
@@ -429,9 +500,11 @@ def format_plan(p: Plan) -> str:
         f"{'roofline':>12}  {'bound':<8}workload",
         f"{'':<10}{'(M)':>10}{'(GB)':>10}{'(GB)':>10}{'(GB)':>10}{'(GB)':>10}{'(lower)':>12}",
     ]
+    shared = p.text_engine == "shared"
     for e in p.engines:
+        held = "(decode)" if shared and e.name == "prefill" else _gb(e.weight_bytes)
         lines.append(
-            f"{e.name:<10}{e.params / 1e6:>10.1f}{_gb(e.weight_bytes):>10}{_gb(e.cache_bytes):>10}"
+            f"{e.name:<10}{e.params / 1e6:>10.1f}{held:>10}{_gb(e.cache_bytes):>10}"
             f"{_gb(e.activation_bytes):>10}{_gb(e.output_bytes):>10}{_time(e.seconds):>12}  "
             f"{e.bound:<8}{e.roofline_at}"
         )
@@ -441,11 +514,22 @@ def format_plan(p: Plan) -> str:
         f"{'total':<10}{'':>10}{_gb(p.weight_bytes):>10}{_gb(caches):>10}"
         f"{_gb(p.scratch_bytes):>10}{_gb(p.output_bytes):>10}",
         "",
-        "weights: each engine holds its own (prefill and decode the text weights twice)",
+        (
+            f"weights: each engine holds its own; text engine shared: one decode engine serves "
+            f"prefill too, the text weights once (at most {p.step_tokens} new tokens a call, "
+            "longer prompts in chunks)"
+            if shared
+            else "weights: each engine holds its own; text engine split: prefill and decode "
+            "hold the text weights twice"
+        ),
         f"caches: self {_gb(p.self_cache_bytes)} GB + cross {_gb(p.cross_cache_bytes)} GB, "
         "each counted once",
-        "scratch: one buffer shared by the three execution contexts, the largest engine's; "
-        "outputs: prefill's last-position logits and present K/V",
+        "scratch: one buffer shared by the execution contexts, the largest engine's; "
+        + (
+            "outputs: the last position's logits and one call's new K/V"
+            if shared
+            else "outputs: prefill's last-position logits and present K/V"
+        ),
         f"memory: {_gb(p.total_bytes)} GB of {g.memory_bytes / GB:.0f} GB -> "
         + (
             f"fits, {_gb(p.free_bytes)} GB free"
@@ -457,8 +541,14 @@ def format_plan(p: Plan) -> str:
         f"-> {_time(p.decode_ceiling_seconds)} with {p.max_seq_len} cached",
         f"decode throughput at most: {p.max_batch / p.decode_floor_seconds:,.0f} tokens/s at an "
         f"empty context, {p.max_batch / p.decode_ceiling_seconds:,.0f} tokens/s when full",
-        "scratch assumes fused attention in vision, prefill and cross-attention; unfused scores "
-        "would add "
+        (
+            "scratch counts the decode engine's self-attention scores (materialized, "
+            "[B, H, N, past + N] float32) and assumes fused attention in vision and "
+            "cross-attention; unfused scores would add "
+            if shared
+            else "scratch assumes fused attention in vision, prefill and cross-attention; "
+            "unfused scores would add "
+        )
         + ", ".join(f"{e.name} {_gb(e.attention_scores_bytes)}" for e in p.engines)
         + " GB",
     ]

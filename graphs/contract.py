@@ -11,7 +11,16 @@ from mllama_export.errors import MllamaExportError
 from .config import MllamaConfig
 
 # Dims that the runner chooses per call. Everything else is fixed by the model.
-DYNAMIC_DIMS = ("batch", "num_images", "image_tokens", "sequence", "num_logits", "past_sequence")
+DYNAMIC_DIMS = (
+    "batch",
+    "num_images",
+    "image_tokens",
+    "sequence",
+    "num_logits",
+    "past_sequence",
+    "new_tokens",
+    "total_sequence",
+)
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,7 @@ def static_dims(config: MllamaConfig) -> dict[str, int]:
         "kv_heads": t.num_kv_heads,
         "head_dim": t.head_dim,
         "vocab": t.vocab_size,
-        "one": 1,
+        "one": 1,  # the one-token decode graph of artifacts from before the step graph
     }
 
 
@@ -120,34 +129,61 @@ PREFILL_OUTPUTS = (
     _s("present_value", "model", SELF_KV.format("sequence"), "self-attention values of the prompt"),
 )
 DECODE_INPUTS = (
-    _s("input_ids", "int64", "batch one", "the newest token of each sequence"),
-    _s("position_ids", "int64", "batch one", "its rope position"),
+    _s(
+        "input_ids",
+        "int64",
+        "batch new_tokens",
+        "the new tokens of each sequence: the newest one when decoding; a chunk of the "
+        "left-padded prompt in chunked prefill; the whole prompt in a shared engine's prefill",
+    ),
+    _s("position_ids", "int64", "batch new_tokens", "their rope positions (pads: any)"),
     _s(
         "attention_mask",
         "int64",
-        "batch past_sequence",
-        "1 for cache slots holding a real token; 0 for padding and unused slots",
+        "batch total_sequence",
+        "the past_sequence cache slots (1 holding a real token; 0 for padding and unused "
+        "slots), then the new_tokens (1 real, 0 padding): total_sequence = past_sequence + "
+        "new_tokens. New tokens see the marked slots and causally each other",
     ),
     _s(
         "past_key",
         "model",
         SELF_KV.format("past_sequence"),
-        "self-attention key cache; may be a preallocated buffer longer than what is filled",
+        "self-attention key cache, read in place; may be a preallocated buffer longer than "
+        "what is filled (a shared engine's prefill passes one masked slot)",
     ),
     _s("past_value", "model", SELF_KV.format("past_sequence"), "self-attention value cache"),
     _s(
         "cross_attention_mask",
         "int64",
-        "batch one num_images tiles",
-        "the tiles the new token may see (the last prompt row repeated)",
+        "batch new_tokens num_images tiles",
+        "the tiles each new token may see: the prompt's rows for prompt tokens, the last "
+        "prompt row repeated for generated ones",
     ),
     VISION_OUTPUTS[0],
     VISION_OUTPUTS[1],
+    _s(
+        "logit_positions",
+        "int64",
+        "num_logits",
+        "0-based positions into new_tokens whose logits are returned, the same for every "
+        "row: [new_tokens - 1] to decode or serve, 0 .. new_tokens - 1 to judge every one",
+    ),
 )
 DECODE_OUTPUTS = (
-    _s("logits", "float32", "batch one vocab", "next-token logits"),
-    _s("new_key", "model", SELF_KV.format("one"), "the new token's keys, to write into the cache"),
-    _s("new_value", "model", SELF_KV.format("one"), "the new token's values"),
+    _s(
+        "logits",
+        "float32",
+        "batch num_logits vocab",
+        "next-token logits at logit_positions; the lm_head runs on those rows only",
+    ),
+    _s(
+        "new_key",
+        "model",
+        SELF_KV.format("new_tokens"),
+        "the new tokens' keys, to write into the cache after the filled slots",
+    ),
+    _s("new_value", "model", SELF_KV.format("new_tokens"), "the new tokens' values"),
 )
 
 
@@ -162,9 +198,11 @@ def contract_markdown() -> str:
         "Named dims: `batch`, `num_images` (images per prompt, padded to the most any prompt",
         "has; text-only batches pass one all-zero slot), `image_tokens` = num_images x tiles x",
         "patches, `sequence` (prompt tokens, left-padded), `num_logits` (positions whose",
-        "logits prefill returns: 1 when serving, `sequence` when the gate judges them all),",
+        "logits prefill and decode return: 1 when serving, all when the gate judges them),",
         "`past_sequence` (cache slots; may be a preallocated buffer longer than what is",
-        "filled). The others are fixed by the model:",
+        "filled), `new_tokens` (tokens the decode step takes at once: 1 to decode, a chunk",
+        "or a whole prompt to prefill), `total_sequence` = past_sequence + new_tokens.",
+        "The others are fixed by the model:",
         "`tiles` (max tiles per image), `xattn_layers`, `self_layers`, `kv_heads`, `head_dim`,",
         "`vocab`. dtype `model` is the precision the graphs were built in.",
     ]
@@ -185,7 +223,24 @@ def contract_markdown() -> str:
                 lines.append(
                     f"| {kind} | `{s.name}` | {s.dtype} | [{', '.join(s.dims)}] | {s.doc} |"
                 )
+        lines += NOTES.get(title, [])
     return "\n".join(lines) + "\n"
+
+
+NOTES = {
+    "decode": [
+        "",
+        "The decode graph is the step graph: `new_tokens` = 1 is a decode step, bit for bit",
+        "the one-token decode graph of earlier versions (`tests/test_step_graph.py`); more new",
+        "tokens are a chunk of a prompt (`prefill_chunk`, docs/tensorrt.md) or, against one",
+        "masked past slot, a whole prompt (the prefill of `build --text-engine shared`). It is",
+        "still the manifest's `decode` graph. Artifacts built before it took several tokens",
+        "have a decode graph with `input_ids`, `position_ids` [batch, one], `attention_mask`",
+        "[batch, past_sequence] (the cache slots only; the new token always saw itself), no",
+        "`logit_positions`, and `logits`, `new_key`, `new_value` for one token; the runner",
+        "recognizes them by their manifest and still runs them, one token per step.",
+    ],
+}
 
 
 if __name__ == "__main__":

@@ -110,6 +110,16 @@ def grouped_attention(
     return (probs @ v).view(b, h, s, d)
 
 
+def causal_allowed(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Which token may attend to which among tokens given together: the earlier and itself,
+    real ones only (attention_mask 1). Shared by the prefill and the step graph."""
+    # attention_mask: [B, S] -> [B, S, S] bool, row i = the query, column j = the key
+    s = attention_mask.shape[1]
+    positions = torch.arange(s, device=attention_mask.device)
+    causal = positions[:, None] >= positions[None, :]
+    return causal & (attention_mask[:, None, :] != 0)
+
+
 def grouped_attention_step(
     q: torch.Tensor,
     past_k: torch.Tensor,
@@ -117,21 +127,35 @@ def grouped_attention_step(
     past_allowed: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    new_allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One new token attending to the cache plus itself, without concatenating the cache.
+    """New tokens attending to the cache and to each other, without concatenating the cache.
 
-    Only the scores are joined ([B, H, 1, T + 1]); the past K/V are read in place. This is
+    Only the scores are joined ([B, H_kv, G*N, T + N]); the past K/V are read in place. This is
     not the fusable pattern (the softmax spans two matmuls), so its scores are materialized:
-    small, one query row per head.
+    small when decoding (one query row per head), N x (T + N) per head for N new tokens.
+
+    Each token's score against its own key is computed elementwise (a product and a sum over
+    Dh), as the one-token decode step always computed its only new score, and a matmul gives
+    the others: a matmul sums in another order, so one new token is the old decode step bit
+    for bit. new_allowed None: every new token is real (causal among them), which is what
+    callers that mask only the past pass (the LLaVA decode graph, one token per step).
     """
-    # q: [B, H, 1, D]; past_k, past_v: [B, H_kv, T, D]; past_allowed: [B, T]; k, v: [B, H_kv, 1, D]
-    b, h, _, d = q.shape
-    h_kv = past_k.shape[1]
-    qg = (q * (1.0 / math.sqrt(d))).reshape(b, h_kv, h // h_kv, d)
+    # q: [B, H, N, D]; past_k, past_v: [B, H_kv, T, D]; past_allowed: [B, T]
+    # k, v: [B, H_kv, N, D]; new_allowed: [B, N, N] (query i may see new key j)
+    b, h, n, d = q.shape
+    h_kv, t = past_k.shape[1], past_k.shape[2]
+    g = h // h_kv
+    qg = (q * (1.0 / math.sqrt(d))).reshape(b, h_kv, g * n, d)  # row g*N + i: head g, token i
     past_scores = (qg @ past_k.transpose(-1, -2)).float()
     past_scores = past_scores.masked_fill(~past_allowed[:, None, None], MASKED_SCORE)
-    new_score = (qg * k).sum(-1, keepdim=True).float()
-    probs = torch.cat((past_scores, new_score), dim=-1).softmax(dim=-1).to(v.dtype)
-    past_probs, new_prob = probs[..., :-1], probs[..., -1:]
-    out = past_probs @ past_v + new_prob * v
-    return out.view(b, h, 1, d)
+    own = (qg * k.repeat(1, 1, g, 1)).sum(-1, keepdim=True)  # [B, H_kv, G*N, 1]
+    positions = torch.arange(n, device=q.device)
+    if new_allowed is None:
+        new_allowed = (positions[:, None] >= positions[None, :])[None]
+    diagonal = (positions[None, :] == positions[:, None]).repeat(g, 1)  # [G*N, N]
+    new_scores = torch.where(diagonal, own, qg @ k.transpose(-1, -2)).float()
+    new_scores = new_scores.masked_fill(~new_allowed.repeat(1, g, 1)[:, None], MASKED_SCORE)
+    probs = torch.cat((past_scores, new_scores), dim=-1).softmax(dim=-1).to(v.dtype)
+    out = probs[..., :t] @ past_v + probs[..., t:] @ v
+    return out.view(b, h, n, d)

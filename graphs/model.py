@@ -9,7 +9,7 @@ from mllama_export.errors import MllamaExportError
 
 from . import contract
 from .config import MllamaConfig
-from .layers import select_positions
+from .layers import causal_allowed, select_positions
 from .text import MASK_SEMANTICS, TextDecoder, cross_attention_masks
 from .vision import VisionEncoder
 
@@ -91,10 +91,7 @@ class PrefillGraph(nn.Module):
         # input_ids, position_ids, attention_mask: [B, S]; cross_attention_mask: [B, S, I, T]
         # cross_key, cross_value: [L_x, B, H_kv, N, Dh]; logit_positions: [P]
         # -> logits: [B, P, V]; present_key, present_value: [L_s, B, H_kv, S, Dh]
-        s = input_ids.shape[1]
-        positions = torch.arange(s, device=input_ids.device)
-        causal = positions[:, None] >= positions[None, :]
-        allowed = causal & (attention_mask[:, None, None, :] != 0)
+        allowed = causal_allowed(attention_mask)[:, None]
         x_allowed, row = cross_attention_masks(cross_attention_mask, self.num_patches)
         cos, sin = self.text.rotary(position_ids)
         x = self.text.embed_tokens(input_ids)
@@ -111,10 +108,14 @@ class PrefillGraph(nn.Module):
 
 
 class DecodeGraph(nn.Module):
-    """One token per sequence against the cache; returns only the new token's K/V.
+    """The step graph: new tokens against the cache; returns only the new tokens' K/V.
 
-    The cache is read in place and never returned whole, so a runner that keeps it in a
-    preallocated buffer writes one slot per step instead of copying the past.
+    One new token per sequence is a decode step (bit for bit the one-token decode graph of
+    earlier versions); several are a chunk of a prompt (chunked prefill) or a whole prompt
+    against a one-slot masked past (a shared text engine's prefill). The new tokens attend to
+    the filled cache slots and causally to each other. The cache is read in place and never
+    returned whole, so a runner that keeps it in a preallocated buffer writes the new slots
+    instead of copying the past. Logits are computed at `logit_positions` only, as prefill's.
     """
 
     INPUTS = contract.DECODE_INPUTS
@@ -135,12 +136,15 @@ class DecodeGraph(nn.Module):
         cross_attention_mask,
         cross_key,
         cross_value,
+        logit_positions,
     ):
-        # input_ids, position_ids: [B, 1]; attention_mask: [B, T]
-        # past_key, past_value: [L_s, B, H_kv, T, Dh]; cross_attention_mask: [B, 1, I, Ti]
-        # cross_key, cross_value: [L_x, B, H_kv, N, Dh]
-        # -> logits: [B, 1, V]; new_key, new_value: [L_s, B, H_kv, 1, Dh]
-        past_allowed = attention_mask != 0
+        # input_ids, position_ids: [B, N]; attention_mask: [B, T + N] (cache slots, then the
+        # new tokens); past_key, past_value: [L_s, B, H_kv, T, Dh]
+        # cross_attention_mask: [B, N, I, Ti]; cross_key, cross_value: [L_x, B, H_kv, Nx, Dh]
+        # logit_positions: [P] -> logits: [B, P, V]; new_key, new_value: [L_s, B, H_kv, N, Dh]
+        t = past_key.shape[3]
+        past_allowed = attention_mask[:, :t] != 0
+        new_allowed = causal_allowed(attention_mask[:, t:])
         x_allowed, row = cross_attention_masks(cross_attention_mask, self.num_patches)
         cos, sin = self.text.rotary(position_ids)
         x = self.text.embed_tokens(input_ids)
@@ -149,7 +153,10 @@ class DecodeGraph(nn.Module):
             if is_cross:
                 x = layer(x, cross_key[j], cross_value[j], x_allowed, row)
             else:
-                x, k, v = layer.step(x, cos, sin, past_key[j], past_value[j], past_allowed)
+                x, k, v = layer.step(
+                    x, cos, sin, past_key[j], past_value[j], past_allowed, new_allowed
+                )
                 keys.append(k)
                 values.append(v)
-        return self.text.logits(x), torch.stack(keys), torch.stack(values)
+        logits = self.text.logits(select_positions(x, logit_positions))
+        return logits, torch.stack(keys), torch.stack(values)

@@ -50,10 +50,12 @@ class SelfAttentionLayer(nn.Module):
         x = x + self.self_attn.output(grouped_attention(q, k, v, allowed))
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
-    def step(self, x, cos, sin, past_k, past_v, past_allowed):
-        # x: [B, 1, D]; past_k, past_v: [B, H_kv, T, Dh]; past_allowed: [B, T]
+    def step(self, x, cos, sin, past_k, past_v, past_allowed, new_allowed=None):
+        # x: [B, N, D]; past_k, past_v: [B, H_kv, T, Dh]; past_allowed: [B, T]
+        # new_allowed: [B, N, N] or None (all real, causal)
+        # -> x: [B, N, D]; k, v: [B, H_kv, N, Dh] (the new tokens')
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
-        attn = grouped_attention_step(q, past_k, past_v, past_allowed, k, v)
+        attn = grouped_attention_step(q, past_k, past_v, past_allowed, k, v, new_allowed)
         x = x + self.self_attn.output(attn)
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 

@@ -250,7 +250,7 @@ def test_stream_never_splits_a_multibyte_character(runner, monkeypatch):
     # The byte-level tokens cut characters: some single tokens decode to U+FFFD on their own.
     assert any("\ufffd" in runner.tokenizer.decode([i]) for i in ids)
 
-    def fake_steps(prompts, images, max_new_tokens, sampling, stop, result, keep_logits=False):
+    def fake_steps(prompts, images, max_new_tokens, sampling, stop, result, **kwargs):
         for token in ids[:max_new_tokens]:
             result.token_ids[0].append(token)
             yield np.array([token])

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from mllama_export.cli import main
 from mllama_export.errors import MllamaExportError
-from mllama_export.exporter.fits import DEFAULTS
+from mllama_export.exporter.fits import DEFAULTS, fitting
 from mllama_export.exporter.plan import (
     count_params,
     format_plan,
@@ -278,3 +278,76 @@ def test_invalid_inputs_name_what_is_allowed(kwargs, message):
     args = {"precision": "bf16", "max_batch": 1, "max_seq_len": 8192, "max_images": 1} | kwargs
     with pytest.raises(MllamaExportError, match=message):
         plan(preset("11b"), **args)
+
+
+# -- one text engine or two ---------------------------------------------------------------------
+
+
+def test_a_shared_text_engine_holds_the_text_weights_once():
+    c = count_params(preset("11b"))
+    split = plan(preset("11b"), "bf16", 1, 8192, 1)
+    shared = plan(preset("11b"), "bf16", 1, 8192, 1, text_engine="shared")
+    text = 2 * c.text_engine
+    assert split.weight_bytes - shared.weight_bytes == text == pytest.approx(19.42e9, rel=1e-3)
+    assert shared.prefill.weight_bytes == 0 and shared.decode.weight_bytes == text
+    # its prefill takes at most 1024 new tokens a call: 8 chunks of an 8192-token prompt
+    n, s, b, h = 1024, 8192, 1, 32
+    assert shared.step_tokens == n and split.step_tokens is None
+    per_token = 2 * 4096 + (32 + 16) * 128 + 32 * 128 + 2 * 14336
+    assert shared.prefill.activation_bytes == b * n * per_token * 2 + b * h * n * (s + n) * 4
+    kv_row = 2 * 8 * 128 * 2
+    assert shared.prefill.output_bytes == b * 128256 * 4 + 32 * b * n * kv_row
+    assert "in 8 call(s) of the decode engine" in shared.prefill.roofline_at
+    # the decode step is the same either way
+    assert shared.decode.seconds == split.decode.seconds
+    assert shared.decode_floor_bytes == split.decode_floor_bytes
+    assert shared.total_bytes == (
+        shared.weight_bytes + shared.self_cache_bytes + shared.cross_cache_bytes
+        + shared.scratch_bytes + shared.output_bytes
+    )  # fmt: skip
+    text_out = format_plan(shared)
+    assert "text engine shared" in text_out and "(decode)" in text_out
+    with pytest.raises(MllamaExportError, match="unknown text engine 'both'"):
+        plan(preset("11b"), "bf16", 1, 8192, 1, text_engine="both")
+
+
+def test_90b_fp8_fits_one_h200_with_one_text_engine_only():
+    """docs/scaling.md: 2.19 GB vision + 89.43 GB text, once, + caches, scratch and outputs."""
+    split = plan(preset("90b"), "fp8", 1, 8192, 1, gpu="h200")
+    shared = plan(preset("90b"), "fp8", 1, 8192, 1, gpu="h200", text_engine="shared")
+    assert not split.fits and shared.fits
+    assert split.total_bytes == pytest.approx(188.46e9, rel=1e-3)
+    assert shared.total_bytes == pytest.approx(97.77e9, rel=1e-3)
+    assert shared.weight_bytes == pytest.approx(91.62e9, rel=1e-3)
+    assert shared.free_bytes == pytest.approx(43.2e9, rel=1e-2)
+    # scores of a 1024-token chunk against an 8192-slot cache: 1 x 64 x 1024 x 9216 float32
+    assert shared.scratch_bytes > 64 * 1024 * 9216 * 4 == pytest.approx(2.42e9, rel=1e-2)
+
+
+def test_the_plan_command_says_which_text_engine_fits():
+    args = ["plan", "--model", "90b", "--precision", "fp8", "--gpu", "h200"]
+    shared = CliRunner().invoke(main, [*args, "--text-engine", "shared"])
+    split = CliRunner().invoke(main, [*args, "--text-engine", "split"])
+    assert shared.exit_code == split.exit_code == 0, shared.output
+    assert "memory: 97.77 GB of 141 GB -> fits" in shared.output
+    assert "memory: 188.46 GB of 141 GB -> does NOT fit" in split.output
+    for out in (shared.output, split.output):  # both engines side by side, either way
+        assert "split    188.46 GB, does NOT fit" in out and "shared    97.77 GB, fits" in out
+
+
+def test_11b_bf16_batch_and_sequence_limits_on_one_h100():
+    """What one text engine buys at 8192 tokens: memory for more than twice the batch. The
+    stacked self-attention cache [32, B, 8, 8192, 128] passes TensorRT's per-tensor cap at
+    batch 8 either way, so engines stop at 7 (ONNX Runtime has no such cap)."""
+    config = preset("11b")
+    split = fitting(config, "bf16", 1, 8192, 1, "h100", "split")
+    shared = fitting(config, "bf16", 1, 8192, 1, "h100", "shared")
+    assert (split.batch, shared.batch) == (12, 34)
+    assert split.batch_cap == shared.batch_cap == 7
+    for f in (split, shared):  # the limits found are the edge: one more does not fit
+        engine = f.text_engine
+        assert plan(config, "bf16", f.batch, 8192, 1, text_engine=engine).fits
+        assert not plan(config, "bf16", f.batch + 1, 8192, 1, text_engine=engine).fits
+    assert split.seq_len < shared.seq_len == config.text.max_position_embeddings
+    assert not plan(config, "bf16", 1, split.seq_len + 1, 1).fits
+    assert split.seq_len_cap == shared.seq_len_cap == 65535  # [32, 1, 8, S, 128] < 2^31

@@ -18,6 +18,7 @@ from mllama_export.engines.profiles import (
     graph_profiles,
     largest_fitting,
     select_profile,
+    step_tokens,
     tensor_shapes,
     tensor_volume_problems,
 )
@@ -50,18 +51,22 @@ def limit_of(limits: Limits, dim: str) -> int:
         "num_images": limits.max_images,
         "sequence": limits.max_seq_len,
         "past_sequence": limits.max_seq_len,
+        "new_tokens": 1,  # a split decode engine takes one new token
     }[dim]
 
 
 def shapes_at(graph: str, point: dict[str, int]) -> dict[str, tuple[int, ...]]:
-    sizes = {"num_logits": 1, **static_dims(TINY), **point}
+    sizes = {"num_logits": 1, "new_tokens": 1, **static_dims(TINY), **point}
     sizes["image_tokens"] = point["num_images"] * PER_IMAGE
+    sizes["total_sequence"] = sizes.get("past_sequence", 1) + sizes["new_tokens"]
     return {s.name: s.shape(sizes) for s in GRAPH_INPUTS[graph]}
 
 
 def base_point(graph: str) -> dict[str, int]:
     point = {"batch": 1, "num_images": 1}
-    point.update({"prefill": {"sequence": 1}, "decode": {"past_sequence": 1}}.get(graph, {}))
+    point.update(
+        {"prefill": {"sequence": 1}, "decode": {"past_sequence": 1, "new_tokens": 1}}.get(graph, {})
+    )
     return point
 
 
@@ -106,10 +111,14 @@ def test_profiles_cover_exactly_the_promised_ranges(graph, limits):
         assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(ranges)), ranges
     # dims not bucketed span their whole range in every profile; num_logits 1..the prompt
     for p in profiles:
-        for dim in set(p.ranges) - set(BUCKETED[graph]) - {"image_tokens", "num_logits"}:
+        derived = {"image_tokens", "num_logits", "total_sequence"}
+        for dim in set(p.ranges) - set(BUCKETED[graph]) - derived:
             assert (p.ranges[dim][0], p.ranges[dim][2]) == (1, limit_of(limits, dim))
         if graph == "prefill":
             assert p.ranges["num_logits"] == (1, 1, p.ranges["sequence"][2])
+        if graph == "decode":  # one new token: one logit position, the mask one slot longer
+            assert p.ranges["num_logits"] == p.ranges["new_tokens"] == (1, 1, 1)
+            assert p.ranges["total_sequence"] == tuple(x + 1 for x in p.ranges["past_sequence"])
     # every point of the promised box belongs to exactly one profile
     axes = {d: range(1, limit_of(limits, d) + 1) for d in BUCKETED[graph]}
     for values in itertools.product(*axes.values()):
@@ -218,7 +227,12 @@ def test_inconsistent_feeds_are_refused_with_the_reason():
             {"cross_key": good["cross_key"][:3] + (PER_IMAGE + 1,) + good["cross_key"][4:]},
             "image_tokens differs",
         ),
-        ({"input_ids": (2, 2)}, r"input_ids axis 1 \(one\) is 2; the model fixes it at 1"),
+        ({"input_ids": (2, 2)}, r"new_tokens differs between inputs \(2 in input_ids, 1 in"),
+        (
+            {"attention_mask": (2, 40)},
+            r"total_sequence 40 \(attention_mask\) is not past_sequence 40",
+        ),
+        ({"logit_positions": (2,)}, "num_logits 2 is more than new_tokens 1"),
         ({"input_ids": (2,)}, "inputs input_ids missing, unknown or of the wrong rank"),
     ]
     for change, message in cases:
@@ -266,7 +280,7 @@ def test_json_round_trip_and_trtexec_shapes():
             assert data["graph"] == graph and set(data["inputs"]) == set(p.shapes)
     p = profiles["decode"][5]  # batch 3..4, past 257..512
     shapes = p.trtexec_shapes()
-    assert shapes["min"].startswith("input_ids:3x1,position_ids:3x1,attention_mask:3x257,")
+    assert shapes["min"].startswith("input_ids:3x1,position_ids:3x1,attention_mask:3x258,")
     assert "past_key:4x4x2x512x16" in shapes["max"]
     # opt: the top of the batch bucket, one image (num_images spans its whole range)
     assert shapes["opt"].startswith("input_ids:4x1,")
@@ -359,7 +373,102 @@ def test_tensors_over_the_cap_are_found_with_the_limits_that_lower_them():
     # the decode step's self-attention scores are materialized: counted, tiny
     decode = graph_profiles("decode", config, Limits(4, 8192, 2))
     scores = tensor_shapes(decode[-1], config)["self-attention scores"]
-    assert scores == ((4, 8, 4, 8193), ("batch", "past_sequence"))
+    assert scores == ((4, 8, 4, 8193), ("batch", "past_sequence", "new_tokens"))
     assert "self-attention scores" not in tensor_shapes(
         graph_profiles("vision", config, Limits(4, 8192, 2))[-1], config
     )
+
+
+# -- a shared text engine: the decode (step) graph's profiles serve both phases ----------------
+
+
+def shared(limits, config=TINY, scheme=None):
+    return graph_profiles("decode", config, limits, scheme or ProfileScheme(), "shared")
+
+
+def test_a_shared_engine_has_prefill_decode_and_chunk_profiles_and_no_prefill_engine():
+    limits = Limits(4, 512, 2)
+    profiles = shared(limits)
+    phases = [p.phase for p in profiles]
+    assert phases == ["prefill"] * 4 + ["decode"] * 6 + ["chunk"] * 2
+    for p in profiles[:4]:  # the whole prompt against one masked past slot
+        assert p.ranges["past_sequence"] == (1, 1, 1)
+        assert p.ranges["num_logits"] == (1, 1, p.ranges["new_tokens"][2])
+    assert [p.ranges["new_tokens"][::2] for p in profiles[:4]] == [
+        (1, 64), (65, 128), (129, 256), (257, 512),
+    ]  # fmt: skip
+    for p in profiles[4:10]:  # one new token; the past from 2 (1 is always prefill's)
+        assert p.ranges["new_tokens"] == p.ranges["num_logits"] == (1, 1, 1)
+    assert sorted({p.ranges["past_sequence"] for p in profiles[4:10]}) == [
+        (2, 256, 256), (257, 512, 512),
+    ]  # fmt: skip
+    for p in profiles[10:]:  # chunks: 2..512 new tokens against the cache buffer
+        assert p.ranges["new_tokens"] == (2, 512, 512) and p.ranges["batch"] == (1, 1, 4)
+    for p in profiles:
+        assert p.ranges["total_sequence"] == tuple(
+            a + b for a, b in zip(p.ranges["past_sequence"], p.ranges["new_tokens"], strict=True)
+        )
+        assert ShapeProfile.from_json(json.loads(json.dumps(p.to_json()))) == p
+    assert set(all_profiles(TINY, limits, text_engine="shared")) == {"vision", "decode"}
+    with pytest.raises(MllamaExportError, match="a shared text engine has no prefill engine"):
+        graph_profiles("prefill", TINY, limits, text_engine="shared")
+    with pytest.raises(MllamaExportError, match="unknown text engine 'one'"):
+        all_profiles(TINY, limits, text_engine="one")
+
+
+@pytest.mark.parametrize("limits", LIMITS, ids=str)
+def test_shared_profiles_partition_every_call_with_no_gaps(limits):
+    """Every call the runner makes (past 1 with 1..top new tokens; past 2..max with one new
+    token, or with 2..top) lies in exactly one profile; nothing else does."""
+    profiles = shared(limits)
+    top = step_tokens(TINY, limits)
+    assert coverage(profiles)["new_tokens"] == (1, top)
+    assert coverage(profiles)["past_sequence"] == (1, limits.max_seq_len)
+    for batch in sorted({1, limits.max_batch}):
+        for past in range(1, limits.max_seq_len + 1):
+            for new in sorted({1, 2, top // 2 or 1, top - 1 or 1, top}):
+                point = {"batch": batch, "num_images": 1, "past_sequence": past, "new_tokens": new}
+                found = owner(profiles, point)
+                assert len(found) == 1, point
+                phase = profiles[found[0]].phase
+                assert phase == ("prefill" if past == 1 else "decode" if new == 1 else "chunk")
+
+
+@pytest.mark.parametrize("limits", LIMITS[1:], ids=str)
+def test_shared_selection_at_every_bucket_edge(limits):
+    """At both sides of every edge of every phase the backend's choice is the one profile
+    holding the call, of the right phase."""
+    profiles = shared(limits)
+    top = step_tokens(TINY, limits)
+    edges = {e for p in profiles for d in ("past_sequence", "new_tokens", "batch")
+             for e in (p.ranges[d][0], p.ranges[d][2])}  # fmt: skip
+    values = sorted({v for e in edges for v in (e - 1, e, e + 1) if v >= 1})
+    for past, new, batch in itertools.product(values, values, (1, limits.max_batch)):
+        if past > limits.max_seq_len or new > top:
+            continue
+        point = {"batch": batch, "num_images": 1, "past_sequence": past, "new_tokens": new}
+        feed = shapes_at("decode", point)
+        chosen = select_profile(profiles, feed)
+        assert [chosen] == owner(profiles, point), point
+    with pytest.raises(MllamaExportError, match=f"new_tokens {top + 1} outside 1..{top}"):
+        select_profile(profiles, shapes_at("decode", {"batch": 1, "num_images": 1,
+                                                      "past_sequence": 1, "new_tokens": top + 1}))  # fmt: skip
+
+
+def test_a_shared_engines_call_size_keeps_its_scores_under_the_cap():
+    """A chunk's self-attention scores [B, H_kv, G*N, past + N] are materialized: the
+    engine's most new tokens per call is lowered until they fit TensorRT's cap."""
+    config = preset("11b")
+    assert step_tokens(config, Limits(4, 8192, 2)) == 1024  # the scheme's, fits
+    assert step_tokens(config, Limits(1, 512, 1)) == 512  # at most max_seq_len
+    big = step_tokens(config, Limits(4, 8192, 2), ProfileScheme(step_tokens=8192))
+    assert 4 * 32 * big * (8192 + big) <= MAX_TENSOR_VOLUME < 4 * 32 * (big + 1) * (8193 + big)
+    chunk = shared(Limits(4, 8192, 2), config)[-1]
+    scores = tensor_shapes(chunk, config)["self-attention scores"]
+    assert scores[0] == (4, 8, 4 * 1024, 8192 + 1024)
+    assert tensor_volume_problems(config, Limits(4, 8192, 2), text_engine="shared") == []
+    # the stacked cache [32, B, 8, 8192, 128] caps batch at 7 for both text engines
+    for engine in ("split", "shared"):
+        assert largest_fitting(config, Limits(16, 8192, 2), "max_batch", text_engine=engine) == 7
+    with pytest.raises(MllamaExportError, match="step tokens"):
+        ProfileScheme(step_tokens=0)

@@ -262,7 +262,8 @@ def test_the_stand_in_refuses_what_tensorrt_11_refuses(trt11, tmp_path, ort_arti
     with pytest.raises(RuntimeError, match="without 5000 bytes"):
         context.execute_async_v3(77)
     # 4 x 2^27 cache slots: past_key [2, 4, 2, 2^27, 16] is 2^34 elements
-    huge = {s.name: s.shape({**_sizes(), "past_sequence": 2**27}) for s in DecodeGraph.INPUTS}
+    sizes = {**_sizes(), "past_sequence": 2**27, "total_sequence": 2**27 + 1}
+    huge = {s.name: s.shape(sizes) for s in DecodeGraph.INPUTS}
     assert "past_key" in {name for name, _ in standin.over_cap(onnx, huge)}
 
 
@@ -270,7 +271,14 @@ def _sizes() -> dict:
     from mllama_export.graphs.contract import static_dims
 
     per_image = TINY.vision.max_num_tiles * TINY.vision.num_patches
-    return {**static_dims(TINY), "batch": 4, "num_images": 2, "image_tokens": 2 * per_image}
+    return {
+        **static_dims(TINY),
+        "batch": 4,
+        "num_images": 2,
+        "image_tokens": 2 * per_image,
+        "new_tokens": 1,
+        "num_logits": 1,
+    }
 
 
 # ------------------------------------------------------------- the engine stage, stood in
@@ -333,7 +341,7 @@ def test_every_precision_builds_strongly_typed_engines(
         check_fp8_layers(manifest)
         shown = CliRunner().invoke(main, ["inspect", str(folder)])
         assert shown.exit_code == 0 and "fp8 layers" in shown.output
-        assert "decode 38 of 51 GEMM layers run in FP8 (38 layers quantized)" in shown.output
+        assert "decode 38 of 59 GEMM layers run in FP8 (38 layers quantized)" in shown.output
 
 
 def check_fp8_layers(manifest: dict) -> None:

@@ -14,9 +14,10 @@ precision:
   still shows, step by step.
 
 The backend side is the ordinary :class:`~mllama_export.engines.runner.Runner` loaded from the
-artifact folder: every feed is built by the runner's own code. Teacher forcing is a wrapper
-around its decode backend that replaces ``input_ids`` with the reference's token; taps around
-its vision and prefill backends record what they return.
+artifact folder: every feed is built by the runner's own code. Teacher forcing is the
+runner's own (``generate_ids(forced=...)``: the reference's token is fed at every step); a
+tap around its vision backend records the cross-attention K/V. ``prefill_chunk`` judges the
+prompt pushed through the step graph in chunks, as ``run --prefill-chunk`` serves it.
 """
 
 from __future__ import annotations
@@ -77,49 +78,47 @@ class Reference(Protocol):
 
 
 class _Tap:
-    """Wraps one backend: keeps what it returns; with ``forced``, call i gets ``forced[i]`` as
-    ``input_ids`` (teacher forcing) instead of the token the runner picked."""
+    """Wraps one backend and keeps what it returns."""
 
-    def __init__(self, backend, forced: np.ndarray | None = None, keep_mask: bool = False):
-        self.backend, self.forced, self.keep_mask = backend, forced, keep_mask
+    def __init__(self, backend):
+        self.backend = backend
         self.name = getattr(backend, "name", type(backend).__name__)
         self.inputs, self.outputs = backend.inputs, backend.outputs
         self.results: list[dict[str, np.ndarray]] = []
-        self.masks: list[np.ndarray] = []
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.forced is not None:
-            step = len(self.results)
-            feed = {**feed, "input_ids": self.forced[step][:, None].astype(np.int64)}
-        if self.keep_mask:
-            self.masks.append(feed["attention_mask"].copy())
         out = self.backend.infer(feed)
         self.results.append(out)
         return out
 
 
 def trace_runner(
-    runner: Runner, case: EvalCase, steps: int, forced: np.ndarray | None = None
+    runner: Runner,
+    case: EvalCase,
+    steps: int,
+    forced: np.ndarray | None = None,
+    prefill_chunk: int | None = None,
 ) -> Trace:
-    """Runs ``case`` through ``runner``: greedy, or fed ``forced`` tokens ([steps + 1, B])."""
+    """Runs ``case`` through ``runner``: greedy, or fed ``forced`` tokens ([steps + 1, B]);
+    ``prefill_chunk``: the prompt through the step graph that many tokens at a time."""
     run = copy.copy(runner)  # the caller's runner keeps its own backends
-    vision, prefill = _Tap(runner.vision), _Tap(runner.prefill, keep_mask=True)
-    decode = _Tap(runner.decode, forced)
-    run.vision, run.prefill, run.decode = vision, prefill, decode
+    vision = _Tap(runner.vision)
+    run.vision = vision
     try:
         # keep_logits: prefill returns every position's logits, so that all are judged
         gen = run.generate_ids(
-            case.prompts, case.images, steps + 1, stop_tokens=set(), keep_logits=True
-        )
+            case.prompts, case.images, steps + 1, stop_tokens=set(), keep_logits=True,
+            prefill_chunk=prefill_chunk, forced=forced,
+        )  # fmt: skip
     except MllamaExportError as err:
         raise MllamaExportError(f"case {case.name!r}: {err}") from err
-    logits, mask = prefill.results[0]["logits"], prefill.masks[0]
     kv = None
     if vision.results:
         out = vision.results[0]
         kv = _real_tiles(out["cross_key"], out["cross_value"], case, runner.config)
     tokens = np.array(gen.token_ids, np.int64).T if forced is None else forced
-    return Trace(kv, logits[mask != 0], [r["logits"][:, -1] for r in decode.results], tokens)
+    prefill = gen.prefill_logits[gen.prompt_mask != 0]
+    return Trace(kv, prefill, list(gen.step_logits), tokens)
 
 
 def _real_tiles(key: np.ndarray, value: np.ndarray, case: EvalCase, config) -> np.ndarray:
@@ -358,10 +357,12 @@ def judge(
     precision: str,
     backend: str,
     log_cases: bool = True,
+    prefill_chunk: int | None = None,
 ) -> DriftReport:
     """Every stage of every case of ``runner`` against ``reference``, teacher-forced; with
     ``log_cases``, one line per case to the ``mllama_export`` logger naming the metric that
-    decides it."""
+    decides it; ``prefill_chunk``: ``runner`` prefills in chunks of that many tokens (the
+    reference does not)."""
     if steps < 0:
         raise MllamaExportError(f"steps {steps}: expected 0 or more decode steps")
     if not cases:
@@ -376,7 +377,7 @@ def judge(
     for case in cases:
         start = time.perf_counter()
         ref = reference.trace(case, steps)
-        ours = trace_runner(runner, case, steps, forced=ref.tokens)
+        ours = trace_runner(runner, case, steps, forced=ref.tokens, prefill_chunk=prefill_chunk)
         stages = []
         if (ref.cross_kv is None) != (ours.cross_kv is None):
             raise MllamaExportError(f"case {case.name!r}: only one side ran the vision graph")
@@ -394,6 +395,7 @@ def judge(
         teacher_forcing="both sides are fed the reference's greedy token at every decode step",
         top1_ties=ties,
         reference_tokens=tokens,
+        prefill_chunk=prefill_chunk,
     )
     return report
 
@@ -428,8 +430,10 @@ def run_gate(
     steps: int = 8,
     checkpoint: str | Path | None = None,
     device: str = "cpu",
+    prefill_chunk: int | None = None,
 ) -> DriftReport:
-    """Judges the artifact folder's graphs on ``backend`` against the float32 reference.
+    """Judges the artifact folder's graphs on ``backend`` against the float32 reference
+    (``prefill_chunk``: the backend prefills in chunks of that many prompt tokens).
 
     ``cases`` defaults to :func:`build_evalset` for the artifacts' config and limits. The
     artifacts are checked against their manifest's sha256 first: tampered files are refused.
@@ -454,7 +458,9 @@ def run_gate(
     with ExitStack() as stack:
         with step(f"loading the {reference} reference from {source.describe()}"):
             ref = make_reference(reference, manifest, source, stack)
-        report = judge(runner, ref, cases, steps, limits, precision, backend)
+        report = judge(
+            runner, ref, cases, steps, limits, precision, backend, prefill_chunk=prefill_chunk
+        )
     report.extra = {
         "artifacts": str(artifacts),
         "device": device,

@@ -199,13 +199,15 @@ def run_sensitivity(
     steps: int = 8,
     checkpoint: str | Path | None = None,
     out_dir: str | Path | None = None,
+    prefill_chunk: int | None = None,
 ) -> SensitivityReport:
     """Ranks the FP8 layers of ``artifacts`` (those matching the glob ``layers``; default
     all) by the share of the fp8 budget each uses alone. One gate run per layer, in PyTorch
     on the CPU; the artifacts' own graphs are not run (``validate`` judges those).
 
     With ``out_dir`` the report is rewritten there (atomically) after every layer, marked
-    incomplete until the last run, so that an interrupted run keeps its finished rows."""
+    incomplete until the last run, so that an interrupted run keeps its finished rows.
+    ``prefill_chunk``: the quantized side prefills through the step graph in chunks."""
     from mllama_export.exporter.manifest import read_manifest
 
     start = time.perf_counter()
@@ -225,8 +227,9 @@ def run_sensitivity(
         with _in_fp8(model, chosen):
             runner = GraphsReference(model, limits).runner  # graph modules see the swap
             report = judge(
-                runner, reference, cases, steps, limits_file, "fp8", f"FP8 {label}", False
-            )
+                runner, reference, cases, steps, limits_file, "fp8", f"FP8 {label}", False,
+                prefill_chunk,
+            )  # fmt: skip
         return LayerSensitivity(label, report)
 
     extra = {
@@ -234,6 +237,7 @@ def run_sensitivity(
         "reference_weights": source.describe(),
         "cases": [c.name for c in cases],
         "steps": steps,
+        "prefill_chunk": prefill_chunk,
         "thresholds_source": limits_file.source,
     }
     report = SensitivityReport([], None, limits_file.version, extra, total=len(amax))

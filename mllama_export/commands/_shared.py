@@ -27,6 +27,16 @@ device_option = click.option(
 )
 
 
+prefill_chunk_option = click.option(
+    "--prefill-chunk",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Push the prompt through the decode (step) graph N tokens at a time, so prefill's "
+    "memory is bounded by N, not by the prompt  [default: the whole prompt at once]",
+)
+
+
 def gate_options(command):
     """What the accuracy gate runs on: thresholds, cases, steps and the reference weights
     (`validate` and `sensitivity`)."""
@@ -58,6 +68,7 @@ def gate_options(command):
             help="The checkpoint the artifacts were built from  [default: the manifest's "
             "model.source, or the re-synthesized preset]",
         ),
+        prefill_chunk_option,
     ]
     for option in reversed(options):
         command = option(command)

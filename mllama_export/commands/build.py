@@ -4,6 +4,8 @@ from pathlib import Path
 
 import click
 
+from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
+
 
 @click.command("build")
 @click.option(
@@ -93,6 +95,16 @@ import click
     help="TensorRT engines, built after the ONNX artifacts are complete. auto: where "
     "TensorRT and a CUDA GPU exist, else say why not; skip: none (build them later with "
     "`mllama-export engines DIR`); require: exit 2 before any work where they cannot be built.",
+)
+@click.option(
+    "--text-engine",
+    type=click.Choice(TEXT_ENGINES),
+    default=DEFAULT_TEXT_ENGINE,
+    show_default=True,
+    help="TensorRT text engines. split: a prefill and a decode engine, each holding the text "
+    "weights. shared: one engine of the decode (step) graph for both phases, the text weights "
+    "once (prefill profiles against a one-slot past, decode and chunk profiles; longer "
+    "prompts are prefilled in chunks). The ONNX graphs are the same either way.",
 )
 def command(**options):
     """Export the vision, prefill and decode graphs to ONNX, check them against PyTorch, and

@@ -18,8 +18,9 @@ def command(folder: Path, graphs: tuple[str, ...], rebuild: bool) -> None:
     """Build the TensorRT engines of an artifact folder written by `mllama-export build`:
     the retry after a failed engine, or engines for ONNX built on another machine. The ONNX
     files are checked against the manifest first and left as they are. GRAPHS (vision,
-    prefill, decode) limits the build to those; by default every engine not yet built by
-    this TensorRT on this GPU is built."""
+    prefill, decode; artifacts built with --text-engine shared have no prefill engine)
+    limits the build to those; by default every engine not yet built by this TensorRT on
+    this GPU is built."""
     from mllama_export.exporter.build import rebuild_engines
 
     entry = rebuild_engines(folder, list(graphs) or None, rebuild)  # progress: the logger

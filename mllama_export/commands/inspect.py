@@ -104,9 +104,14 @@ def _show(m: dict) -> None:
 
 
 def _tensorrt_line(trt: dict) -> str:
+    text = (
+        "; text engine shared (the decode engine serves prefill: the text weights once)"
+        if trt.get("text_engine") == "shared"
+        else ""
+    )
     if trt.get("built"):
-        return f"built by TensorRT {trt.get('version')} on {trt.get('device')}"
-    return f"{trt.get('status', 'not built')}: {trt.get('reason', 'not recorded')}"
+        return f"built by TensorRT {trt.get('version')} on {trt.get('device')}{text}"
+    return f"{trt.get('status', 'not built')}: {trt.get('reason', 'not recorded')}{text}"
 
 
 def _engine_line(engine: dict) -> str:

@@ -4,6 +4,8 @@ import sys
 
 import click
 
+from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
+
 # build's defaults (exporter/fits.py DEFAULTS reads them from BuildOptions; a test keeps
 # these in step), named here so that --help needs no import of the planner
 _BUILD = "build's default"
@@ -57,15 +59,26 @@ _BUILD = "build's default"
 @click.option(
     "--tiles", type=int, default=None, help="Tiles per image for the estimates [default: max]."
 )
-def command(model, precision, max_batch, max_seq_len, max_images, gpu, prompt_len, tiles):
+@click.option(
+    "--text-engine",
+    type=click.Choice(TEXT_ENGINES),
+    default=None,
+    help="The text engines to plan (as build --text-engine): split, prefill and decode "
+    "engines holding the text weights twice; shared, one engine holding them once  "
+    f"[default: the artifacts', else {_BUILD} {DEFAULT_TEXT_ENGINE}]",
+)
+def command(
+    model, precision, max_batch, max_seq_len, max_images, gpu, prompt_len, tiles, text_engine
+):
     """Print memory per engine and roofline lower bounds for decode and prefill. Exit 0 when
     the engines fit the GPU's memory; 1 when not, after what would fit (fewer tokens, a
-    smaller batch, FP8, a larger GPU, several GPUs); 2 on bad input.
+    smaller batch, FP8, one text engine, a larger GPU, several GPUs); 2 on bad input. Both
+    text engines follow side by side, with the largest batch and sequence each fits.
 
     \b
     Examples:
       mllama-export plan --model 11b --precision fp8 --max-seq-len 8192
-      mllama-export plan --model 90b --precision fp8 --max-batch 1 --max-images 1 --gpu h200
+      mllama-export plan --model 90b --precision fp8 --gpu h200 --max-batch 1 --max-images 1 --text-engine shared
       mllama-export plan --model out/tiny
     """
     from mllama_export.exporter.fits import plan_text, request
@@ -76,6 +89,6 @@ def command(model, precision, max_batch, max_seq_len, max_images, gpu, prompt_le
         "max_seq_len": max_seq_len,
         "max_images": max_images,
     }
-    text, fits = plan_text(request(model, given, gpu, prompt_len, tiles))
+    text, fits = plan_text(request(model, given, gpu, prompt_len, tiles, text_engine))
     click.echo(text)
     sys.exit(0 if fits else 1)

@@ -9,7 +9,7 @@ import click
 
 from mllama_export.errors import MllamaExportError
 
-from ._shared import backend_option, device_option
+from ._shared import backend_option, device_option, prefill_chunk_option
 
 
 @click.command("run")
@@ -60,6 +60,7 @@ from ._shared import backend_option, device_option
     help="Sample among the likeliest tokens holding this probability mass.",
 )
 @click.option("--seed", type=int, default=None, help="Seed for sampling, for repeatable output.")
+@prefill_chunk_option
 @backend_option("What runs the graphs.")
 @device_option
 @click.option(
@@ -79,6 +80,7 @@ def command(
     top_k,
     top_p,
     seed,
+    prefill_chunk,
     backend,
     device,
     as_json,
@@ -115,14 +117,16 @@ def command(
         runner = Runner.from_artifacts(folder, backend, device)
     start = time.perf_counter()
     if token_ids is not None:
-        result = _run_ids(runner, token_ids, images, max_new_tokens, sampling)
+        result = _run_ids(runner, token_ids, images, max_new_tokens, sampling, prefill_chunk)
     elif as_json:
-        result = runner.generate(_prompt(prompt, images, chat), images, max_new_tokens, sampling)
+        result = runner.generate(
+            _prompt(prompt, images, chat), images, max_new_tokens, sampling, prefill_chunk
+        )
     else:
         result = TextGeneration("", [], [])
         pieces = runner.stream(
             _prompt(prompt, images, chat), images, max_new_tokens, sampling,
-            errors="backslashreplace", done=result,
+            errors="backslashreplace", done=result, prefill_chunk=prefill_chunk,
         )  # fmt: skip
         first = next(pieces, "")  # the prompt and images are checked before the label shows
         click.echo("answer: ", err=True, nl=False)
@@ -160,7 +164,7 @@ def _prompt(prompt: str, images, chat: bool):
     return [{"role": "user", "content": content}]
 
 
-def _run_ids(runner, token_ids: str, images, max_new_tokens, sampling):
+def _run_ids(runner, token_ids: str, images, max_new_tokens, sampling, prefill_chunk):
     from mllama_export.engines.pipeline import TextGeneration
     from mllama_export.engines.preprocess import preprocess
 
@@ -188,6 +192,6 @@ def _run_ids(runner, token_ids: str, images, max_new_tokens, sampling):
                 "these artifacts have no preprocessor_config.json; images cannot be read"
             )
         batch = preprocess([list(images)], runner.image_config)
-    gen = runner.generate_ids([ids], batch, max_new_tokens, sampling)
+    gen = runner.generate_ids([ids], batch, max_new_tokens, sampling, prefill_chunk=prefill_chunk)
     text = runner.tokenizer.decode(gen.token_ids[0]) if runner.tokenizer else None
     return TextGeneration(text, gen.token_ids[0], ids, gen.timings)

@@ -33,7 +33,7 @@ from ._shared import gate_options
     show_default=True,
     help="Layers to print (the report files list all).",
 )
-def command(folder, layers, thresholds, report_dir, evalset, steps, checkpoint, top):
+def command(folder, layers, thresholds, report_dir, evalset, steps, checkpoint, prefill_chunk, top):
     """Rank an fp8 artifact folder's FP8 layers by how much of the accuracy gate's fp8 budget
     each uses alone (the float32 PyTorch reference with one layer in FP8, judged by the gate).
     The top layers are the candidates for `build --fp8-exclude`. The report is rewritten after
@@ -58,6 +58,7 @@ def command(folder, layers, thresholds, report_dir, evalset, steps, checkpoint, 
             steps=steps,
             checkpoint=checkpoint,
             out_dir=out,
+            prefill_chunk=prefill_chunk,
         )
     except KeyboardInterrupt:
         click.echo(f"interrupted; the layers finished so far are in {out}", err=True)

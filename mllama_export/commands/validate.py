@@ -28,7 +28,18 @@ from ._shared import backend_option, device_option, gate_options
 )
 @gate_options
 @device_option
-def command(folder, backend, reference, thresholds, report_dir, evalset, steps, checkpoint, device):
+def command(
+    folder,
+    backend,
+    reference,
+    thresholds,
+    report_dir,
+    evalset,
+    steps,
+    checkpoint,
+    prefill_chunk,
+    device,
+):
     """Judge an artifact folder's drift from the float32 PyTorch reference, stage by stage
     (vision K/V, prefill logits, every decode step, teacher-forced). Exit 0: pass, 1: drift
     over the limits, 2: bad input. The last line printed is the verdict; each case's line
@@ -52,6 +63,7 @@ def command(folder, backend, reference, thresholds, report_dir, evalset, steps, 
         steps=steps,
         checkpoint=checkpoint,
         device=device,
+        prefill_chunk=prefill_chunk,
     )
     paths = report.write(report_dir if report_dir is not None else folder / "drift")
     click.echo(f"wrote {paths['json']}, {paths['md'].name}, {paths['png'].name}")
