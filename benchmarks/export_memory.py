@@ -1,4 +1,4 @@
-"""Peak memory of `mllama-export build` at the 11B geometry as the depth grows.
+"""Peak memory of `mllama-export build` at the 11B geometry as the depth grows, bf16 or fp8.
 
 Writes synthetic checkpoints of the 11B preset (full width, real head counts and vocabulary,
 bfloat16) at several text depths, with proportionally fewer vision layers, and runs the real
@@ -9,7 +9,13 @@ depth and should stay below one decoder layer's weights plus 2 GB.
 With --baseline-layers, the same checkpoints are also exported the usual way in a child
 process: the whole model loaded, then torch.onnx.export with its own optimizer and save.
 
-    python benchmarks/export_memory.py [--layers 2 4 8] [--baseline-layers 2] [--workdir DIR]
+``--precision fp8`` builds FP8 artifacts instead: calibration layer by layer (every case of
+the built-in set at once, each layer read from the checkpoint and dropped), the streamed
+export, and the FP8 check on the reduced-depth copy (``--check-depth reduced``, so that
+every depth runs the same kind of check).
+
+    python benchmarks/export_memory.py [--layers 2 4 8] [--precision bf16|fp8]
+        [--baseline-layers 2] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -105,12 +111,13 @@ for name, cls in GRAPHS.items():
 """
 
 
-def measure(layers: int, workdir: Path, baseline: bool) -> dict:
+def measure(layers: int, workdir: Path, baseline: bool, precision: str = "bf16") -> dict:
     config = geometry(layers)
     ckpt, out = workdir / f"ckpt-{layers}", workdir / f"out-{layers}"
     synth(config, ckpt)
     build = [sys.executable, "-m", "mllama_export", "build", "--model", str(ckpt)]
-    build += ["--out", str(out), "--precision", "bf16", "--force"]
+    build += ["--out", str(out), "--precision", precision, "--force"]
+    build += ["--check-depth", "reduced"] if precision == "fp8" else []
     rss, seconds = run_measured(build)
     manifest = json.loads((out / "manifest.json").read_text())
     row = {
@@ -121,6 +128,7 @@ def measure(layers: int, workdir: Path, baseline: bool) -> dict:
         "seconds": seconds,
         "onnx_bytes": sum(p.stat().st_size for p in (out / "onnx").iterdir()),
         "check": manifest["graphs"]["decode"]["check"].get("depth", "full"),
+        "precision": precision,
     }
     shutil.rmtree(out)
     if baseline:
@@ -133,19 +141,23 @@ def measure(layers: int, workdir: Path, baseline: bool) -> dict:
 
 
 def report(rows: list[dict]) -> None:
+    """One line per depth. The bound (one decoder layer's weights plus 2 GB) is the streamed
+    export's; an fp8 build also calibrates and checks, so it has none."""
     print(
         "text layers  vision  weights GB  1 layer GB  largest GB  peak RSS GB  "
         "vs first  bound GB  ok   time s  baseline RSS GB"
     )
     first = rows[0]["peak_rss"]
     for r in rows:
+        bf16 = r.get("precision", "bf16") == "bf16"
         bound = r["layer"] + 2 * GB
+        limit = f"{bound / GB:8.2f}  {'yes' if r['peak_rss'] < bound else 'NO':3s}"
         base = f"{r['baseline_rss'] / GB:8.2f}" if "baseline_rss" in r else "       -"
         print(
             f"{r['text_layers']:11d}  {r['vision_layers']:>6s}  {r['total'] / GB:10.2f}  "
             f"{r['layer'] / GB:10.3f}  {r['largest'] / GB:10.3f}  {r['peak_rss'] / GB:11.2f}  "
-            f"{r['peak_rss'] / first:7.2f}x  {bound / GB:8.2f}  "
-            f"{'yes' if r['peak_rss'] < bound else 'NO':3s}  {r['seconds']:7.0f}  {base}"
+            f"{r['peak_rss'] / first:7.2f}x  {limit if bf16 else '       -  -  '}  "
+            f"{r['seconds']:7.0f}  {base}"
         )
     spread = max(r["peak_rss"] for r in rows) / min(r["peak_rss"] for r in rows) - 1
     print(f"peak RSS spread across depths: {spread:.1%} (limit 10%)")
@@ -154,13 +166,14 @@ def report(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
     parser.add_argument("--baseline-layers", type=int, nargs="*", default=[])
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="export-memory-"))
     try:
-        rows = [measure(n, workdir, n in args.baseline_layers) for n in args.layers]
+        rows = [measure(n, workdir, n in args.baseline_layers, args.precision) for n in args.layers]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report(rows)

@@ -10,8 +10,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig, preset
 from mllama_export.graphs.contract import TensorSpec
@@ -23,14 +21,16 @@ from .fp8 import (
     ORT_OPTIMIZATION,
     calibration_cases,
     check_fp8_graph,
+    check_fp8_graphs,
     fp8_layers,
-    onnx_weight_names,
+    fp8_weight_names,
+    input_amax,
+    load_fp8_model,
     quantize_fp8,
 )
 from .manifest import INCOMPLETE_MARKER, versions, write_manifest
-from .onnx_export import example_inputs
 from .options import PRESET_NAMES, BuildOptions
-from .streaming import DATA_FILES, GRAPHS, StreamingExport, check_depth, refuse_fp8_without_memory
+from .streaming import DATA_FILES, GRAPHS, StreamingExport, check_depth, refuse_fp8_calibration
 from .verify import BF16_UNCHECKED, verify_graph, verify_reduced
 
 SIDE_FILES = (
@@ -96,7 +96,7 @@ def _check_before_work(options: BuildOptions, out: Path) -> None:
         fp8_layers(config, options)  # an --fp8-exclude that matches nothing
         if options.calibration is not None and not is_preset:
             calibration_cases(config, options, model)  # a malformed calibration folder
-    refuse_fp8_without_memory(options, config)
+    refuse_fp8_calibration(options, config)
 
 
 @contextmanager
@@ -140,19 +140,27 @@ def _build_into(options: BuildOptions, work: Path, progress: Progress) -> None:
     config = MllamaConfig.from_hf_config(checkpoint)
     weights = Checkpoint(checkpoint, config)  # strict: every tensor, shape and dtype
     depth = check_depth(options, config)
-    model, quantization = _load_for_check(options, checkpoint, config, depth, progress)
-    amax = {n: layer["input_amax"] for n, layer in (quantization or {}).get("layers", {}).items()}
+    # FP8 calibrates first, layer by layer (the model is never whole in memory)
+    quantization = None
+    if options.precision == "fp8":
+        quantization = quantize_fp8(weights, options, checkpoint, progress)
+    amax = input_amax(quantization)
+    model = _load_for_check(options, weights, depth, amax, progress)
     (work / "onnx").mkdir()
-    written = StreamingExport(weights, options, amax).export_all(work / "onnx", progress)
+    exporter = StreamingExport(weights, options, amax)
+    written = exporter.export_all(work / "onnx", progress)
     graphs = {name: _graph_entry(name, written[name]) for name in GRAPHS}
+    if quantization is not None:
+        _record_fp8_layout(exporter, work / "onnx", options, graphs)
     if options.precision == "bf16":
         checks = {name: dict(BF16_UNCHECKED) for name in GRAPHS}
     elif model is None:
         scratch = work / ".reduced-check"
-        checks = verify_reduced(checkpoint, config, options, scratch, progress)
+        checks = verify_reduced(checkpoint, config, options, scratch, progress, amax)
     else:
-        checks = _check_full(model, config, options, work, quantization, graphs, progress)
+        checks = _check_full(model, config, options, work, quantization, progress)
     for name, check in checks.items():
+        check.pop("quantized_layers", None)
         graphs[name]["check"] = check
     for side in SIDE_FILES:
         if (checkpoint / side).is_file():
@@ -164,31 +172,37 @@ def _build_into(options: BuildOptions, work: Path, progress: Progress) -> None:
     write_manifest(work, manifest)
 
 
-def _load_for_check(options, checkpoint, config, depth, progress):
-    """(the whole model in memory, FP8 quantization entry) when the check (and FP8
-    calibration) runs on the whole model; (None, None) otherwise. bf16 cannot run here at
-    all (ONNX Runtime's CPU provider has no bf16 kernels), so it loads nothing."""
+def _load_for_check(options, weights: Checkpoint, depth, amax, progress):
+    """The whole model in memory when the check runs on it; None otherwise. bf16 cannot run
+    here at all (ONNX Runtime's CPU provider has no bf16 kernels), so it loads nothing. FP8
+    loads the quantized model as the artifacts hold it, tensor by tensor."""
     if depth != "full" or options.precision == "bf16":
-        return None, None
-    progress(f"loading {checkpoint} ({options.precision}, xattn-mask {options.xattn_mask})")
-    # FP8 calibrates in float32 and quantizes from the float32 weights (then float16)
-    fp8 = options.precision == "fp8"
-    model = load_model(checkpoint, options.xattn_mask, torch.float32 if fp8 else options.dtype)
-    return model, quantize_fp8(model, config, options, checkpoint, progress) if fp8 else None
+        return None
+    progress(f"loading {weights.folder} ({options.precision}, xattn-mask {options.xattn_mask})")
+    if options.precision == "fp8":
+        return load_fp8_model(weights, options.xattn_mask, amax, options.dtype, options.fp8_weights)
+    return load_model(weights.folder, options.xattn_mask, options.dtype)
 
 
-def _check_full(model, config, options, work, quantization, graphs, progress) -> dict:
+def _record_fp8_layout(exporter: StreamingExport, folder: Path, options, graphs) -> None:
+    """The structure of each full-size FP8 graph (exporter/fp8_check.py), checked on the
+    meta model the export traced: which layers each graph quantizes, and its precision."""
+    expected = fp8_weight_names(exporter.model, exporter.checkpoint.config, options.dtype)
+    for name in GRAPHS:
+        path = folder / f"{name}.onnx"
+        layout = check_fp8_graph(path, expected[name], scheme=options.fp8_weights)
+        graphs[name]["quantized_layers"] = layout["quantized_layers"]
+        # Q/DQ inside: a strongly typed engine; without: an ordinary float16 one
+        graphs[name]["precision"] = "fp8" if layout["quantized_layers"] else "fp16"
+
+
+def _check_full(model, config, options, work, quantization, progress) -> dict:
+    if quantization is not None:
+        checks = check_fp8_graphs(model, work / "onnx", options, progress)
+        return {name: {**check, "depth": "full"} for name, check in checks.items()}
     checks = {}
     for name, graph_cls in GRAPHS.items():
         path = work / "onnx" / f"{name}.onnx"
-        if quantization is not None:
-            args = example_inputs(graph_cls.INPUTS, config, options.dtype)
-            names = onnx_weight_names(graph_cls(model), model, args)
-            modules = {n: model.get_submodule(n) for n in names.values()}
-            layout = check_fp8_graph(path, names, modules)
-            graphs[name]["quantized_layers"] = layout["quantized_layers"]
-            # Q/DQ inside: a strongly typed engine; without: an ordinary float16 one
-            graphs[name]["precision"] = "fp8" if layout["quantized_layers"] else "fp16"
         progress(f"checking the {name} graph against PyTorch")
         checks[name] = {**verify_graph(graph_cls(model), path, config, options), "depth": "full"}
     return checks

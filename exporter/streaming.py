@@ -49,7 +49,7 @@ class StreamingExport:
         with torch.device("meta"):
             self.model = MllamaModel(checkpoint.config, options.xattn_mask)
             # casts the parameters only, as load_model does: RoPE's frequencies stay float32
-            quantize_model(self.model, input_amax or {}, options.dtype)
+            quantize_model(self.model, input_amax or {}, options.dtype, options.fp8_weights)
         self.sources = checkpoint_sources(checkpoint, self.model, options.dtype, input_amax)
 
     def export_all(self, folder: Path, progress=None) -> dict[str, dict]:
@@ -84,19 +84,16 @@ class StreamingExport:
 
 def check_depth(options: BuildOptions, config: MllamaConfig) -> str:
     """Where the check against PyTorch runs: "full" when the whole model fits in memory,
-    else "reduced"; ``options.check_depth`` may ask for either. FP8 is always "full": its
-    calibration holds the whole model anyway (refuse_fp8_without_memory guards that)."""
-    if options.precision == "fp8":
-        return "full"
+    else "reduced"; ``options.check_depth`` may ask for either. FP8 too: its calibration
+    runs layer by layer whatever the depth (exporter/layerwise.py)."""
     if options.check_depth != "auto":
         return options.check_depth
     return "full" if memory_needed(options, config) <= available_memory() else "reduced"
 
 
 def memory_needed(options: BuildOptions, config: MllamaConfig) -> int:
-    # FP8 calibrates the float32 model
-    itemsize = 4 if options.precision == "fp8" else options.dtype.itemsize
-    return CHECK_COPIES * count_params(config).total * itemsize + CHECK_HEADROOM
+    # FP8's check model is float16 outside its FP8 layers: counted as float16, an upper bound
+    return CHECK_COPIES * count_params(config).total * options.dtype.itemsize + CHECK_HEADROOM
 
 
 def available_memory() -> int:
@@ -138,15 +135,35 @@ def describe_reduced(small: MllamaConfig, full: MllamaConfig, options: BuildOpti
     )
 
 
-def refuse_fp8_without_memory(options: BuildOptions, config: MllamaConfig) -> None:
-    """FP8 calibrates the whole model in float32: refused up front where that does not fit
-    (--check-depth full insists), rather than found out after the export."""
-    if options.precision != "fp8" or options.check_depth == "full":
+# What FP8 calibration holds besides the jobs' activations: the largest unit in float32 (at
+# 11B the embedding or lm_head), the small tensors, the libraries (exporter/layerwise.py).
+CALIBRATION_HEADROOM = 2 << 30
+
+
+def calibration_memory(config: MllamaConfig) -> int:
+    """Bytes FP8 calibration needs at least: the largest unit it loads, in float32, plus the
+    headroom. Independent of depth: it runs one layer at a time."""
+    t, v = config.text, config.vision
+    embed = t.embedding_rows * t.hidden_size
+    lm_head = t.vocab_size * t.hidden_size
+    text_layer = (
+        3 * t.hidden_size * t.intermediate_size
+        + (2 * t.num_heads + 2 * t.num_kv_heads) * t.head_dim * t.hidden_size
+    )
+    vision_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    return 4 * max(embed, lm_head, text_layer, vision_layer) + CALIBRATION_HEADROOM
+
+
+def refuse_fp8_calibration(options: BuildOptions, config: MllamaConfig) -> None:
+    """FP8 calibration runs layer by layer, so what it needs does not grow with depth; it
+    is refused up front only where even one layer (and the headroom) does not fit."""
+    if options.precision != "fp8":
         return
-    if memory_needed(options, config) > available_memory():
+    needed, available = calibration_memory(config), available_memory()
+    if needed > available:
         raise MllamaExportError(
-            f"--precision fp8 calibrates the whole model in float32 "
-            f"({memory_needed(options, config) / 1e9:.1f} GB with the check), and this "
-            f"machine has {available_memory() / 1e9:.1f} GB available; build bf16 or fp16 "
-            "here, or build fp8 on a machine with that much memory"
+            f"--precision fp8 calibrates one layer at a time in float32, which needs "
+            f"{needed / 1e9:.1f} GB (the largest layer and the libraries), and this machine "
+            f"has {available / 1e9:.1f} GB available; build bf16 or fp16 here, or build fp8 "
+            "on a machine with that much memory"
         )
