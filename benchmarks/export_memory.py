@@ -12,10 +12,12 @@ process: the whole model loaded, then torch.onnx.export with its own optimizer a
 ``--precision fp8`` builds FP8 artifacts instead: calibration layer by layer (every case of
 the built-in set at once, each layer read from the checkpoint and dropped), the streamed
 export, and the FP8 check on the reduced-depth copy (``--check-depth reduced``, so that
-every depth runs the same kind of check).
+every depth runs the same kind of check). With ``--calibration-only``, each child runs only
+the FP8 calibration (exporter/calibrate.py calibrate_streamed), whose memory is the streamed
+part's alone.
 
     python benchmarks/export_memory.py [--layers 2 4 8] [--precision bf16|fp8]
-        [--baseline-layers 2] [--workdir DIR]
+        [--calibration-only] [--baseline-layers 2] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -111,6 +113,41 @@ for name, cls in GRAPHS.items():
 """
 
 
+CALIBRATE = """
+import sys
+from mllama_export.engines.runner import Limits
+from mllama_export.exporter.calibrate import CALIBRATION_STEPS, calibrate_streamed
+from mllama_export.exporter.fp8 import calibration_cases, fp8_layers
+from mllama_export.exporter.options import BuildOptions
+from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.weights import Checkpoint
+ckpt = sys.argv[1]
+config = MllamaConfig.from_hf_config(ckpt)
+options = BuildOptions(model=ckpt, out="unused", precision="fp8")
+cases = calibration_cases(config, options, ckpt)
+limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
+calibrate_streamed(Checkpoint(ckpt, config), "meta", fp8_layers(config, options), cases,
+    limits, CALIBRATION_STEPS)
+"""
+
+
+def measure_calibration(layers: int, workdir: Path) -> dict:
+    """Peak RSS of the FP8 calibration alone, in a child process."""
+    config = geometry(layers)
+    ckpt = workdir / f"ckpt-{layers}"
+    synth(config, ckpt)
+    rss, seconds = run_measured([sys.executable, "-c", CALIBRATE, str(ckpt)])
+    shutil.rmtree(ckpt)
+    return {
+        "text_layers": layers,
+        "vision_layers": f"{config.vision.num_layers}+{config.vision.num_global_layers}",
+        **weight_bytes(config),
+        "peak_rss": rss,
+        "seconds": seconds,
+        "precision": "fp8 calibration",
+    }
+
+
 def measure(layers: int, workdir: Path, baseline: bool, precision: str = "bf16") -> dict:
     config = geometry(layers)
     ckpt, out = workdir / f"ckpt-{layers}", workdir / f"out-{layers}"
@@ -167,6 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
+    parser.add_argument("--calibration-only", action="store_true", help="fp8: calibrate only")
     parser.add_argument("--baseline-layers", type=int, nargs="*", default=[])
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")

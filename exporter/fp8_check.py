@@ -248,15 +248,31 @@ def _check_values(graph: _Graph, layer: FP8Linear, weight: str, wdq, act, where)
     return [f"{where}: {', '.join(bad)} differ from PyTorch's"] if bad else []
 
 
+def _stray_places(graph: _Graph, strays: list, expected: dict[str, str]) -> list[str]:
+    """Each stray Q/DQ chain by its first node and what it reads: the output of which FP8
+    layer, else the tensor's name."""
+    outputs = {m.output: expected.get(m.weight, m.weight) for m in graph.matmuls()}
+    stray_outputs = {o for n in strays for o in n.output}
+    places = []
+    for node in strays:
+        source = node.input[0]
+        if source in stray_outputs:
+            continue  # the DQ of a stray Q: described with it
+        what = f"the output of {outputs[source]}" if source in outputs else source
+        places.append(f"{node.op_type} {node.name!r} on {what}")
+    return places
+
+
 def _check_plan(graph: _Graph, fp8_users: set, quantized: list, expected: dict) -> list[str]:
     problems = []
     strays = [
-        n.name
+        n
         for n in graph.nodes
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in fp8_users
     ]
     if strays:
-        problems.append(f"Q/DQ nodes outside any quantized MatMul: {strays[:4]}")
+        where = _stray_places(graph, strays, expected)
+        problems.append(f"Q/DQ nodes outside any quantized MatMul: {', '.join(where[:4])}")
     fp8_weights = {n for n in graph.inits if graph.is_fp8_matrix(n)}
     if unused := fp8_weights - set(quantized):
         problems.append(f"FP8 weights not read by a quantized MatMul: {sorted(unused)[:4]}")

@@ -63,16 +63,19 @@ def read_float(checkpoint: Checkpoint, name: str, dtype: torch.dtype) -> torch.T
 
 
 class LazyModel:
-    """An MllamaModel of ``checkpoint`` in float32 whose units are loaded on demand."""
+    """An MllamaModel of ``checkpoint`` whose units are loaded on demand, its parameters in
+    ``dtype`` (float32 by default; the rope frequencies stay float32, as load_model does)."""
 
-    def __init__(self, checkpoint: Checkpoint, semantics: str = "meta"):
-        self.checkpoint, self.config = checkpoint, checkpoint.config
+    def __init__(
+        self, checkpoint: Checkpoint, semantics: str = "meta", dtype: torch.dtype = torch.float32
+    ):
+        self.checkpoint, self.config, self.dtype = checkpoint, checkpoint.config, dtype
         with torch.device("meta"):
             self.model = MllamaModel(self.config, semantics).eval()
         self.units = unit_prefixes(self.config)
         self._prefixes = [p + "." for p in self.units]
         self._unit_of: dict[str, int | None] = {}
-        resident = {n: read_float(checkpoint, n, torch.float32) for n in self._resident()}
+        resident = {n: read_float(checkpoint, n, dtype) for n in self._resident()}
         self.model.load_state_dict(resident, assign=True, strict=False)
         for name, tensor in computed_buffers(self.config).items():
             parent, _, leaf = name.rpartition(".")
@@ -96,7 +99,7 @@ class LazyModel:
         prefix = self.units[unit]
         module = self.model.get_submodule(prefix)
         state = {
-            name: read_float(self.checkpoint, f"{prefix}.{name}", torch.float32)
+            name: read_float(self.checkpoint, f"{prefix}.{name}", self.dtype)
             for name in module.state_dict()
         }
         module.load_state_dict(state, assign=True, strict=True)
@@ -107,7 +110,8 @@ class LazyModel:
     def runner(self, limits: Limits) -> Runner:
         """A Runner over this model's graphs (run it inside a LayerMajor job only)."""
         vision, prefill, decode = (TorchBackend(g) for g in self.graphs)
-        return Runner(self.config, vision, prefill, decode, limits)
+        io = str(self.dtype).removeprefix("torch.")
+        return Runner(self.config, vision, prefill, decode, limits, model_dtype=io)
 
     def _graphs(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         graphs = VisionGraph(self.model), PrefillGraph(self.model), DecodeGraph(self.model)
@@ -193,8 +197,9 @@ class _Aborted(BaseException):
 
 @dataclass(eq=False)
 class Job:
-    """One callable run by LayerMajor; ``overrides`` {Linear name: forward replacement
-    factory} are applied (on the loaded modules) only while this job runs."""
+    """One callable run by LayerMajor; ``overrides`` {module name: factory} replace those
+    modules' forward (factory(module) -> forward) only while this job runs. A factory's
+    result is kept while its unit stays loaded: share one factory object across jobs."""
 
     fn: Callable[[], object]
     overrides: Mapping[str, Callable[[nn.Module], Callable]] = field(default_factory=dict)
@@ -216,6 +221,8 @@ class LayerMajor:
         self._parked = threading.Event()
         self._abort = False
         self._loaded: int | None = None
+        # override forwards made on loaded modules: {(name, id(factory)): (unit, forward)}
+        self._made: dict[tuple[str, int], tuple[int | None, Callable]] = {}
         self.loads = 0  # units read, for the tests and the progress line
 
     def run(self, jobs: Sequence[Job], progress: Callable[[str], None] | None = None) -> list:
@@ -234,6 +241,7 @@ class LayerMajor:
             if self._loaded is not None:
                 self.lazy.free(self._loaded)
                 self._loaded = None
+            self._made.clear()
             self.lazy.scheduler = None
         return [job.result for job in jobs]
 
@@ -245,6 +253,7 @@ class LayerMajor:
                 if self._loaded is not None:
                     self.lazy.free(self._loaded)
                 self._loaded = None
+                self._made = {k: v for k, v in self._made.items() if v[0] is None}
                 self.lazy.load(key[1])
                 self._loaded, self.loads = key[1], self.loads + 1
                 if progress is not None and key[0] != phase:
@@ -271,7 +280,10 @@ class LayerMajor:
             unit = self.lazy.unit_of(name)
             if unit is None or unit == self._loaded:
                 module = self.lazy.model.get_submodule(name)
-                module.forward = make(module)
+                key = (name, id(make))
+                if key not in self._made:
+                    self._made[key] = (unit, make(module))
+                module.forward = self._made[key][1]
                 applied.append(module)
         return applied
 

@@ -54,4 +54,12 @@ def command(folder, layers, thresholds, report_dir, evalset, steps, checkpoint, 
     for i, layer in enumerate(report.layers[:top], start=1):
         click.echo(f"{i:4d}  {layer.budget:7.3f}  {layer.label}")
     click.echo(f"wrote {paths['json']}, {paths['md'].name}")
+    if report.suggestion is not None:
+        sug = report.suggestion
+        left = "none left" if sug.remaining is None else f"budget {sug.remaining.budget:.3f}"
+        click.echo(
+            f"keeping the top {len(sug.exclude)} layer(s) in 16 bits leaves {left} "
+            f"(target {sug.target}); rebuild with:"
+        )
+        click.echo(f"  {report.rebuild_command()}")
     click.echo(report.summary_line())

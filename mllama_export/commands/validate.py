@@ -31,7 +31,8 @@ from ._shared import backend_option, device_option, gate_options
 def command(folder, backend, reference, thresholds, report_dir, evalset, steps, checkpoint, device):
     """Judge an artifact folder's drift from the float32 PyTorch reference, stage by stage
     (vision K/V, prefill logits, every decode step, teacher-forced). Exit 0: pass, 1: drift
-    over the limits, 2: bad input. The last line printed is the verdict."""
+    over the limits, 2: bad input. The verdict is printed last; after an fp8 failure, the
+    worst stages and the way to the `--fp8-exclude` patterns that bring it under follow."""
     from mllama_export.validate.evalset import load_evalset
     from mllama_export.validate.gate import run_gate
 
@@ -47,7 +48,12 @@ def command(folder, backend, reference, thresholds, report_dir, evalset, steps, 
         device=device,
         progress=lambda msg: click.echo(f"  {msg}", err=True),
     )
+    from mllama_export.validate.sensitivity import fp8_advice
+
     paths = report.write(report_dir if report_dir is not None else folder / "drift")
     click.echo(f"wrote {paths['json']}, {paths['md'].name}, {paths['png'].name}")
     click.echo(report.summary_line())
+    # fp8 over its limits: the worst stages, then what ranks the layers and what to exclude
+    for line in fp8_advice(report, folder):
+        click.echo(line)
     sys.exit(0 if report.passed else 1)
