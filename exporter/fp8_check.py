@@ -6,20 +6,21 @@ every FP8 weight, weight scale and input scale in the file equals PyTorch's bit 
 
 Numbers (:func:`check_fp8_numerics`), on inputs a real prompt produces (left-padded batches,
 images, the KV cache of a real prefill; :func:`check_feeds`): ONNX Runtime runs the graph with
-the input and the output of every FP8 GEMM exposed, and PyTorch runs the same graph with each
-FP8 GEMM's output *forced* to ONNX Runtime's. Then each comparison is one that must hold to
-floating-point rounding, however sensitive the network:
+the input and the output of every GEMM exposed (the FP8 ones and the 16-bit Linears'), and
+PyTorch runs the same graph with each GEMM's output *forced* to ONNX Runtime's. Then each
+comparison is one that must hold to floating-point rounding, however sensitive the network:
 
-- every FP8 GEMM: PyTorch's fake quantization of ONNX Runtime's own GEMM input, times
-  PyTorch's FP8 weight, in float64, against ONNX Runtime's GEMM output. The Q/DQ of the same
-  input with the same scale agree bit for bit (tests/test_fp8.py), so what may differ is the
-  GEMM's rounding to the graph's type: relative L2 at most GEMM_LIMITS (float16: 1e-3,
-  where the output rounding alone gives ~3e-4; a wrong scale, a transposed weight or a
-  missing Q/DQ gives 1e-2 or more);
-- every FP8 GEMM's input, and the graph's outputs: what the 16-bit arithmetic between the
-  GEMMs computes from the same GEMM outputs, held to what an fp16 build's graphs are held to
-  against fp32 (OUTPUT_LIMITS), since no FP8 rounding boundary lies between a forced GEMM
-  output and the next GEMM input.
+- every GEMM: PyTorch's own computation on ONNX Runtime's GEMM input (the fake quantization
+  and FP8 weight of an FP8Linear, the 16-bit weight of a Linear), in float32, against ONNX
+  Runtime's GEMM output. The Q/DQ of the same input with the same scale agree bit for bit
+  (tests/test_fp8.py), so what may differ is the GEMM's rounding to the graph's type:
+  relative L2 at most GEMM_LIMITS (float16: 1e-3, where the output rounding alone gives
+  ~3e-4; a wrong scale, a transposed weight or a missing Q/DQ gives 1e-2 or more);
+- every GEMM's input, and the graph's outputs: what the 16-bit arithmetic between two GEMMs
+  (a norm, rope and attention, an activation) computes from the same GEMM outputs, held to
+  the fp16 gate's limit (OUTPUT_LIMITS). No chain of it spans more than one GEMM, so it
+  cannot amplify fp16's rounding the way a whole network does, and no FP8 rounding boundary
+  lies inside it.
 
 Comparing whole FP8 graphs end to end could not be both: on a deep random network fp16's
 op rounding tips GEMM inputs across FP8 rounding boundaries (one FP8 step, 6%, each), and
@@ -316,6 +317,27 @@ def _tapped_session(path: Path, names: list[str], dtype: torch.dtype):
         tapped.unlink(missing_ok=True)
 
 
+def _linear_taps(graph: torch.nn.Module, model: torch.nn.Module, parsed: _Graph) -> dict:
+    """{weight initializer: (layer name, tap)} of the 16-bit Linears' MatMuls: the exporter
+    names a Linear's weight after its path in the graph module, ``<path>.weight.transposed``
+    (exporter/weightfile.py fold_weight_transposes)."""
+    from .weightfile import graph_names
+
+    paths = graph_names(graph, model)
+    taps = {}
+    for node in parsed.nodes:
+        weight = node.input[1] if node.op_type == "MatMul" else ""
+        source = paths.get(weight.removesuffix(".transposed"), "")
+        if weight.endswith(".weight.transposed") and source.endswith(".weight"):
+            layer = source.removesuffix(".weight")
+            if isinstance(model.get_submodule(layer), torch.nn.Linear):
+                taps[weight] = (
+                    layer,
+                    QuantizedMatMul(node.name, weight, node.input[0], node.output[0]),
+                )
+    return taps
+
+
 def check_fp8_numerics(
     graph: torch.nn.Module,
     path: Path,
@@ -324,14 +346,15 @@ def check_fp8_numerics(
     feeds: list[dict[str, np.ndarray]],
 ) -> dict:
     """ONNX Runtime's FP8 graph at ``path`` against ``graph`` (PyTorch, the same quantized
-    ``model``) with every FP8 GEMM's output forced to ONNX Runtime's (module docstring), on
-    each of ``feeds``. ``expected``: {FP8 initializer name: layer name}. Raises naming the
-    layers that disagree; returns the figures."""
-    layers = {
-        m.weight: (expected[m.weight], m) for m in _Graph(path).matmuls() if m.weight in expected
-    }
+    ``model``) with every GEMM's output shared: the FP8 GEMMs' and, so that no chain of
+    16-bit arithmetic between two compared tensors spans more than one GEMM, the 16-bit
+    Linears' too (module docstring). On each of ``feeds``. ``expected``: {FP8 initializer
+    name: layer name}. Raises naming the layers that disagree; returns the figures."""
+    parsed = _Graph(path)
+    layers = {m.weight: (expected[m.weight], m) for m in parsed.matmuls() if m.weight in expected}
+    layers |= _linear_taps(graph, model, parsed)
     modules = {name: model.get_submodule(name) for name, _ in layers.values()}
-    dtype = next(iter(modules.values())).input_scale.dtype
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     taps = sorted({n for _, m in layers.values() for n in (m.activation, m.output)})
     session = _tapped_session(path, taps, dtype)
     worst: dict[str, dict[str, float]] = {"gemm": {}, "input": {}, "output": {}}
@@ -339,7 +362,16 @@ def check_fp8_numerics(
         names = [o.name for o in session.get_outputs()]
         ort = dict(zip(names, session.run(None, feed), strict=True))
         _forced_run(graph, feed, ort, layers.values(), modules, worst)
-    return _judge(path, worst, dtype, len(feeds))
+    fp8 = {name for name, _ in layers.values() if isinstance(modules[name], FP8Linear)}
+    return _judge(path, worst, dtype, len(feeds), fp8)
+
+
+def _exact(module, x: torch.Tensor) -> torch.Tensor:
+    """What the GEMM must compute from its input ``x`` (ONNX Runtime's), in float32: the
+    fake quantization of an FP8Linear, the 16-bit weight of a Linear, no bias."""
+    if isinstance(module, FP8Linear):
+        return fp8_qdq(x, module.input_scale).float() @ module.dequantized_weight().float()
+    return x.float() @ module.weight.float().t()
 
 
 def _forced_run(graph, feed, ort, layers, modules, worst) -> None:
@@ -351,10 +383,7 @@ def _forced_run(graph, feed, ort, layers, modules, worst) -> None:
             x_ort = torch.from_numpy(ort[tap.activation])
             y_ort = ort[tap.output]
             note("input", name, _rel_l2(args[0].numpy(), x_ort.numpy()))
-            exact = (
-                fp8_qdq(x_ort, module.input_scale).double() @ module.dequantized_weight().double()
-            )
-            note("gemm", name, _rel_l2(y_ort, exact.numpy()))
+            note("gemm", name, _rel_l2(y_ort, _exact(module, x_ort).numpy()))
             y = torch.from_numpy(y_ort)
             return y if module.bias is None else y + module.bias
 
@@ -371,16 +400,22 @@ def _forced_run(graph, feed, ort, layers, modules, worst) -> None:
         note("output", spec.name, _rel_l2(ort[spec.name], out.float().numpy()))
 
 
-def _judge(path: Path, worst: dict, dtype: torch.dtype, cases: int) -> dict:
+def _judge(path: Path, worst: dict, dtype: torch.dtype, cases: int, fp8: set) -> dict:
     gemm_limit, limit = GEMM_LIMITS[dtype], OUTPUT_LIMITS[dtype]
+
+    def kind(name: str) -> str:
+        return "FP8 GEMM" if name in fp8 else "GEMM"
+
     problems = [
-        f"{name}: ONNX Runtime's FP8 GEMM differs from PyTorch's fake quantization of the "
-        f"same input by relative L2 {err:.2e} (limit {gemm_limit:g}: the output's rounding)"
+        f"{name}: ONNX Runtime's {kind(name)} differs from PyTorch's "
+        + ("fake quantization" if name in fp8 else "weight")
+        + f" on the same input by relative L2 {err:.2e} (limit {gemm_limit:g}: the "
+        "output's rounding)"
         for name, err in sorted(worst["gemm"].items(), key=lambda kv: -kv[1])
         if not err <= gemm_limit
     ]
     problems += [
-        f"{name}: the input of its FP8 GEMM differs by relative L2 {err:.2e} (limit {limit:g})"
+        f"{name}: the input of its {kind(name)} differs by relative L2 {err:.2e} (limit {limit:g})"
         for name, err in sorted(worst["input"].items(), key=lambda kv: -kv[1])
         if not err <= limit
     ]
@@ -391,16 +426,20 @@ def _judge(path: Path, worst: dict, dtype: torch.dtype, cases: int) -> dict:
     ]
     if problems:
         raise MllamaExportError(
-            f"the FP8 graph {path.name} disagrees with PyTorch with every FP8 GEMM output "
+            f"the FP8 graph {path.name} disagrees with PyTorch with every GEMM output "
             f"shared: {'; '.join(problems[:6])}"
             + (f" (and {len(problems) - 6} more)" if len(problems) > 6 else "")
             + "; the ONNX export is wrong, please report it"
         )
+    fp8_gemms = [v for k, v in worst["gemm"].items() if k in fp8]
     return {
         "ran": True,
-        "method": "FP8 GEMM outputs shared (exporter/fp8_check.py)",
+        "method": "every GEMM output shared, FP8 and 16-bit (exporter/fp8_check.py)",
         "cases": cases,
+        "gemms": len(worst["gemm"]),
+        "fp8_gemms": len(fp8_gemms),
         "gemm_rel_l2_max": max(worst["gemm"].values(), default=0.0),
+        "fp8_gemm_rel_l2_max": max(fp8_gemms, default=0.0),
         "gemm_limit_rel_l2": gemm_limit,
         "gemm_inputs_rel_l2_max": max(worst["input"].values(), default=0.0),
         "limit_rel_l2": limit,
@@ -480,6 +519,40 @@ def check_feeds(model: torch.nn.Module, limits: Limits, dtype: torch.dtype) -> d
     return feeds
 
 
+# -- TensorRT's side: which FP8 GEMMs an engine runs in FP8 ---------------------------------------
+
+
+def fp8_engine_layers(engine_info: dict, path: Path, expected: dict[str, str]) -> dict:
+    """Where TensorRT put each FP8 GEMM of the ONNX graph at ``path``: ``engine_info`` is the
+    engine inspector's JSON (``IEngineInspector.get_engine_information(
+    LayerInformationFormat.JSON)`` of an engine built with ``ProfilingVerbosity.DETAILED``,
+    or ``trtexec --profilingVerbosity=detailed --exportLayerInfo=FILE``): a ``Layers`` list
+    whose entries have a ``Name`` (the ONNX node names they fuse, joined by " + ") and
+    ``Inputs`` with a ``Format/Datatype``. Returns {"fp8": [layers], "not_fp8": [layers],
+    "unattributed": [layers]}: an FP8 layer whose GEMM's engine layer reads an FP8 input, one
+    whose engine layer reads only 16/32-bit inputs (dequantized weights: the unfused
+    fallback), and one whose node name no engine layer carries (inside a Myelin region,
+    named by its first and last nodes only). Not run against a real engine here (no
+    TensorRT); tests/test_fp8_check.py holds it to the documented format."""
+    import re
+
+    layers = [x if isinstance(x, dict) else {"Name": str(x)} for x in engine_info.get("Layers", [])]
+    found: dict[str, list[str]] = {"fp8": [], "not_fp8": [], "unattributed": []}
+    for matmul in _Graph(path).matmuls():
+        name = expected.get(matmul.weight, matmul.weight)
+        token = re.compile(rf"(?<![\w.]){re.escape(matmul.node)}(?![\w.])")
+        hits = [layer for layer in layers if token.search(str(layer.get("Name", "")))]
+        if not hits:
+            found["unattributed"].append(name)
+            continue
+        formats = [
+            str(t.get("Format/Datatype", "")).lower() for h in hits for t in h.get("Inputs", [])
+        ]
+        fp8 = any("fp8" in f or "float8" in f or "e4m3" in f for f in formats)
+        found["fp8" if fp8 else "not_fp8"].append(name)
+    return found
+
+
 __all__ = [
     "GEMM_LIMITS",
     "OUTPUT_LIMITS",
@@ -487,4 +560,5 @@ __all__ = [
     "check_feeds",
     "check_fp8_graph",
     "check_fp8_numerics",
+    "fp8_engine_layers",
 ]

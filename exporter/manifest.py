@@ -223,6 +223,17 @@ def summarize_check(check: dict, detail: bool = False) -> str:
         return f"no ({reason})" if detail else reason
     worst = max((m["rel_l2"] for m in check.get("outputs", {}).values()), default=0.0)
     depth = check.get("depth", "full")
+    reduced = "" if depth == "full" else ", on a reduced-depth copy"
+    if "gemm_rel_l2_max" in check:
+        # FP8 graphs: every GEMM output shared with PyTorch (exporter/fp8_check.py)
+        between = max(worst, check.get("gemm_inputs_rel_l2_max", 0.0))
+        line = f"GEMMs rel L2 {check['gemm_rel_l2_max']:.1e}, between them {between:.1e}"
+        if detail:
+            return (
+                f"{line} (limits {check['gemm_limit_rel_l2']} and {check['limit_rel_l2']}; "
+                f"{check.get('fp8_gemms', '?')} of {check.get('gemms', '?')} GEMMs FP8), {depth}"
+            )
+        return line + reduced
     if detail:
         return f"rel L2 {worst:.1e} (limit {check.get('limit_rel_l2')}), {depth}"
-    return f"rel L2 {worst:.1e}" + ("" if depth == "full" else ", on a reduced-depth copy")
+    return f"rel L2 {worst:.1e}" + reduced

@@ -518,6 +518,7 @@ def test_excluded_layers_stay_16_bit_and_a_calibration_folder_sets_the_scales(fp
     shown = CliRunner().invoke(main, ["inspect", str(options.out)]).output
     assert f"fp8         {len(kept)} linear layers, without the vision encoder, excluding " in shown
     assert f"calibrated on the user folder {folder} (3 cases)" in shown
+    assert "; per-tensor weight scales;" in shown
 
 
 def test_fp8_options_are_refused_before_any_work(tiny_dir, tmp_path):

@@ -31,10 +31,12 @@ from mllama_export.exporter.fp8 import (
     load_fp8_model,
 )
 from mllama_export.exporter.fp8_check import (
+    _Graph,
     check_cases,
     check_feeds,
     check_fp8_graph,
     check_fp8_numerics,
+    fp8_engine_layers,
 )
 from mllama_export.exporter.manifest import read_manifest
 from mllama_export.exporter.onnx_export import example_inputs
@@ -251,3 +253,38 @@ def _whole_graph_rel_l2(checkpoint: Path, out: Path, manifest: dict, scheme: str
         diff = backend.infer(feed)["logits"].astype(np.float64) - expected
         worst = max(worst, float(np.linalg.norm(diff) / np.linalg.norm(expected)))
     return worst
+
+
+def test_the_engine_inspectors_layers_say_which_fp8_gemms_run_in_fp8(fp8_dir):
+    """TensorRT's layer information, in the inspector's documented JSON form, for three of the
+    decode graph's FP8 GEMMs: one fused with an FP8 input, one dequantized to fp16 first
+    (the unfused fallback), one inside a Myelin region; no engine needed."""
+    path = fp8_dir / "onnx" / "decode.onnx"
+    expected = fp8_weight_names_from_file(path)
+    first, second, third = _Graph(path).matmuls()[:3]
+    fp8 = {
+        "Name": f"{first.node} + node_add_1",
+        "LayerType": "CaskGemmMatrixMultiply",
+        "Inputs": [{"Name": "x", "Format/Datatype": "Row major linear FP8 format"}],
+    }
+    fp16 = {
+        "Name": second.node,
+        "LayerType": "CaskGemmMatrixMultiply",
+        "Inputs": [{"Name": "x", "Format/Datatype": "Row major linear FP16 format"}],
+    }
+    myelin = {"Name": "{ForeignNode[node_a...node_b]}", "LayerType": "Myelin", "Inputs": []}
+    info = {"Layers": [fp8, fp16, myelin, json.dumps({"Name": "a layer as a string"})]}
+    found = fp8_engine_layers(info, path, expected)
+    assert expected[first.weight] in found["fp8"] and expected[second.weight] in found["not_fp8"]
+    assert expected[third.weight] in found["unattributed"]
+    # a node name is matched whole: node_linear_1 is not node_linear_12
+    assert not fp8_engine_layers({"Layers": [{**fp8, "Name": first.node + "2"}]}, path, expected)[
+        "fp8"
+    ]
+
+
+def fp8_weight_names_from_file(path: Path) -> dict[str, str]:
+    model = onnx.load(str(path), load_external_data=False)
+    fp8 = onnx.TensorProto.FLOAT8E4M3FN
+    return {t.name: t.name.removesuffix(".weight") for t in model.graph.initializer
+            if t.data_type == fp8 and len(t.dims) == 2}  # fmt: skip

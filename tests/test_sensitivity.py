@@ -114,7 +114,8 @@ def test_cli(fp8v_dir, tmp_path):
     )
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["rank", "budget", "layer"] and lines[1].split()[0] == "all"
+    assert lines[0].split() == ["rank", "budget", "rel/cos/KL", "layer"]
+    assert lines[1].split()[0] == "all"
     assert [line.split()[0] for line in lines[2:5]] == ["1", "2", "3"]
     assert lines[-1].startswith("FP8 sensitivity of 6 layer(s)")
     assert (tmp_path / "report" / "sensitivity.md").is_file()

@@ -58,6 +58,21 @@ class LayerSensitivity:
         worst = self.report.worst
         return 0.0 if worst is None else worst.check.ratio
 
+    @property
+    def continuous(self) -> float:
+        """The largest share of the rel_l2, cosine and KL limits: the tie-break where the
+        token metrics saturate the budget (a single-row stage's top-5 is 0 or 1)."""
+        ratios = [
+            c.ratio
+            for r in self.report.results
+            for c in r.checks
+            if c.metric in ("rel_l2", "cosine", "kl_divergence")
+        ]
+        return max(ratios, default=0.0)
+
+    def rank_key(self) -> tuple[float, float, str]:
+        return (-self.budget, -self.continuous, self.label)
+
     def extreme(self, metric: str, kind: str, lowest: bool = False) -> float | None:
         """The largest (``lowest``: smallest) ``metric`` over the stages of ``kind``."""
         values = [
@@ -73,6 +88,7 @@ class LayerSensitivity:
         return {
             "layer": self.label,
             "budget": self.budget,
+            "continuous_budget": self.continuous,
             "passed": self.report.passed,
             "vision_rel_l2": self.extreme("rel_l2", "vision"),
             "logits_rel_l2": self.extreme("rel_l2", "logits"),
@@ -325,7 +341,7 @@ def run_sensitivity(
         weights = Checkpoint(folder, source.config)
         session = _Session(weights, manifest, cases, steps, limits_file, scheme, progress)
         ranked = session.gate({name: {name: value} for name, value in amax.items()}, "float32")
-        results = sorted(ranked.values(), key=lambda r: (-r.budget, r.label))
+        results = sorted(ranked.values(), key=LayerSensitivity.rank_key)
         label = f"all {len(amax)} layers"
         combined = session.gate({label: amax}, "artifacts")[label]
         suggestion = None
@@ -454,7 +470,7 @@ def _row(rank: str, s: LayerSensitivity) -> str:
     worst = s.report.worst
     where = f"{worst.check.metric} at {worst.stage} of `{worst.case}`" if worst else "–"
     values = " | ".join("–" if v is None else fmt_value(v) for v in cells)
-    return f"| {rank} | `{s.label}` | {s.budget:.3f} | {values} | {where} |"
+    return f"| {rank} | `{s.label}` | {s.budget:.3f} | {s.continuous:.3f} | {values} | {where} |"
 
 
 def _markdown(rep: SensitivityReport) -> str:
@@ -474,10 +490,13 @@ def _markdown(rep: SensitivityReport) -> str:
         "judged by the accuracy gate "
         "against the unquantized reference. budget = the largest share of any fp8 limit the "
         "layer uses (1 = at the limit; rel_l2, cosine and KL on one scale, see "
-        "docs/accuracy.md). The top rows are the candidates for `build --fp8-exclude`.",
+        "docs/accuracy.md); ties, where the token metrics saturate, are ranked by the share "
+        "of the rel_l2, cosine and KL limits alone. The top rows are the candidates for "
+        "`build --fp8-exclude`.",
         "",
-        "| rank | layer | budget | vision rel_l2 | logits rel_l2 | top1 min | KL max | worst |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+        "| rank | layer | budget | rel_l2/cos/KL budget | vision rel_l2 | logits rel_l2 "
+        "| top1 min | KL max | worst |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
         _row("all", rep.combined),
     ]
     lines += [_row(str(i), s) for i, s in enumerate(rep.layers, start=1)]
