@@ -31,7 +31,7 @@ from mllama_export.exporter.fp8 import (
     load_fp8_model,
 )
 from mllama_export.exporter.fp8_check import (
-    _Graph,
+    Graph,
     check_cases,
     check_feeds,
     check_fp8_graph,
@@ -261,7 +261,7 @@ def test_the_engine_inspectors_layers_say_which_fp8_gemms_run_in_fp8(fp8_dir):
     (the unfused fallback), one inside a Myelin region; no engine needed."""
     path = fp8_dir / "onnx" / "decode.onnx"
     expected = fp8_weight_names_from_file(path)
-    first, second, third = _Graph(path).matmuls()[:3]
+    first, second, third = Graph(path).matmuls()[:3]
     fp8 = {
         "Name": f"{first.node} + node_add_1",
         "LayerType": "CaskGemmMatrixMultiply",
