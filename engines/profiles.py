@@ -6,23 +6,32 @@ manifest stores them as JSON, and the TensorRT backend picks one per call with
 
 - vision: one profile per (batch bucket x num_images bucket); tiles are fixed by the model
   (every image is padded to max tiles), so batch x images is all that varies.
-- prefill: one profile per prompt-length bucket; batch and num_images span their whole range.
+- prefill: one profile per prompt-length bucket; batch and num_images span their whole range,
+  num_logits (the positions whose logits are returned) runs from 1 to the bucket's top, as
+  far as TensorRT's tensor-volume cap allows the [batch, num_logits, vocab] logits.
 - decode: one profile per (batch bucket x past-length bucket); past_sequence is the cache
   capacity (prompt length + max_new_tokens), num_images spans its whole range.
 
 A bucket is a contiguous range [lo, hi]; consecutive buckets of one dim touch without gaps
-or overlaps (the next starts at hi + 1), and the last ends exactly at the build limit. Every
-profile tunes its kernels at the top of its buckets (opt = max for bucketed dims and for
-the dims spanning their whole range alike), so no call in a bucket is larger than the shape
-its kernels were chosen for. Dims that several inputs share (batch, sequence, num_images,
-past_sequence, and image_tokens = num_images x tiles x patches) take the same value in every
-input of a profile, because each input's shapes are read off one table of dim sizes.
+or overlaps (the next starts at hi + 1), and the last ends exactly at the build limit.
+TensorRT tunes each profile's kernels for its opt shape. A bucketed dim's opt is the top of
+its bucket (no call in the bucket is larger than the shape its kernels were chosen for); a
+dim that spans its whole range in a profile has no bucket to stand for, so its opt is the
+common call (`COMMON`): batch 1, one image, one logit position, a typical prompt. Dims that
+several inputs share (batch, sequence, num_images, past_sequence, and image_tokens =
+num_images x tiles x patches) take the same value in every input of a profile, because each
+input's shapes are read off one table of dim sizes.
+
+`tensor_volume_problems` checks every graph input and output, and every attention score
+tensor TensorRT materializes, at every profile's maximum against TensorRT's per-tensor cap
+of 2^31 - 1 elements (NVIDIA/TensorRT issues #1948, #3324: "tensor volume exceeds
+(2^31)-1"; #4123: lifted for some layers only since 10.x).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from mllama_export.errors import MllamaExportError
@@ -35,6 +44,13 @@ GRAPH_INPUTS: dict[str, tuple[TensorSpec, ...]] = {
     "prefill": contract.PREFILL_INPUTS,
     "decode": contract.DECODE_INPUTS,
 }
+GRAPH_OUTPUTS: dict[str, tuple[TensorSpec, ...]] = {
+    "vision": contract.VISION_OUTPUTS,
+    "prefill": contract.PREFILL_OUTPUTS,
+    "decode": contract.DECODE_OUTPUTS,
+}
+# TensorRT's limit on the elements of one tensor (kernels address tensors with 32-bit offsets)
+MAX_TENSOR_VOLUME = 2**31 - 1
 
 Range = tuple[int, int, int]  # (min, opt, max)
 Shape = tuple[int, ...]
@@ -65,6 +81,9 @@ class ProfileScheme:
     # buckets can grow faster and keep the profile count down on long contexts.
     past_first: int = 256
     past_growth: int = 4
+    # opt of a dim spanning its whole range: the common call (see COMMON)
+    typical_prompt: int = 128
+    typical_context: int = 1024  # prompt plus new tokens: decode's cache capacity
 
     def __post_init__(self):
         for name in ("batch", "images", "sequence", "past"):
@@ -74,8 +93,18 @@ class ProfileScheme:
                     f"profile scheme {name}: first edge {first} and growth {growth} "
                     "(need first >= 1 and growth >= 2)"
                 )
+        if self.typical_prompt < 1 or self.typical_context < 1:
+            raise MllamaExportError("profile scheme: typical prompt and context must be >= 1")
+
+    def common(self, dim: str) -> int:
+        """The opt of `dim` where a profile spans its whole range: the call most made."""
+        return COMMON.get(dim) or getattr(
+            self, {"sequence": "typical_prompt"}.get(dim, "typical_context")
+        )
 
 
+# batch 1, one image, the last position's logits: what a single user's request looks like
+COMMON = {"batch": 1, "num_images": 1, "num_logits": 1}
 DEFAULT_SCHEME = ProfileScheme()
 
 
@@ -205,47 +234,181 @@ def graph_profiles(
     scheme: ProfileScheme = DEFAULT_SCHEME,
 ) -> list[ShapeProfile]:
     """The profiles of one graph, smallest first, covering exactly what `limits` promise:
-    batch 1..max_batch, num_images 1..max_images, sequence and past_sequence 1..max_seq_len."""
+    batch 1..max_batch, num_images 1..max_images, sequence and past_sequence 1..max_seq_len
+    (num_logits 1..sequence, capped by TensorRT's tensor volume limit on the logits)."""
     if graph not in GRAPH_INPUTS:
         raise MllamaExportError(f"unknown graph {graph!r}; expected one of {list(GRAPH_INPUTS)}")
     for name in ("max_batch", "max_seq_len", "max_images"):
         if getattr(limits, name) < 1:
             raise MllamaExportError(f"cannot make profiles for {name} {getattr(limits, name)}")
-    s = scheme
-    whole_batch = [(1, limits.max_batch)]
-    whole_images = [(1, limits.max_images)]
-    batch = buckets(limits.max_batch, s.batch_first, s.batch_growth)
-    images = buckets(limits.max_images, s.images_first, s.images_growth)
-    grid: list[dict[str, tuple[int, int]]]
-    if graph == "vision":
-        grid = [{"batch": b, "num_images": n} for b in batch for n in images]
-    elif graph == "prefill":
-        seq = buckets(limits.max_seq_len, s.sequence_first, s.sequence_growth)
-        grid = [
-            {"batch": whole_batch[0], "num_images": whole_images[0], "sequence": q} for q in seq
-        ]
-    else:
-        past = buckets(limits.max_seq_len, s.past_first, s.past_growth)
-        grid = [
-            {"batch": b, "num_images": whole_images[0], "past_sequence": p}
-            for b in batch
-            for p in past
-        ]
     fixed = static_dims(config)
     per_image = config.vision.max_num_tiles * config.vision.num_patches
+    whole = _limits(limits)
     profiles = []
-    for index, cell in enumerate(grid):
-        ranges: dict[str, Range] = {d: (lo, hi, hi) for d, (lo, hi) in cell.items()}
+    for index, cell in enumerate(_grid(graph, limits, scheme)):
+        ranges: dict[str, Range] = {
+            d: _range(d, lo, hi, whole[d], scheme) for d, (lo, hi) in cell.items()
+        }
+        if graph == "prefill":
+            ranges["num_logits"] = _logits_range(ranges, fixed["vocab"])
         lo, opt, hi = ranges["num_images"]
         ranges["image_tokens"] = (lo * per_image, opt * per_image, hi * per_image)
         profiles.append(ShapeProfile.from_ranges(graph, index, ranges, GRAPH_INPUTS[graph], fixed))
     return profiles
 
 
+def _limits(limits: HasLimits) -> dict[str, int]:
+    seq = limits.max_seq_len
+    return {
+        "batch": limits.max_batch,
+        "num_images": limits.max_images,
+        "sequence": seq,
+        "past_sequence": seq,
+    }
+
+
+def _grid(graph: str, limits: HasLimits, s: ProfileScheme) -> list[dict[str, tuple[int, int]]]:
+    """One cell of bucket ranges per profile."""
+    whole_batch, whole_images = (1, limits.max_batch), (1, limits.max_images)
+    batch = buckets(limits.max_batch, s.batch_first, s.batch_growth)
+    images = buckets(limits.max_images, s.images_first, s.images_growth)
+    if graph == "vision":
+        return [{"batch": b, "num_images": n} for b in batch for n in images]
+    if graph == "prefill":
+        seq = buckets(limits.max_seq_len, s.sequence_first, s.sequence_growth)
+        return [{"batch": whole_batch, "num_images": whole_images, "sequence": q} for q in seq]
+    past = buckets(limits.max_seq_len, s.past_first, s.past_growth)
+    return [
+        {"batch": b, "num_images": whole_images, "past_sequence": p} for b in batch for p in past
+    ]
+
+
+def _range(dim: str, lo: int, hi: int, limit: int, scheme: ProfileScheme) -> Range:
+    """(min, opt, max): opt at the bucket's top, or at the common call when the profile spans
+    the dim's whole range (no bucket to stand for; TensorRT tunes for opt)."""
+    if (lo, hi) == (1, limit):
+        return (lo, min(max(scheme.common(dim), lo), hi), hi)
+    return (lo, hi, hi)
+
+
+def _logits_range(ranges: Mapping[str, Range], vocab: int) -> Range:
+    """num_logits 1..the bucket's top sequence length, tuned for 1 (serving), capped so that
+    the logits [batch, num_logits, vocab] stay within TensorRT's tensor volume limit."""
+    batch, seq = ranges["batch"][2], ranges["sequence"][2]
+    return (1, 1, max(1, min(seq, MAX_TENSOR_VOLUME // (batch * vocab))))
+
+
 def all_profiles(
     config: MllamaConfig, limits: HasLimits, scheme: ProfileScheme = DEFAULT_SCHEME
 ) -> dict[str, list[ShapeProfile]]:
     return {g: graph_profiles(g, config, limits, scheme) for g in GRAPH_INPUTS}
+
+
+# which build limit lowers which dim
+LIMIT_OF_DIM = {
+    "batch": "max_batch",
+    "num_images": "max_images",
+    "image_tokens": "max_images",
+    "sequence": "max_seq_len",
+    "num_logits": "max_seq_len",
+    "past_sequence": "max_seq_len",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Plain build limits (the runner's Limits and BuildOptions have the same three fields)."""
+
+    max_batch: int
+    max_seq_len: int
+    max_images: int
+
+
+@dataclass(frozen=True)
+class VolumeProblem:
+    """A tensor over TensorRT's element cap at one profile's maximum."""
+
+    graph: str
+    profile: int
+    tensor: str
+    shape: tuple[int, ...]
+    limits: tuple[str, ...]  # the build limits whose lowering shrinks it
+
+    @property
+    def volume(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def materialized_scores(
+    graph: str, sizes: Mapping[str, int], config: MllamaConfig
+) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Attention score tensors the engine holds whole: {name: (shape, dims it grows with)}.
+
+    Only the decode step's self-attention: its softmax spans the cached and the new token's
+    scores, which is not the pattern TensorRT fuses. Every other attention is written in the
+    documented fusable form (graphs/layers.py grouped_attention), whose scores are never
+    materialized when fused; exporter/plan.py reports what they would take if not."""
+    if graph != "decode":
+        return {}
+    t = config.text
+    shape = (
+        sizes["batch"],
+        t.num_kv_heads,
+        t.num_heads // t.num_kv_heads,
+        sizes["past_sequence"] + 1,
+    )
+    return {"self-attention scores": (shape, ("batch", "past_sequence"))}
+
+
+def tensor_shapes(
+    profile: ShapeProfile, config: MllamaConfig
+) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Every input and output of the profile's graph, and its materialized score tensors, at
+    the profile's maximum: {name: (shape, dynamic dims it uses)}."""
+    per_image = config.vision.max_num_tiles * config.vision.num_patches
+    sizes = {**static_dims(config), **{d: r[2] for d, r in profile.ranges.items()}}
+    sizes.setdefault("image_tokens", sizes["num_images"] * per_image)
+    specs = (*GRAPH_INPUTS[profile.graph], *GRAPH_OUTPUTS[profile.graph])
+    shapes = {
+        s.name: (s.shape(sizes), tuple(d for d in s.dims if d in contract.DYNAMIC_DIMS))
+        for s in specs
+    }
+    return {**shapes, **materialized_scores(profile.graph, sizes, config)}
+
+
+def tensor_volume_problems(
+    config: MllamaConfig, limits: HasLimits, scheme: ProfileScheme = DEFAULT_SCHEME
+) -> list[VolumeProblem]:
+    """Every tensor over MAX_TENSOR_VOLUME at some profile's maximum, the largest first."""
+    problems = []
+    for graph, profiles in all_profiles(config, limits, scheme).items():
+        for p in profiles:
+            for name, (shape, dims) in tensor_shapes(p, config).items():
+                problem = VolumeProblem(
+                    graph, p.index, name, shape, tuple(dict.fromkeys(LIMIT_OF_DIM[d] for d in dims))
+                )
+                if problem.volume > MAX_TENSOR_VOLUME:
+                    problems.append(problem)
+    return sorted(problems, key=lambda q: -q.volume)
+
+
+def largest_fitting(
+    config: MllamaConfig, limits: HasLimits, name: str, scheme: ProfileScheme = DEFAULT_SCHEME
+) -> int | None:
+    """The largest value of the limit `name` (the others kept) at which no tensor exceeds
+    the cap; None when even 1 does not fit."""
+    base = Limits(limits.max_batch, limits.max_seq_len, limits.max_images)
+    lo, hi = 0, getattr(base, name)  # invariant: lo fits (or is 0), hi + 1 does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tensor_volume_problems(config, replace(base, **{name: mid}), scheme):
+            hi = mid - 1
+        else:
+            lo = mid
+    return lo or None
 
 
 def coverage(profiles: Sequence[ShapeProfile]) -> dict[str, tuple[int, int]]:
@@ -328,7 +491,7 @@ def shape_problems(
             problems.append(
                 f"{d} differs between inputs (" + ", ".join(f"{x} in {n}" for n, x in values) + ")"
             )
-    return problems + _image_token_mismatch(profiles[0], seen)
+    return problems + _image_token_mismatch(profiles[0], seen) + _logits_past_the_prompt(seen)
 
 
 def _fixed_mismatches(profile: ShapeProfile, feed_shapes: Mapping[str, Sequence[int]]) -> list:
@@ -342,6 +505,16 @@ def _fixed_mismatches(profile: ShapeProfile, feed_shapes: Mapping[str, Sequence[
             if d not in profile.ranges and int(x) != lo[axis]:
                 out.append(f"{name} axis {axis} ({d}) is {x}; the model fixes it at {lo[axis]}")
     return out
+
+
+def _logits_past_the_prompt(seen: dict) -> list:
+    logits, prompt = seen.get("num_logits"), seen.get("sequence")
+    if logits and prompt and logits[0][1] > prompt[0][1] >= 1:
+        return [
+            f"num_logits {logits[0][1]} is more than sequence {prompt[0][1]} (logit_positions "
+            "are positions of the prompt)"
+        ]
+    return []
 
 
 def _image_token_mismatch(profile: ShapeProfile, seen: dict) -> list:

@@ -11,6 +11,7 @@ import numpy as np
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.contract import logit_positions
 
 from .backend import Backend
 from .preprocess import PreprocessedImages as Images
@@ -34,7 +35,7 @@ class Limits:
 @dataclass
 class Generation:
     token_ids: list[list[int]]  # generated tokens per prompt, up to and including a stop token
-    prefill_logits: np.ndarray | None = None  # [B, S, V] when asked for
+    prefill_logits: np.ndarray | None = None  # [B, S, V], every position, when asked for
     step_logits: list[np.ndarray] = field(default_factory=list)  # [B, V] per step when asked for
     timings: dict[str, float] = field(default_factory=dict)
     cache_bytes_per_step: int = 0  # bytes the runner copied into its buffers per decode step
@@ -135,11 +136,13 @@ class Runner:
         stop = set(self.config.text.eos_token_ids) if stop_tokens is None else set(stop_tokens)
         self._check_request(prompts, images, max_new_tokens)
         feed = self._prompt_feed(prompts, images)
+        if keep_logits:  # every position's logits, not only the last one's
+            feed["logit_positions"] = logit_positions(feed["input_ids"].shape[1], None)
         xk, xv = self._cross_kv(images, len(prompts), result.timings)
         start = time.perf_counter()
         out = self.prefill.infer({**feed, "cross_key": xk, "cross_value": xv})
         result.timings["prefill_s"] = time.perf_counter() - start
-        logits = self.store.host(out["logits"][:, -1])
+        logits = self.store.host(out["logits"][:, -1])  # position S - 1 either way
         if keep_logits:
             result.prefill_logits = self.store.host(out["logits"])
         capacity = feed["input_ids"].shape[1] + max_new_tokens
@@ -190,7 +193,8 @@ class Runner:
     def _prompt_feed(
         self, prompts: list[list[int]], images: Images | None
     ) -> dict[str, np.ndarray]:
-        """Left-pads the prompts and derives positions and the cross-attention mask."""
+        """Left-pads the prompts and derives positions, the cross-attention mask and the
+        logit positions (the last one: every row's last token is at S - 1)."""
         s = max(len(p) for p in prompts)
         ids = np.full((len(prompts), s), self.config.text.pad_token_id or 0, np.int64)
         mask = np.zeros_like(ids)
@@ -210,6 +214,7 @@ class Runner:
             "position_ids": positions,
             "attention_mask": mask,
             "cross_attention_mask": xmask,
+            "logit_positions": logit_positions(s),
         }
 
     def _check_request(self, prompts, images: Images | None, max_new_tokens: int) -> None:

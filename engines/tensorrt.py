@@ -9,9 +9,17 @@ Contract (the same `infer(feed) -> outputs` as every backend, engines/backend.py
   profile containing the call's shapes; a call outside every profile raises
   MllamaExportError naming the shapes and the ranges), switched only when it changes.
 - Everything (host-to-device copies, output allocation, the engine, device-to-host copies)
-  runs on one CUDA stream: the stream given at construction, else the caller's current
-  stream at each call. Outputs are fresh tensors from torch's caching allocator, so they
-  may be kept across calls.
+  runs on the backend's own CUDA stream (given at construction, else a new
+  torch.cuda.Stream), never the legacy default stream: TensorRT's header says "Using default
+  stream may lead to performance issues due to additional cudaDeviceSynchronize() calls"
+  (NvInferRuntime.h, enqueueV3). The stream waits for the caller's current stream before a
+  call, and the caller's stream waits for it before reading device outputs. Outputs are
+  fresh tensors from torch's caching allocator, so they may be kept across calls.
+- Execution contexts are created with ExecutionContextAllocationStrategy.USER_MANAGED and
+  run in a `DeviceScratch` buffer: the three backends of an artifact folder share one, sized
+  for the largest engine (ICudaEngine.device_memory_size_v2), since they run one after
+  another on one stream (IExecutionContext::setDeviceMemoryV2: the memory is in use from
+  enqueueV3 until the work completes; only parallel use is undefined).
 - Outputs are torch CUDA tensors when `device_outputs` is True, or when it is None (the
   default) and any input was a torch tensor; numpy arrays otherwise (after the stream
   finishes). With `device_outputs=True` the backend also has a `store` (engines/store.py),
@@ -19,9 +27,11 @@ Contract (the same `infer(feed) -> outputs` as every backend, engines/backend.py
   caches in and gets device K/V out, and only the logits of the last position cross to the
   host each step.
 
-Engines are deserialized from files whose sha256 the caller has already checked against the
-manifest (artifacts.load_runner does, before any backend is made). TensorRT is imported
-lazily; without it, constructing a backend raises MllamaExportError in one line.
+Engines are deserialized through a stream reader from files whose sha256 the caller has
+already checked against the manifest (artifacts.load_runner does, before any backend is
+made), never read whole into host memory: IStreamReaderV2 on TensorRT 10.7 and later (the
+only reader 11.x has), IStreamReader on 10.0 to 10.6 (`deserialize_engine`). TensorRT is
+imported lazily; without it, constructing a backend raises MllamaExportError in one line.
 """
 
 from __future__ import annotations
@@ -66,6 +76,94 @@ def import_tensorrt():
     return tensorrt
 
 
+# Each read hands TensorRT at most this much: the binding copies it onward and asks again
+# (PyStreamReaderV2::read loops until the request is met, pyCore.cpp at 10.7 through 11.1).
+READ_CHUNK = 64 << 20
+
+
+def deserialize_engine(trt, runtime, path: str | Path):
+    """An ICudaEngine from `path` through a stream reader, never the whole file in memory:
+    IStreamReaderV2 (TensorRT 10.7+, the only reader 11.x has: read(size, stream), seek),
+    else IStreamReader (10.0 to 10.6: read(size)). Refuses a file TensorRT cannot read."""
+    path = Path(path)
+    base = getattr(trt, "IStreamReaderV2", None) or getattr(trt, "IStreamReader", None)
+    if base is None:
+        raise MllamaExportError(
+            f"TensorRT {trt.__version__} has neither IStreamReaderV2 nor IStreamReader; "
+            "mllama-export needs TensorRT 10.0 or later"
+        )
+    try:
+        file = path.open("rb")
+    except OSError as err:
+        raise MllamaExportError(f"cannot read the engine {path}: {err}") from err
+    with file:
+        reader = _reader(trt, base, file)
+        engine = runtime.deserialize_cuda_engine(reader)
+    if engine is None:
+        raise MllamaExportError(
+            f"TensorRT {trt.__version__} cannot deserialize {path}: built by another "
+            "TensorRT version or for another GPU? Rebuild it (mllama-export engines DIR)"
+        )
+    return engine
+
+
+def _reader(trt, base, file):
+    """A reader over `file` deriving from TensorRT's own reader class (pybind11 trampolines
+    need the base __init__ called, as Polygraphy's FileReader does)."""
+    v2 = base is getattr(trt, "IStreamReaderV2", None)
+
+    class EngineReader(base):
+        def __init__(self):
+            base.__init__(self)
+
+        if v2:
+
+            def read(self, size: int, stream: int) -> bytes:
+                return file.read(min(size, READ_CHUNK))
+
+            def seek(self, offset: int, where) -> bool:
+                whence = {"SET": 0, "CUR": 1, "END": 2}[getattr(where, "name", str(where))]
+                file.seek(offset, whence)
+                return True
+
+        else:
+
+            def read(self, size: int) -> bytes:
+                return file.read(size)
+
+    return EngineReader()
+
+
+def _scratch_size(engine) -> int:
+    """The most device memory the engine's context needs over all profiles:
+    device_memory_size_v2 (10.1+, the only one 11.x has), else device_memory_size (10.0)."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    return int(size if size is not None else engine.device_memory_size)
+
+
+class DeviceScratch:
+    """One device buffer for the scratch memory of several execution contexts that run one
+    after another on one stream (USER_MANAGED allocation): the largest one's worth, not the
+    sum. A context binds the buffer before it runs; a larger reservation replaces the buffer
+    and bumps `generation`, so every context rebinds at its next run."""
+
+    def __init__(self, allocate):
+        self._allocate = allocate
+        self.size, self.buffer, self.generation = 0, None, 0
+
+    def reserve(self, size: int) -> None:
+        if size > self.size:
+            self.buffer = self._allocate(size)
+            self.size, self.generation = size, self.generation + 1
+
+    def bind(self, context) -> None:
+        pointer = self.buffer.data_ptr() if self.buffer is not None else 0
+        if hasattr(context, "set_device_memory"):  # setDeviceMemoryV2, TensorRT 10.1+
+            context.set_device_memory(pointer, self.size)
+        else:  # TensorRT 10.0: the write-only property (setDeviceMemory)
+            context.device_memory = pointer
+
+
 class TensorRTBackend:
     name = "tensorrt"
 
@@ -78,6 +176,7 @@ class TensorRTBackend:
         device: str = "cuda",
         device_outputs: bool | None = None,
         stream: Any = None,
+        scratch: DeviceScratch | None = None,
     ):
         trt = import_tensorrt()
         import torch
@@ -87,7 +186,7 @@ class TensorRTBackend:
         self.label = Path(engine_path).stem
         self.profiles = list(profiles)
         self.device = self._resolve_device(device)
-        self.device_outputs, self._stream = device_outputs, stream
+        self.device_outputs = device_outputs
         self.store = None
         if device_outputs:
             from .store import TorchStore
@@ -95,25 +194,22 @@ class TensorRTBackend:
             self.store = TorchStore(str(self.device))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        try:
-            data = Path(engine_path).read_bytes()
-        except OSError as err:
-            raise MllamaExportError(f"cannot read the engine {engine_path}: {err}") from err
         with self._device_scope():
-            self.engine = self._runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            raise MllamaExportError(
-                f"TensorRT {trt.__version__} cannot deserialize {engine_path}: built by another "
-                "TensorRT version or for another GPU? Rebuild it (engines/trtexec.sh)"
-            )
+            self._stream = stream if stream is not None else self._new_stream()
+            self._handle(self._stream)  # refuses the legacy default stream up front
+            self.engine = deserialize_engine(trt, self._runtime, engine_path)
         self._check_engine(engine_path)
+        self._scratch = scratch if scratch is not None else DeviceScratch(self._allocate)
+        self._scratch.reserve(_scratch_size(self.engine))
         with self._device_scope():
-            self.context = self.engine.create_execution_context()
+            strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+            self.context = self.engine.create_execution_context(strategy)
         if self.context is None:
             raise MllamaExportError(
                 f"TensorRT cannot create an execution context for {engine_path} "
                 "(out of device memory?)"
             )
+        self._bound: int | None = None  # the scratch generation the context points at
         names = [s.name for s in (*inputs, *outputs)]
         self._dtypes = {n: self._torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
         host = getattr(trt, "TensorLocation", None)
@@ -139,13 +235,33 @@ class TensorRTBackend:
     def _device_scope(self) -> AbstractContextManager:
         return self._torch.cuda.device(self.device)
 
-    def _streams(self) -> tuple[Any, Any]:
-        """(the caller's current stream, the stream this call runs on)."""
-        caller = self._torch.cuda.current_stream(self.device)
-        return caller, self._stream or caller
+    def _new_stream(self):
+        return self._torch.cuda.Stream(self.device)
+
+    def _caller_stream(self):
+        return self._torch.cuda.current_stream(self.device)
+
+    def _on_stream(self, stream) -> AbstractContextManager:
+        return self._torch.cuda.stream(stream)
+
+    def _keep_for(self, tensor, stream) -> None:
+        """The caching allocator must not reuse `tensor` before `stream`'s work on it ends."""
+        tensor.record_stream(stream)
+
+    def _allocate(self, size: int):
+        """Device bytes from torch's caching allocator (aligned to 512 bytes, beyond the
+        CUDA alignment setDeviceMemoryV2 asks for), on the backend's stream."""
+        with self._device_scope(), self._on_stream(self._stream):
+            return self._torch.empty(size, dtype=self._torch.uint8, device=self.device)
 
     def _handle(self, stream) -> int:
-        return stream.cuda_stream
+        handle = int(stream.cuda_stream)
+        if handle == 0:  # the legacy default stream: TensorRT synchronizes the device on it
+            raise MllamaExportError(
+                f"the {self.label} engine was given the default CUDA stream; pass a "
+                "torch.cuda.Stream() of its own (or none: the backend makes one)"
+            )
+        return handle
 
     # -- the contract --
 
@@ -165,28 +281,28 @@ class TensorRTBackend:
         if as_torch is None:
             as_torch = any(isinstance(v, torch.Tensor) for v in feed.values())
         with self._device_scope():
-            caller, stream = self._streams()
-            if stream is not caller:  # a dedicated stream: start after the caller's work
-                stream.wait_stream(caller)
-            with torch.cuda.stream(stream):
-                results = self._run(feed, index, stream, caller)
+            caller, stream = self._caller_stream(), self._stream
+            stream.wait_stream(caller)  # start after the caller's work on its inputs
+            with self._on_stream(stream):
+                results = self._run(feed, index, stream)
             if as_torch:
-                if stream is not caller:  # the caller's stream reads them next
-                    caller.wait_stream(stream)
-                    for tensor in results.values():
-                        tensor.record_stream(caller)
+                caller.wait_stream(stream)  # the caller's stream reads them next
+                for tensor in results.values():
+                    self._keep_for(tensor, caller)
                 return results
-            with torch.cuda.stream(stream):
+            with self._on_stream(stream):
                 return {name: _host(torch, t) for name, t in results.items()}
 
-    def _run(self, feed: dict, index: int, stream, caller) -> dict:
+    def _run(self, feed: dict, index: int, stream) -> dict:
         torch, handle = self._torch, self._handle(stream)
         bound = {s.name: self._put(s.name, feed[s.name]) for s in self.inputs}
-        if stream is not caller:
-            for s in self.inputs:  # the caller's own tensors, read on our stream
-                if isinstance(feed[s.name], torch.Tensor) and bound[s.name].is_cuda:
-                    bound[s.name].record_stream(stream)
+        for s in self.inputs:  # the caller's own tensors, read on our stream
+            if isinstance(feed[s.name], torch.Tensor) and bound[s.name].is_cuda:
+                self._keep_for(bound[s.name], stream)
         ctx = self.context
+        if self._bound != self._scratch.generation:
+            self._scratch.bind(ctx)
+            self._bound = self._scratch.generation
         if index != self._active:
             if not ctx.set_optimization_profile_async(index, handle):
                 raise MllamaExportError(
@@ -297,20 +413,22 @@ def tensorrt_backends(
         reason = entry.get("reason", "no engines in the manifest")
         raise MllamaExportError(f"{folder} has no TensorRT engines: {reason}")
     folder = Path(folder)
-    backends = []
+    backends: list[TensorRTBackend] = []
+    shared: dict[str, Any] = {}  # one stream and one scratch buffer for all of them
     for name, (inputs, outputs) in graph_specs.items():
         engine = entry.get("engines", {}).get(name)
         profiles = entry.get("profiles", {}).get(name)
         if engine is None or not profiles:
             raise MllamaExportError(f"{folder}: the manifest has no {name} engine or profiles")
-        backends.append(
-            TensorRTBackend(
-                folder / engine["file"],
-                inputs,
-                outputs,
-                [ShapeProfile.from_json(p) for p in profiles],
-                device,
-                device_outputs=device_outputs,
-            )
+        backend = TensorRTBackend(
+            folder / engine["file"],
+            inputs,
+            outputs,
+            [ShapeProfile.from_json(p) for p in profiles],
+            device,
+            device_outputs=device_outputs,
+            **shared,
         )
+        shared = {"stream": backend._stream, "scratch": backend._scratch}
+        backends.append(backend)
     return backends

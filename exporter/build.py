@@ -10,13 +10,24 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mllama_export.engines.profiles import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig, preset
 from mllama_export.graphs.contract import TensorSpec
 from mllama_export.graphs.synth import write_checkpoint
 from mllama_export.graphs.weights import Checkpoint, load_model
 
-from .engines import build_engines
+from .engines import (
+    ENGINE_DIR,
+    TRTEXEC_SCRIPT,
+    build_engines,
+    check_engines_before_work,
+    check_tensor_volumes,
+    limits_problem_hint,
+    pending_engines,
+    prepare_engines,
+    tensorrt_unavailable,
+)
 from .fp8 import (
     ORT_OPTIMIZATION,
     calibration_cases,
@@ -28,7 +39,7 @@ from .fp8 import (
     load_fp8_model,
     quantize_fp8,
 )
-from .manifest import INCOMPLETE_MARKER, versions, write_manifest
+from .manifest import INCOMPLETE_MARKER, read_manifest, verify_files, versions, write_manifest
 from .options import PRESET_NAMES, BuildOptions
 from .streaming import DATA_FILES, GRAPHS, StreamingExport, check_depth, refuse_fp8_calibration
 from .verify import BF16_UNCHECKED, verify_graph, verify_reduced
@@ -48,9 +59,11 @@ Progress = Callable[[str], None]
 def build(options: BuildOptions, progress: Progress = print) -> Path:
     """Writes the artifact folder; on any failure nothing complete-looking is left behind.
 
-    The folder is assembled under a hidden temporary name holding an incomplete marker and
-    renamed into place only when complete; a lock keeps two builds off the same folder; a
-    build killed outright leaves only its hidden folder, which the next build removes.
+    The ONNX stage assembles the folder under a hidden temporary name holding an incomplete
+    marker and renames it into place only when complete; a lock keeps two builds off the
+    same folder; a build killed outright leaves only its hidden folder, which the next build
+    removes. The engine stage then builds the TensorRT engines into the committed folder
+    (exporter/engines.py): a failed engine costs only itself, never the ONNX.
     """
     out = Path(options.out)
     _check_before_work(options, out)
@@ -68,7 +81,46 @@ def build(options: BuildOptions, progress: Progress = print) -> Path:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        manifest = read_manifest(out)
+        if manifest["tensorrt"].get("status") == "pending":
+            build_engines(out, pending_engines(manifest), progress)
     return out
+
+
+def rebuild_engines(
+    folder: Path, names=None, rebuild: bool = False, progress: Progress = print
+) -> dict:
+    """`mllama-export engines DIR`: builds the engines of an existing artifact folder (the
+    retry after a failed engine, or engines built on another machine than the ONNX), after
+    checking its files against the manifest; the ONNX stays as it is."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    # the ONNX stage's files must be what it wrote; the engine stage's own (engines, logs,
+    # timing cache: a stage killed midway may have left them newer than the manifest) are
+    # rebuilt or replaced
+    stage = {k for k in manifest["files"] if k.startswith(f"{ENGINE_DIR}/") and k != TRTEXEC_SCRIPT}
+    verify_files(
+        folder,
+        {**manifest, "files": {k: v for k, v in manifest["files"].items() if k not in stage}},
+    )
+    if not (manifest.get("tensorrt") or {}).get("profiles"):
+        raise MllamaExportError(
+            f"{folder}'s manifest has no optimization profiles (written by an older "
+            "mllama-export?); rebuild the artifacts with `mllama-export build`"
+        )
+    config = MllamaConfig.from_hf_dict(manifest["model"]["config"])
+    precisions = {g.get("precision", manifest["precision"]) for g in manifest["graphs"].values()}
+    reason = tensorrt_unavailable(needs_fp8="fp8" in precisions)
+    if reason is not None:
+        raise MllamaExportError(f"cannot build TensorRT engines here: {reason}")
+    limits = Limits(**manifest["limits"])
+    check_tensor_volumes(config, limits, rebuild_hint=limits_problem_hint(manifest))
+    with build_lock(folder):
+        todo = pending_engines(read_manifest(folder), names, rebuild)
+        if not todo:
+            progress("every engine is built by this TensorRT on this GPU (--rebuild rebuilds)")
+            return read_manifest(folder)["tensorrt"]
+        return build_engines(folder, todo, progress)
 
 
 def _check_before_work(options: BuildOptions, out: Path) -> None:
@@ -92,6 +144,7 @@ def _check_before_work(options: BuildOptions, out: Path) -> None:
         )
     config = preset(options.model) if is_preset else MllamaConfig.from_hf_config(model)
     options.check(config)
+    check_engines_before_work(options, config)
     if options.precision == "fp8":
         fp8_layers(config, options)  # an --fp8-exclude that matches nothing
         if options.calibration is not None and not is_preset:
@@ -167,7 +220,7 @@ def _build_into(options: BuildOptions, work: Path, progress: Progress) -> None:
             shutil.copy(checkpoint / side, work / side)
     if checkpoint.parent == work:
         shutil.rmtree(checkpoint)
-    tensorrt = build_engines(work, graphs, config, options, progress)
+    tensorrt = prepare_engines(work, graphs, config, options, progress)
     manifest = _manifest(options, config, options.xattn_mask, graphs, quantization, tensorrt)
     write_manifest(work, manifest)
 

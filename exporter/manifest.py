@@ -42,12 +42,16 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def file_hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): sha256(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name not in (MANIFEST, INCOMPLETE_MARKER)
-    }
+def file_hashes(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of every file; `known` hashes are taken as they are (files the caller knows
+    unchanged: the engine stage does not rehash 20 GB of ONNX weights per engine)."""
+    known = known or {}
+    hashes = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name not in (MANIFEST, INCOMPLETE_MARKER, MANIFEST + ".tmp"):
+            name = str(p.relative_to(folder))
+            hashes[name] = known.get(name) or sha256(p)
+    return hashes
 
 
 def fault_point(name: str) -> None:
@@ -57,8 +61,10 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def write_manifest(folder: Path, content: dict[str, Any]) -> None:
-    content = {"format": FORMAT, **content, "files": file_hashes(folder)}
+def write_manifest(
+    folder: Path, content: dict[str, Any], known: dict[str, str] | None = None
+) -> None:
+    content = {"format": FORMAT, **content, "files": file_hashes(folder, known)}
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(content, indent=2) + "\n")
     fault_point("manifest")

@@ -29,7 +29,7 @@ from .weightfile import (
 
 # Sizes of the example inputs traced at export: all >= 2 and distinct, so that no dynamic dim
 # is specialized to 0 or 1, or confused with another.
-EXAMPLE_SIZES = {"batch": 2, "num_images": 2, "sequence": 7, "past_sequence": 11}
+EXAMPLE_SIZES = {"batch": 2, "num_images": 2, "sequence": 7, "num_logits": 3, "past_sequence": 11}
 
 
 def dims_for(config: MllamaConfig, options: BuildOptions) -> dict[str, Dim]:
@@ -41,6 +41,7 @@ def dims_for(config: MllamaConfig, options: BuildOptions) -> dict[str, Dim]:
         "num_images": images,
         "image_tokens": images * (v.max_num_tiles * v.num_patches),
         "sequence": Dim("sequence", min=1, max=max(8, options.max_seq_len)),
+        "num_logits": Dim("num_logits", min=1, max=max(8, options.max_seq_len)),
         "past_sequence": Dim("past_sequence", min=1, max=max(12, options.max_seq_len)),
     }
 
@@ -51,12 +52,17 @@ def example_inputs(
     """Random inputs of the right shapes and dtypes; values only need to be valid."""
     sizes = {**static_dims(config), **(sizes or EXAMPLE_SIZES)}
     sizes["image_tokens"] = sizes["num_images"] * sizes["tiles"] * config.vision.num_patches
+    sizes.setdefault("num_logits", 1)  # what serving asks for
     gen = torch.Generator().manual_seed(seed)
     tensors = []
     for spec in specs:
         shape = spec.shape(sizes)
         if spec.dtype == "int64":
-            high = {"input_ids": config.text.vocab_size, "position_ids": 64}.get(spec.name, 2)
+            high = {
+                "input_ids": config.text.vocab_size,
+                "position_ids": 64,
+                "logit_positions": sizes["sequence"],  # positions into the sequence axis
+            }.get(spec.name, 2)
             high = (
                 config.vision.max_aspect_ratio_id + 1 if spec.name == "aspect_ratio_ids" else high
             )

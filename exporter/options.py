@@ -43,6 +43,9 @@ class BuildOptions:
     calibration: Path | None = None  # fp8 only: a prompts.jsonl folder; None: built-in set
     # fp8 only: one weight scale per tensor (TensorRT fuses it into an FP8 GEMM) or per channel
     fp8_weights: str = "per-tensor"
+    # TensorRT engines after the ONNX: where TensorRT and a GPU exist (auto), never (skip),
+    # or refuse before any work where they cannot be built (require); exporter/engines.py
+    engines: str = "auto"
 
     @property
     def dtype(self) -> torch.dtype:

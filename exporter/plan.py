@@ -8,7 +8,9 @@ Definitions (the tests pin them to hand calculations):
 * Engine ownership of weights. The vision engine holds the vision tower, the projector and every
   cross-attention layer's k_proj, v_proj and k_norm (it computes the cross K/V). Prefill and decode
   hold the rest of the text decoder: embedding (vocab + 8 rows), self layers, cross layers without
-  k/v/k_norm, final norm and lm_head. Prefill and decode share these weights; totals count them once.
+  k/v/k_norm, final norm and lm_head. They are two TensorRT engines, and each holds its own copy
+  of these weights (an engine owns its weights; the project uses no weight streaming, stripped
+  plans or refit), so the totals count them twice.
 * Precision. bf16 and fp16 store every parameter in 2 bytes. fp8 stores the text decoder's linear
   layers (q/k/v/o of self and cross attention, including the cross k/v projections that run in the
   vision engine, and gate/up/down of the MLPs) in 1 byte; embedding, lm_head, norms, gates, the
@@ -16,17 +18,25 @@ Definitions (the tests pin them to hand calculations):
   per-tensor FP8 scales are a few bytes per layer and are ignored.
 * Caches at the profile maxima. Self: L_self x 2 x B x H_kv x max_seq_len x Dh x 2 bytes.
   Cross: L_x x 2 x B x H_kv x (max_images x max_num_tiles x num_patches) x Dh x 2 bytes.
-* Activations: one layer's live set, assuming the builder fuses attention (the S x S scores are
-  not materialized; `attention_scores_bytes` says what they would add if not) and that each engine
-  keeps its own scratch memory (TensorRT's default), so the three are summed:
+* Scratch (execution-context activations): one layer's live set per engine, plus the attention
+  score tensors where attention is not fused: the decode step's self-attention scores
+  (B x H x (max_seq_len + 1) float32, engines/profiles.py materialized_scores); the vision,
+  prefill and cross-attention graphs are written in TensorRT's fusable attention form, whose
+  S x S scores are not materialized (`attention_scores_bytes` says what they would add if not).
+  The three contexts share one user-managed scratch buffer (engines/tensorrt.py DeviceScratch;
+  they run one after another), so the total counts the largest engine's, not their sum:
     text, per token: 2*D + (H + 2*H_kv)*Dh + H*Dh + 2*I  values (residual, normed input, q/k/v,
       attention output, MLP gate and up), x 2 bytes, over B*max_seq_len tokens (prefill) or B
-      (decode); plus the float32 logits B*S*V*4 (prefill returns every position) or B*V*4 (decode).
+      (decode).
     vision, per token: 6*Dv + Iv + taps*Dv + output_dim + D values (residual, normed, q/k/v/o, MLP
       hidden, the tapped states kept to the end, the features and their projection) x 2 bytes, over
       B*max_images*max_num_tiles*padded_patches tokens.
+* Outputs that are not caches: the float32 logits, B x V x 4 for prefill (serving asks for the
+  last position only) and for decode, and prefill's present K/V (the self cache at max_seq_len),
+  which the runner copies into its cache buffers while both exist.
 * Roofline, a lower bound: time = max(FLOPs / peak, bytes / bandwidth), FLOPs = 2 x matmul params
-  x tokens + attention (4 x Dh per query-key pair and head; causal prefill counts S(S+1)/2 pairs).
+  x tokens + attention (4 x Dh per query-key pair and head; causal prefill counts S(S+1)/2 pairs);
+  prefill's lm_head runs on the last position of each sequence only (serving's logit_positions).
   With fp8 the text decoder's linear FLOPs run at the FP8 peak, everything else at the bf16 peak.
 * Bytes read per decode step: every weight the decoder reads (all of prefill/decode's weights
   except the embedding table, of which a step reads one row; lm_head included) + the cross K/V
@@ -156,11 +166,11 @@ def count_params(config: MllamaConfig) -> ParamCounts:
 class EnginePlan:
     name: str
     params: int
-    weight_bytes: int
-    shares_weights_with: str | None  # decode shares prefill's weights
+    weight_bytes: int  # the engine's own copy
     cache_bytes: int  # the caches it reads or writes at the profile maxima (shared, not owned)
-    activation_bytes: int
-    attention_scores_bytes: int  # what unfused attention scores would add (not in the total)
+    activation_bytes: int  # its scratch: live set, unfused attention scores included
+    output_bytes: int  # its outputs other than the caches (logits, present or new K/V)
+    attention_scores_bytes: int  # what its fused attention's scores would add if unfused
     flops: float  # at the roofline point
     bytes_moved: float
     seconds: float  # roofline lower bound
@@ -206,8 +216,9 @@ class Plan:
     decode: EnginePlan
     self_cache_bytes: int
     cross_cache_bytes: int
-    weight_bytes: int  # shared prefill/decode weights counted once
-    activation_bytes: int
+    weight_bytes: int  # every engine's, prefill's and decode's text weights each
+    scratch_bytes: int  # the shared execution-context scratch: the largest engine's
+    output_bytes: int  # non-cache outputs alive at once: prefill's logits and present K/V
     total_bytes: int
     fits: bool
     decode_roofline: DecodeRoofline
@@ -302,7 +313,7 @@ def plan(
     taps = len(v.intermediate_layers)
     per_token = 6 * v.hidden_size + v.intermediate_size + taps * v.hidden_size + v.output_dim + d
     vision_act = n_img * seq_max * per_token * ACT_BYTES
-    vision_scores = n_img * v.num_heads * seq_max * seq_max * 4
+    vision_scores = n_img * v.num_heads * seq_max * seq_max * 4  # fused: not held
     layers = v.num_layers + v.num_global_layers
     vision_flops16 = (
         2 * p.vision_tower_matmul * vision_tokens
@@ -318,19 +329,23 @@ def plan(
 
     # Prefill at `prompt_len`; its memory at max_seq_len.
     text_per_token = 2 * d + (h + 2 * h_kv) * dh + h * dh + 2 * t.intermediate_size
-    prefill_act = b * s_max * (text_per_token * ACT_BYTES + t.vocab_size * LOGIT_BYTES)
-    prefill_scores = b * h * s_max * s_max * 4
+    prefill_act = b * s_max * text_per_token * ACT_BYTES
+    # logits at the last position only (graphs/model.py logit_positions); present K/V
+    prefill_out = b * t.vocab_size * LOGIT_BYTES + n_self * b * s_max * kv_row
+    prefill_scores = b * h * s_max * s_max * 4  # fused: not held
     attn_prefill = b * h * dh * (n_self * 2 * s * (s + 1) + n_cross * 4 * s * image_tokens)
     prefill_flops8 = 2 * p.decoder_linear * b * s
-    prefill_flops16 = 2 * p.lm_head * b * s + attn_prefill
+    prefill_flops16 = 2 * p.lm_head * b + attn_prefill  # the lm_head on the last position only
     if lin == 2:
         prefill_flops16, prefill_flops8 = prefill_flops16 + prefill_flops8, 0
     prefill_moved = read_w + b * s * d * 2 + cross_cache_used + n_self * b * s * kv_row
     prefill_s, prefill_bound = _roofline(prefill_flops16, prefill_flops8, prefill_moved, g)
 
     # Decode: memory at max_seq_len; roofline at the full context (the ceiling).
-    decode_act = b * (text_per_token * ACT_BYTES + t.vocab_size * LOGIT_BYTES)
-    decode_scores = b * h * (s_max + 1 + image_tokens_max) * 4
+    # the step's self-attention scores are materialized (not the fusable pattern)
+    decode_act = b * text_per_token * ACT_BYTES + b * h * (s_max + 1) * 4  # one layer's
+    decode_out = b * t.vocab_size * LOGIT_BYTES + n_self * b * kv_row  # logits, new K/V
+    decode_scores = b * h * image_tokens_max * 4  # the cross-attention's, fused
     roof = DecodeRoofline(read_w, cross_cache_used, n_self * b * kv_row, b, g.bandwidth)
     decode_flops8 = 2 * p.decoder_linear * b
     decode_flops16 = 2 * p.lm_head * b + b * h * dh * 4 * (
@@ -343,22 +358,23 @@ def plan(
 
     image_desc = f"{b} x {images} image(s) x {n_tiles} tile(s)"
     vision = EnginePlan(
-        "vision", p.vision_engine, vision_w, None, cross_cache, vision_act, vision_scores,
+        "vision", p.vision_engine, vision_w, cross_cache, vision_act, 0, vision_scores,
         vision_flops16 + vision_flops8, vision_moved, vision_s, vision_bound, image_desc,
     )  # fmt: skip
     prefill = EnginePlan(
-        "prefill", p.text_engine, text_w, None, self_cache + cross_cache, prefill_act,
+        "prefill", p.text_engine, text_w, self_cache + cross_cache, prefill_act, prefill_out,
         prefill_scores, prefill_flops16 + prefill_flops8, prefill_moved, prefill_s, prefill_bound,
         f"{b} x {s} prompt tokens",
     )  # fmt: skip
     decode = EnginePlan(
-        "decode", p.text_engine, text_w, "prefill", self_cache + cross_cache, decode_act,
+        "decode", p.text_engine, text_w, self_cache + cross_cache, decode_act, decode_out,
         decode_scores, decode_flops16 + decode_flops8, decode_moved, decode_s, decode_bound,
         f"one step of {b} token(s), {s_max} cached",
     )  # fmt: skip
-    weights = vision_w + text_w
-    activations = vision_act + prefill_act + decode_act
-    total = weights + self_cache + cross_cache + activations
+    weights = vision_w + 2 * text_w  # prefill and decode: two engines, two copies
+    scratch = max(vision_act, prefill_act, decode_act)  # one shared buffer
+    outputs = max(prefill_out, decode_out)  # prefill's are freed before decode runs
+    total = weights + self_cache + cross_cache + scratch + outputs
     return Plan(
         precision=precision,
         gpu=g,
@@ -375,7 +391,8 @@ def plan(
         self_cache_bytes=self_cache,
         cross_cache_bytes=cross_cache,
         weight_bytes=weights,
-        activation_bytes=activations,
+        scratch_bytes=scratch,
+        output_bytes=outputs,
         total_bytes=total,
         fits=total <= g.memory_bytes,
         decode_roofline=roof,
@@ -404,25 +421,27 @@ def format_plan(p: Plan) -> str:
         f"profile maxima: batch {p.max_batch}, seq {p.max_seq_len}, images {p.max_images} "
         f"x {p.max_tiles} tiles; roofline at prompt {p.prompt_len}, {p.tiles} tile(s) per image",
         "",
-        f"{'engine':<10}{'params':>10}{'weights':>10}{'caches':>10}{'activ.':>10}"
+        f"{'engine':<10}{'params':>10}{'weights':>10}{'caches':>10}{'scratch':>10}{'outputs':>10}"
         f"{'roofline':>12}  {'bound':<8}workload",
-        f"{'':<10}{'(M)':>10}{'(GB)':>10}{'(GB)':>10}{'(GB)':>10}{'(lower)':>12}",
+        f"{'':<10}{'(M)':>10}{'(GB)':>10}{'(GB)':>10}{'(GB)':>10}{'(GB)':>10}{'(lower)':>12}",
     ]
     for e in p.engines:
-        weights = f"({_gb(e.weight_bytes)})" if e.shares_weights_with else _gb(e.weight_bytes)
         lines.append(
-            f"{e.name:<10}{e.params / 1e6:>10.1f}{weights:>10}{_gb(e.cache_bytes):>10}"
-            f"{_gb(e.activation_bytes):>10}{_time(e.seconds):>12}  {e.bound:<8}{e.roofline_at}"
+            f"{e.name:<10}{e.params / 1e6:>10.1f}{_gb(e.weight_bytes):>10}{_gb(e.cache_bytes):>10}"
+            f"{_gb(e.activation_bytes):>10}{_gb(e.output_bytes):>10}{_time(e.seconds):>12}  "
+            f"{e.bound:<8}{e.roofline_at}"
         )
     caches = p.self_cache_bytes + p.cross_cache_bytes
     lines += [
-        "-" * 72,
-        f"{'total':<10}{p.params.total / 1e6:>10.1f}{_gb(p.weight_bytes):>10}{_gb(caches):>10}"
-        f"{_gb(p.activation_bytes):>10}",
+        "-" * 82,
+        f"{'total':<10}{'':>10}{_gb(p.weight_bytes):>10}{_gb(caches):>10}"
+        f"{_gb(p.scratch_bytes):>10}{_gb(p.output_bytes):>10}",
         "",
-        "decode's weights are prefill's, counted once: (parenthesized) figures are not added",
+        "weights: each engine holds its own (prefill and decode the text weights twice)",
         f"caches: self {_gb(p.self_cache_bytes)} GB + cross {_gb(p.cross_cache_bytes)} GB, "
         "each counted once",
+        "scratch: one buffer shared by the three execution contexts, the largest engine's; "
+        "outputs: prefill's last-position logits and present K/V",
         f"memory: {_gb(p.total_bytes)} GB of {g.memory_bytes / GB:.0f} GB -> "
         + (
             f"fits, {_gb(p.free_bytes)} GB free"
@@ -434,7 +453,8 @@ def format_plan(p: Plan) -> str:
         f"-> {_time(p.decode_ceiling_seconds)} with {p.max_seq_len} cached",
         f"decode throughput at most: {p.max_batch / p.decode_floor_seconds:,.0f} tokens/s at an "
         f"empty context, {p.max_batch / p.decode_ceiling_seconds:,.0f} tokens/s when full",
-        "activations assume fused attention; unfused scores would add "
+        "scratch assumes fused attention in vision, prefill and cross-attention; unfused scores "
+        "would add "
         + ", ".join(f"{e.name} {_gb(e.attention_scores_bytes)}" for e in p.engines)
         + " GB",
     ]

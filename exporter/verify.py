@@ -17,8 +17,8 @@ from .options import BuildOptions
 
 # Shapes unlike the traced ones, so that a dim frozen by mistake shows up here.
 CHECK_SIZES = (
-    {"batch": 1, "num_images": 1, "sequence": 5, "past_sequence": 9},
-    {"batch": 3, "num_images": 2, "sequence": 4, "past_sequence": 6},
+    {"batch": 1, "num_images": 1, "sequence": 5, "num_logits": 1, "past_sequence": 9},
+    {"batch": 3, "num_images": 2, "sequence": 4, "num_logits": 4, "past_sequence": 6},
 )
 # The same arithmetic in two runtimes: float32 differs in rounding only; 16-bit rounds each op.
 # fp8 graphs are checked by exporter/fp8_check.py instead, with every FP8 GEMM output shared.

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from mllama_export.errors import MllamaExportError
+
 from .config import MllamaConfig
 
 # Dims that the runner chooses per call. Everything else is fixed by the model.
-DYNAMIC_DIMS = ("batch", "num_images", "image_tokens", "sequence", "past_sequence")
+DYNAMIC_DIMS = ("batch", "num_images", "image_tokens", "sequence", "num_logits", "past_sequence")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,18 @@ def static_dims(config: MllamaConfig) -> dict[str, int]:
         "vocab": t.vocab_size,
         "one": 1,
     }
+
+
+def logit_positions(length: int, last: int | None = 1) -> np.ndarray:
+    """The `logit_positions` input asking for the last `last` of `length` positions (every
+    position when `last` is None), in order. Left padding ends every row at length - 1, so
+    one vector serves the whole batch: [length - 1] when serving, arange(length) to judge."""
+    count = length if last is None else last
+    if not 1 <= count <= length:
+        raise MllamaExportError(
+            f"cannot ask for the logits of the last {count} of {length} positions"
+        )
+    return np.arange(length - count, length, dtype=np.int64)
 
 
 def _s(name: str, dtype: str, dims: str, doc: str) -> TensorSpec:
@@ -84,9 +100,22 @@ PREFILL_INPUTS = (
     ),
     VISION_OUTPUTS[0],
     VISION_OUTPUTS[1],
+    _s(
+        "logit_positions",
+        "int64",
+        "num_logits",
+        "0-based positions into sequence whose logits are returned, the same for every row "
+        "(left padding puts each row's last token at sequence - 1): [sequence - 1] to serve, "
+        "0 .. sequence - 1 to judge every position",
+    ),
 )
 PREFILL_OUTPUTS = (
-    _s("logits", "float32", "batch sequence vocab", "next-token logits at every position"),
+    _s(
+        "logits",
+        "float32",
+        "batch num_logits vocab",
+        "next-token logits at logit_positions; the lm_head runs on those rows only",
+    ),
     _s("present_key", "model", SELF_KV.format("sequence"), "self-attention keys of the prompt"),
     _s("present_value", "model", SELF_KV.format("sequence"), "self-attention values of the prompt"),
 )
@@ -132,8 +161,10 @@ def contract_markdown() -> str:
         "",
         "Named dims: `batch`, `num_images` (images per prompt, padded to the most any prompt",
         "has; text-only batches pass one all-zero slot), `image_tokens` = num_images x tiles x",
-        "patches, `sequence` (prompt tokens, left-padded), `past_sequence` (cache slots; may be",
-        "a preallocated buffer longer than what is filled). The others are fixed by the model:",
+        "patches, `sequence` (prompt tokens, left-padded), `num_logits` (positions whose",
+        "logits prefill returns: 1 when serving, `sequence` when the gate judges them all),",
+        "`past_sequence` (cache slots; may be a preallocated buffer longer than what is",
+        "filled). The others are fixed by the model:",
         "`tiles` (max tiles per image), `xattn_layers`, `self_layers`, `kv_heads`, `head_dim`,",
         "`vocab`. dtype `model` is the precision the graphs were built in.",
     ]

@@ -75,21 +75,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def select_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The rows of x at `positions`, the same ones for every sequence of the batch: a Gather
+    on the sequence axis, so what follows (norm, lm_head) runs on those rows only."""
+    # x: [B, S, D]; positions: [P] int64 -> [B, P, D]
+    return x.index_select(1, positions)
+
+
+# What a masked score becomes: finite in float16, bfloat16 and float32 alike, so whichever type
+# a builder computes the scores in, a fully masked row (a left-padded prompt position) keeps a
+# finite maximum and averages instead of turning into NaN (exp(-inf - -inf)); and far enough
+# below any real score (|q.k| / sqrt(d) is a few hundred at most) that exp() of it is 0.
+MASKED_SCORE = float(torch.finfo(torch.float16).min)
+
+
 def grouped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
 ) -> torch.Tensor:
     """Softmax attention with grouped KV heads, without repeating K/V per query head.
 
-    allowed is a boolean mask broadcastable to [B, 1, S, T]; masked scores take the dtype's
-    minimum rather than -inf, so a row with nothing allowed averages instead of producing NaN.
+    Written in the form TensorRT documents for fusing attention built from primitive layers
+    (docs/tensorrt.md, "Fused Attention"): q scaled before the first matmul, then
+    matmul -> mask -> softmax -> matmul on 4-D tensors, the query heads of one KV head folded
+    into its rows. The scores are float32 (softmax needs it); masked ones take MASKED_SCORE.
+    allowed is a boolean mask broadcastable to [B, 1, S, T].
     """
-    # q: [B, H, S, D]; k, v: [B, H_kv, T, D]; allowed: [B, 1 | H, S, T]
+    # q: [B, H, S, D]; k, v: [B, H_kv, T, D]; allowed: [B, 1, S, T]
     b, h, s, d = q.shape
     h_kv = k.shape[1]
-    qg = q.reshape(b, h_kv, (h // h_kv) * s, d)
-    scores = (qg @ k.transpose(-1, -2)).view(b, h_kv, h // h_kv, s, -1) / math.sqrt(d)
-    scores = scores.float().masked_fill(~allowed[:, :, None], torch.finfo(torch.float32).min)
-    probs = scores.softmax(dim=-1).to(v.dtype).view(b, h_kv, (h // h_kv) * s, -1)
+    qg = (q * (1.0 / math.sqrt(d))).reshape(b, h_kv, (h // h_kv) * s, d)
+    rows = allowed.repeat(1, 1, h // h_kv, 1)  # [B, 1, G*S, T]: query row g*S + i is row i
+    scores = (qg @ k.transpose(-1, -2)).float().masked_fill(~rows, MASKED_SCORE)
+    probs = scores.softmax(dim=-1).to(v.dtype)
     return (probs @ v).view(b, h, s, d)
 
 
@@ -103,17 +120,17 @@ def grouped_attention_step(
 ) -> torch.Tensor:
     """One new token attending to the cache plus itself, without concatenating the cache.
 
-    Only the scores are joined ([B, H, 1, T + 1]); the past K/V are read in place.
+    Only the scores are joined ([B, H, 1, T + 1]); the past K/V are read in place. This is
+    not the fusable pattern (the softmax spans two matmuls), so its scores are materialized:
+    small, one query row per head.
     """
     # q: [B, H, 1, D]; past_k, past_v: [B, H_kv, T, D]; past_allowed: [B, T]; k, v: [B, H_kv, 1, D]
     b, h, _, d = q.shape
     h_kv = past_k.shape[1]
-    qg = q.reshape(b, h_kv, h // h_kv, d)
-    past_scores = (qg @ past_k.transpose(-1, -2)).float() / math.sqrt(d)
-    past_scores = past_scores.masked_fill(
-        ~past_allowed[:, None, None], torch.finfo(torch.float32).min
-    )
-    new_score = (qg * k).sum(-1, keepdim=True).float() / math.sqrt(d)
+    qg = (q * (1.0 / math.sqrt(d))).reshape(b, h_kv, h // h_kv, d)
+    past_scores = (qg @ past_k.transpose(-1, -2)).float()
+    past_scores = past_scores.masked_fill(~past_allowed[:, None, None], MASKED_SCORE)
+    new_score = (qg * k).sum(-1, keepdim=True).float()
     probs = torch.cat((past_scores, new_score), dim=-1).softmax(dim=-1).to(v.dtype)
     past_probs, new_prob = probs[..., :-1], probs[..., -1:]
     out = past_probs @ past_v + new_prob * v

@@ -9,6 +9,7 @@ from mllama_export.errors import MllamaExportError
 
 from . import contract
 from .config import MllamaConfig
+from .layers import select_positions
 from .text import MASK_SEMANTICS, TextDecoder, cross_attention_masks
 from .vision import VisionEncoder
 
@@ -62,7 +63,12 @@ def _layer_plan(text: TextDecoder) -> list[tuple[nn.Module, bool, int]]:
 
 
 class PrefillGraph(nn.Module):
-    """The prompt in; logits at every position and the prompt's self-attention KV cache out."""
+    """The prompt in; logits at the asked positions and the prompt's self-attention KV cache out.
+
+    Serving asks for the last position only, so the lm_head (the largest GEMM of a prefill:
+    128256 rows) runs on one row per sequence and the output is [B, 1, V] instead of
+    [B, S, V] (16.8 GB in float32 at batch 4, 8192 tokens); the gate asks for every position.
+    """
 
     INPUTS = contract.PREFILL_INPUTS
     OUTPUTS = contract.PREFILL_OUTPUTS
@@ -73,11 +79,18 @@ class PrefillGraph(nn.Module):
         self.plan = _layer_plan(model.text)
 
     def forward(
-        self, input_ids, position_ids, attention_mask, cross_attention_mask, cross_key, cross_value
+        self,
+        input_ids,
+        position_ids,
+        attention_mask,
+        cross_attention_mask,
+        cross_key,
+        cross_value,
+        logit_positions,
     ):
         # input_ids, position_ids, attention_mask: [B, S]; cross_attention_mask: [B, S, I, T]
-        # cross_key, cross_value: [L_x, B, H_kv, N, Dh]
-        # -> logits: [B, S, V]; present_key, present_value: [L_s, B, H_kv, S, Dh]
+        # cross_key, cross_value: [L_x, B, H_kv, N, Dh]; logit_positions: [P]
+        # -> logits: [B, P, V]; present_key, present_value: [L_s, B, H_kv, S, Dh]
         s = input_ids.shape[1]
         positions = torch.arange(s, device=input_ids.device)
         causal = positions[:, None] >= positions[None, :]
@@ -93,7 +106,8 @@ class PrefillGraph(nn.Module):
                 x, k, v = layer.prefill(x, cos, sin, allowed)
                 keys.append(k)
                 values.append(v)
-        return self.text.logits(x), torch.stack(keys), torch.stack(values)
+        logits = self.text.logits(select_positions(x, logit_positions))
+        return logits, torch.stack(keys), torch.stack(values)
 
 
 class DecodeGraph(nn.Module):

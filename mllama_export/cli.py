@@ -39,9 +39,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from .commands import build, inspect, plan, run, sensitivity, synth, validate
+    from .commands import build, engines, inspect, plan, run, sensitivity, synth, validate
 
-    for module in (synth, build, run, inspect, plan, validate, sensitivity):
+    for module in (synth, build, engines, run, inspect, plan, validate, sensitivity):
         main.add_command(module.command)
 
 

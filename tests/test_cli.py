@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from mllama_export.cli import main
 from mllama_export.graphs.weights import load_model
 
-COMMANDS = ["synth", "build", "run", "inspect", "plan"]
+COMMANDS = ["synth", "build", "engines", "run", "inspect", "plan"]
 
 
 def invoke(*args):

@@ -9,7 +9,6 @@ import torch
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.plan import (
-    GPUS,
     count_params,
     format_plan,
     plan,
@@ -94,7 +93,7 @@ def test_11b_by_hand():
     assert p16.cross_cache_bytes == cross_cache
     assert p16.decode_ceiling_bytes == bf16 + step_row * 8193
     assert p16.fits and p8.fits
-    assert p8.total_bytes < p16.total_bytes < 30e9
+    assert p8.total_bytes < p16.total_bytes < 45e9
 
 
 def test_90b_by_hand():
@@ -118,25 +117,58 @@ def test_90b_by_hand():
     assert p16.decode_floor_bytes == bf16 + step_row
     assert p8.decode_floor_bytes == fp8 + step_row
     assert p16.decode_floor_seconds == pytest.approx(bf16 / H100_BW, rel=1e-3)
-    # Whole model: ~177 GB in bf16, ~92 GB with FP8 linears; neither fits one H100.
+    # Whole model: ~177 GB in bf16, ~92 GB with FP8 linears; neither fits one H100 once,
+    # and prefill and decode hold a copy of the text weights each.
     total_params = meta_counts("90b")["total"]
-    assert p16.weight_bytes == 2 * total_params == pytest.approx(177e9, rel=0.01)
-    assert p8.weight_bytes == pytest.approx(91.6e9, rel=0.01)
+    assert p16.vision.weight_bytes + p16.prefill.weight_bytes == 2 * total_params
+    assert 2 * total_params == pytest.approx(177e9, rel=0.01)
+    assert p8.vision.weight_bytes + p8.prefill.weight_bytes == pytest.approx(91.6e9, rel=0.01)
+    assert p8.weight_bytes == pytest.approx(181.1e9, rel=0.01)
     assert not p16.fits and not p8.fits
-    assert p8.weight_bytes > GPUS["h100"].memory_bytes
-    # 90B in FP8 does fit one H200 (141 GB) at this profile.
-    assert plan(preset("90b"), "fp8", 1, 8192, 1, gpu="h200").fits
+    # Two copies of 90B's FP8 text weights (2 x 89.7 GB) are over one H200's 141 GB too.
+    assert not plan(preset("90b"), "fp8", 1, 8192, 1, gpu="h200").fits
 
 
-def test_shared_weights_are_counted_once():
+def test_each_engine_holds_its_weights_and_the_contexts_share_one_scratch():
+    """Prefill and decode are two TensorRT engines: each holds the text weights. The three
+    execution contexts run one after another in one user-managed buffer: the largest one."""
     p = plan(preset("11b"), "bf16", 1, 4096, 1)
-    assert p.decode.shares_weights_with == "prefill"
-    assert p.decode.weight_bytes == p.prefill.weight_bytes
-    assert p.weight_bytes == p.vision.weight_bytes + p.prefill.weight_bytes
-    assert p.weight_bytes == 2 * meta_counts("11b")["total"]
+    c = count_params(preset("11b"))
+    assert p.decode.weight_bytes == p.prefill.weight_bytes == 2 * c.text_engine
+    assert p.weight_bytes == p.vision.weight_bytes + 2 * p.prefill.weight_bytes
+    assert p.weight_bytes == 2 * (meta_counts("11b")["total"] + c.text_engine)
+    assert p.scratch_bytes == max(e.activation_bytes for e in p.engines)
+    assert p.output_bytes == p.prefill.output_bytes
     assert p.total_bytes == (
-        p.weight_bytes + p.self_cache_bytes + p.cross_cache_bytes + p.activation_bytes
+        p.weight_bytes + p.self_cache_bytes + p.cross_cache_bytes + p.scratch_bytes + p.output_bytes
     )
+
+
+def test_11b_batch_4_at_8k_holds_the_last_positions_logits_only():
+    """The documented 11B setting: before, prefill returned [4, 8192, 128256] float32 logits
+    (16.8 GB) for a serving path that reads one row; now [4, 1, 128256] (2 MB)."""
+    p = plan(preset("11b"), "bf16", 4, 8192, 2)
+    vocab, b, s = 128256, 4, 8192
+    n_self, kv_row = 32, 2 * 8 * 128 * 2
+    present = n_self * b * s * kv_row  # prefill's present K/V, copied into the cache
+    assert p.prefill.output_bytes == b * vocab * 4 + present
+    per_token = 2 * 4096 + (32 + 16) * 128 + 32 * 128 + 2 * 14336
+    assert p.prefill.activation_bytes == b * s * per_token * 2  # no logits in it
+    old_logits = b * s * vocab * 4
+    assert old_logits == pytest.approx(16.8e9, rel=0.01)
+    # what the engines really held before: both text copies, three scratches summed and
+    # every position's logits
+    before = (
+        p.weight_bytes
+        + p.self_cache_bytes
+        + p.cross_cache_bytes
+        + sum(e.activation_bytes for e in p.engines)
+        + old_logits
+        + b * vocab * 4
+    )
+    assert before == pytest.approx(69.8e9, rel=0.01)
+    assert p.total_bytes == pytest.approx(54.2e9, rel=0.01)
+    assert before - p.total_bytes > old_logits - present
 
 
 def test_fp8_keeps_vision_embeddings_lm_head_and_norms_in_16_bit():
@@ -146,7 +178,7 @@ def test_fp8_keeps_vision_embeddings_lm_head_and_norms_in_16_bit():
     assert p.prefill.weight_bytes == (
         2 * (c.embedding + c.lm_head + c.decoder_other) + c.decoder_linear
     )
-    assert plan(preset("11b"), "fp16", 1, 1024, 1).weight_bytes == 2 * c.total
+    assert plan(preset("11b"), "fp16", 1, 1024, 1).weight_bytes == 2 * (c.total + c.text_engine)
 
 
 def test_caches_and_time_scale_with_the_profile():

@@ -9,13 +9,17 @@ import pytest
 
 from mllama_export.engines.profiles import (
     GRAPH_INPUTS,
+    MAX_TENSOR_VOLUME,
     ProfileScheme,
     ShapeProfile,
     all_profiles,
     buckets,
     coverage,
     graph_profiles,
+    largest_fitting,
     select_profile,
+    tensor_shapes,
+    tensor_volume_problems,
 )
 from mllama_export.engines.runner import Limits
 from mllama_export.errors import MllamaExportError
@@ -50,7 +54,8 @@ def limit_of(limits: Limits, dim: str) -> int:
 
 
 def shapes_at(graph: str, point: dict[str, int]) -> dict[str, tuple[int, ...]]:
-    sizes = {**static_dims(TINY), **point, "image_tokens": point["num_images"] * PER_IMAGE}
+    sizes = {"num_logits": 1, **static_dims(TINY), **point}
+    sizes["image_tokens"] = point["num_images"] * PER_IMAGE
     return {s.name: s.shape(sizes) for s in GRAPH_INPUTS[graph]}
 
 
@@ -99,10 +104,12 @@ def test_profiles_cover_exactly_the_promised_ranges(graph, limits):
         ranges = sorted({(p.ranges[dim][0], p.ranges[dim][2]) for p in profiles})
         assert ranges[0][0] == 1 and ranges[-1][1] == limit_of(limits, dim)
         assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(ranges)), ranges
-    # dims not bucketed span their whole range in every profile
+    # dims not bucketed span their whole range in every profile; num_logits 1..the prompt
     for p in profiles:
-        for dim in set(p.ranges) - set(BUCKETED[graph]) - {"image_tokens"}:
+        for dim in set(p.ranges) - set(BUCKETED[graph]) - {"image_tokens", "num_logits"}:
             assert (p.ranges[dim][0], p.ranges[dim][2]) == (1, limit_of(limits, dim))
+        if graph == "prefill":
+            assert p.ranges["num_logits"] == (1, 1, p.ranges["sequence"][2])
     # every point of the promised box belongs to exactly one profile
     axes = {d: range(1, limit_of(limits, d) + 1) for d in BUCKETED[graph]}
     for values in itertools.product(*axes.values()):
@@ -115,9 +122,12 @@ def test_profiles_cover_exactly_the_promised_ranges(graph, limits):
 def test_min_opt_max_and_shared_dims_agree_across_inputs(graph, limits):
     fixed = static_dims(TINY)
     for p in graph_profiles(graph, TINY, limits):
-        for lo, opt, hi in p.ranges.values():
+        for dim, (lo, opt, hi) in p.ranges.items():
             assert 1 <= lo <= opt <= hi
-            assert opt == hi  # tuned at the top of the bucket
+            if dim in BUCKETED[graph] and (lo, hi) != (1, limit_of(limits, dim)):
+                assert opt == hi, dim  # tuned at the top of the bucket
+            elif dim in ("batch", "num_images", "num_logits"):
+                assert opt == 1, dim  # the common call: one user, one image, one position
         for k in range(3):  # min, opt, max
             seen: dict[str, set[int]] = {}
             for name, dims in p.inputs.items():
@@ -143,7 +153,8 @@ def test_the_scheme_for_the_default_build_options():
     assert len(got["prefill"]) == 4  # prompt 1-64 | 65-128 | 129-256 | 257-512
     assert len(got["decode"]) == 3 * 2  # batch x past 1-256 | 257-512
     assert got["prefill"][3] == (
-        f"batch 1..4, num_images 1..2, image_tokens {PER_IMAGE}..{2 * PER_IMAGE}, sequence 257..512"
+        f"batch 1..4, num_images 1..2, image_tokens {PER_IMAGE}..{2 * PER_IMAGE}, "
+        "sequence 257..512, num_logits 1..512"
     )
     # 11B at 8k context stays at a handful of profiles per graph
     big = all_profiles(preset("11b"), Limits(4, 8192, 2))
@@ -234,6 +245,7 @@ def test_the_smallest_containing_profile_wins_where_profiles_overlap():
             "num_images": (1, 1, 1),
             "image_tokens": (PER_IMAGE,) * 3,
             "sequence": (lo, hi, hi),
+            "num_logits": (1, 1, hi),
         }
         return ShapeProfile.from_ranges("prefill", index, ranges, specs, fixed)
 
@@ -256,7 +268,10 @@ def test_json_round_trip_and_trtexec_shapes():
     shapes = p.trtexec_shapes()
     assert shapes["min"].startswith("input_ids:3x1,position_ids:3x1,attention_mask:3x257,")
     assert "past_key:4x4x2x512x16" in shapes["max"]
-    assert f"cross_key:2x4x2x{2 * PER_IMAGE}x16" in shapes["opt"]
+    # opt: the top of the batch bucket, one image (num_images spans its whole range)
+    assert shapes["opt"].startswith("input_ids:4x1,")
+    assert f"cross_key:2x4x2x{PER_IMAGE}x16" in shapes["opt"]
+    assert f"cross_key:2x4x2x{2 * PER_IMAGE}x16" in shapes["max"]
     with pytest.raises(MllamaExportError, match="malformed optimization profile"):
         ShapeProfile.from_json({"graph": "decode"})
 
@@ -275,7 +290,7 @@ def test_bad_schemes_and_graphs_are_refused():
 def test_a_coarser_scheme_changes_only_the_edges():
     scheme = ProfileScheme(batch_growth=4, sequence_first=128, past_first=128, past_growth=2)
     profiles = all_profiles(TINY, Limits(8, 512, 2), scheme)
-    assert [p.describe().split(", ")[-1] for p in profiles["prefill"]] == [
+    assert [p.describe().split(", ")[-2] for p in profiles["prefill"]] == [
         "sequence 1..128",
         "sequence 129..256",
         "sequence 257..512",
@@ -285,3 +300,66 @@ def test_a_coarser_scheme_changes_only_the_edges():
         (2, 4),
         (5, 8),
     ]
+
+
+def test_opt_is_the_common_call_where_a_dim_spans_its_whole_range():
+    """TensorRT tunes each profile's kernels for opt: a bucket's top where the dim is
+    bucketed, the call most made (batch 1, one image, one logit position, a typical prompt)
+    where the profile spans the dim's whole range."""
+    prefill = graph_profiles("prefill", TINY, Limits(4, 512, 2))
+    for p in prefill:
+        assert p.ranges["batch"] == (1, 1, 4) and p.ranges["num_images"] == (1, 1, 2)
+        assert p.ranges["image_tokens"] == (PER_IMAGE, PER_IMAGE, 2 * PER_IMAGE)
+        assert p.ranges["num_logits"][:2] == (1, 1)
+        assert p.ranges["sequence"][1] == p.ranges["sequence"][2]
+        assert p.shapes["logit_positions"][1] == (1,)
+    short = graph_profiles("prefill", TINY, Limits(1, 40, 1))  # one bucket: 1..40 whole
+    assert short[0].ranges["sequence"] == (1, 40, 40)  # min(typical 128, 40)
+    typical = graph_profiles("prefill", TINY, Limits(1, 300, 1), ProfileScheme(sequence_first=512))
+    assert typical[0].ranges["sequence"] == (1, 128, 300)
+    decode = graph_profiles("decode", TINY, Limits(2, 200, 2))
+    assert [p.ranges["batch"] for p in decode] == [(1, 1, 1), (2, 2, 2)]
+    assert all(p.ranges["num_images"] == (1, 1, 2) for p in decode)
+    assert all(p.ranges["past_sequence"] == (1, 200, 200) for p in decode)
+    with pytest.raises(MllamaExportError, match="typical"):
+        ProfileScheme(typical_prompt=0)
+
+
+def test_logits_positions_stay_under_the_tensor_cap():
+    """11B at batch 4 and 8192 tokens: [4, 8192, 128256] logits would be 1.96 x 2^31
+    elements; the prefill profiles cap num_logits where [4, n, 128256] still fits."""
+    config = preset("11b")
+    prefill = graph_profiles("prefill", config, Limits(4, 8192, 2))
+    cap = MAX_TENSOR_VOLUME // (4 * config.text.vocab_size)
+    assert cap == 4185
+    assert prefill[-1].ranges["num_logits"] == (1, 1, cap)
+    assert prefill[-1].ranges["sequence"] == (4097, 8192, 8192)
+    assert prefill[5].ranges["num_logits"] == (1, 1, 2048)  # 1025..2048 fits whole
+    shapes = tensor_shapes(prefill[-1], config)
+    assert shapes["logits"] == ((4, cap, 128256), ("batch", "num_logits"))
+    assert tensor_volume_problems(config, Limits(4, 8192, 2)) == []
+
+
+def test_tensors_over_the_cap_are_found_with_the_limits_that_lower_them():
+    config = preset("11b")
+    problems = tensor_volume_problems(config, Limits(16, 8192, 2))
+    worst = problems[0]
+    assert (worst.graph, worst.tensor, worst.shape) == (
+        "prefill",
+        "present_key",
+        (32, 16, 8, 8192, 128),
+    )
+    assert worst.volume == 2 * 2**31 and worst.limits == ("max_batch", "max_seq_len")
+    assert ("decode", "past_key") in {(q.graph, q.tensor) for q in problems}
+    # the largest value of each limit that fits, the others kept
+    assert largest_fitting(config, Limits(16, 8192, 2), "max_batch") == 7
+    assert largest_fitting(config, Limits(16, 8192, 2), "max_seq_len") == 4095
+    # cross K/V grows with images: [8, 64, 8, 12808, 128] is over whatever the length
+    assert largest_fitting(config, Limits(64, 8192, 2), "max_seq_len") is None
+    # the decode step's self-attention scores are materialized: counted, tiny
+    decode = graph_profiles("decode", config, Limits(4, 8192, 2))
+    scores = tensor_shapes(decode[-1], config)["self-attention scores"]
+    assert scores == ((4, 8, 4, 8193), ("batch", "past_sequence"))
+    assert "self-attention scores" not in tensor_shapes(
+        graph_profiles("vision", config, Limits(4, 8192, 2))[-1], config
+    )

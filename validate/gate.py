@@ -107,7 +107,10 @@ def trace_runner(
     decode = _Tap(runner.decode, forced)
     run.vision, run.prefill, run.decode = vision, prefill, decode
     try:
-        gen = run.generate_ids(case.prompts, case.images, steps + 1, stop_tokens=set())
+        # keep_logits: prefill returns every position's logits, so that all are judged
+        gen = run.generate_ids(
+            case.prompts, case.images, steps + 1, stop_tokens=set(), keep_logits=True
+        )
     except MllamaExportError as err:
         raise MllamaExportError(f"case {case.name!r}: {err}") from err
     logits, mask = prefill.results[0]["logits"], prefill.masks[0]

@@ -84,9 +84,19 @@ import click
     help="The check of each graph against PyTorch: on the whole model, or on a copy of its "
     "first layers (full size on a small machine). auto: full when it fits in memory.",
 )
+@click.option(
+    "--engines",
+    type=click.Choice(["auto", "skip", "require"]),
+    default="auto",
+    show_default=True,
+    help="TensorRT engines, built after the ONNX artifacts are complete. auto: where "
+    "TensorRT and a CUDA GPU exist, else say why not; skip: none (build them later with "
+    "`mllama-export engines DIR`); require: exit 2 before any work where they cannot be built.",
+)
 def command(**options):
     """Export the vision, prefill and decode graphs to ONNX, check them against PyTorch, and
-    write them with a manifest. TensorRT engines follow where TensorRT and a GPU exist."""
+    write them with a manifest; then build the TensorRT engines into the same folder (a
+    failed engine keeps the ONNX: retry with `mllama-export engines DIR`)."""
     from mllama_export.exporter.build import build
     from mllama_export.exporter.manifest import read_manifest, summarize_check
     from mllama_export.exporter.options import BuildOptions
@@ -102,5 +112,5 @@ def command(**options):
     if tensorrt.get("built"):
         click.echo(f"TensorRT engines built in {out / 'engines'}")
     else:
-        click.echo(f"TensorRT engines not built: {tensorrt['reason']}")
+        click.echo(f"TensorRT engines not built: {tensorrt.get('reason', 'not recorded')}")
     click.echo(f"wrote {out}")

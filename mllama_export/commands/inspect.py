@@ -41,7 +41,9 @@ def _show(m: dict) -> None:
         ("precision", f"{m['precision']} (I/O {m['io_dtype']})"),
         *([("fp8", _fp8_line(m["quantization"]))] if m.get("quantization") else []),
         ("limits", ", ".join(f"{k} {v}" for k, v in m["limits"].items())),
-        ("tensorrt", "built" if trt.get("built") else trt.get("reason", "not built")),
+        ("tensorrt", _tensorrt_line(trt)),
+        *[(f"  {name}", _engine_line(e)) for name, e in (trt.get("engines") or {}).items()],
+        *([("fp8 layers", _fp8_layers_line(trt))] if _fp8_layers_line(trt) else []),
         (
             "built",
             f"{m.get('built_at', '?')} with "
@@ -61,6 +63,35 @@ def _show(m: dict) -> None:
                 dims = ", ".join(spec["dims"])
                 click.echo(f"  {kind[:-1]:6s} {spec['name']:22s} {spec['dtype']:8s} [{dims}]")
     click.echo(f"\nfiles: {len(m['files'])}, each checked against its sha256 before loading")
+
+
+def _tensorrt_line(trt: dict) -> str:
+    if trt.get("built"):
+        return f"built by TensorRT {trt.get('version')} on {trt.get('device')}"
+    return f"{trt.get('status', 'not built')}: {trt.get('reason', 'not recorded')}"
+
+
+def _engine_line(engine: dict) -> str:
+    status = engine.get("status", "?")
+    if status == "built":
+        return f"built, {engine.get('precision')} graph, strongly typed, {engine.get('bytes', 0):,} bytes"
+    if status == "failed":
+        return f"FAILED: {engine.get('error')} (log {engine.get('log')})"
+    return status
+
+
+def _fp8_layers_line(trt: dict) -> str:
+    """What TensorRT's engine inspector said of the FP8 engines' GEMMs, at build time."""
+    parts = []
+    for name, engine in (trt.get("engines") or {}).items():
+        check = engine.get("fp8_layers")
+        if check:
+            parts.append(
+                f"{name} {check['fp8_gemm_layers']} of {check['gemm_layers']} GEMM layers run "
+                f"in FP8 ({check['quantized_layers']} layers quantized)"
+                + ("" if check.get("ok") else ", NONE in FP8: the Q/DQ were not fused")
+            )
+    return "; ".join(parts)
 
 
 def _fp8_line(q: dict) -> str:

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("engines")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("graphs", nargs=-1, type=click.Choice(["vision", "prefill", "decode"]))
+@click.option(
+    "--rebuild",
+    is_flag=True,
+    help="Rebuild the named engines (default: all) even where this TensorRT on this GPU "
+    "already built them.",
+)
+def command(folder: Path, graphs: tuple[str, ...], rebuild: bool) -> None:
+    """Build the TensorRT engines of an artifact folder written by `mllama-export build`:
+    the retry after a failed engine, or engines for ONNX built on another machine. The ONNX
+    files are checked against the manifest first and left as they are. GRAPHS (vision,
+    prefill, decode) limits the build to those; by default every engine not yet built by
+    this TensorRT on this GPU is built."""
+    from mllama_export.exporter.build import rebuild_engines
+
+    entry = rebuild_engines(
+        folder, list(graphs) or None, rebuild, progress=lambda msg: click.echo(f"  {msg}", err=True)
+    )
+    for name, engine in entry.get("engines", {}).items():
+        status = engine.get("status", "?")
+        detail = f"{engine['file']}, {engine['bytes']:,} bytes" if status == "built" else ""
+        click.echo(f"{name:8s} {status}" + (f"  ({detail})" if detail else ""))
+    click.echo(f"TensorRT {entry.get('version')} on {entry.get('device')}: engines in {folder}")
