@@ -1,4 +1,4 @@
-"""Peak memory of `mllama-export build` at the 11B geometry as the depth grows.
+"""Peak memory of `mllama-export build` at the 11B geometry as the depth grows, bf16 or fp8.
 
 Writes synthetic checkpoints of the 11B preset (full width, real head counts and vocabulary,
 bfloat16) at several text depths, with proportionally fewer vision layers, and runs the real
@@ -13,8 +13,15 @@ the measured peak.
 With --baseline-layers, the same checkpoints are also exported the usual way in a child
 process: the whole model loaded, then torch.onnx.export with its own optimizer and save.
 
-    python benchmarks/export_memory.py [--layers 2 4 8] [--precision bf16|fp16|fp32]
-        [--check-depth auto|full|reduced] [--baseline-layers 2] [--workdir DIR]
+``--precision fp8`` builds FP8 artifacts: calibration layer by layer (every case of the
+built-in set at once, each layer read from the checkpoint and dropped), the streamed export,
+and the FP8 check where the memory estimate puts it. With ``--calibration-only``, each child
+runs only the FP8 calibration (exporter/calibrate.py calibrate_streamed), whose memory is the
+streamed part's alone.
+
+    python benchmarks/export_memory.py [--layers 2 4 8] [--precision bf16|fp16|fp32|fp8]
+        [--check-depth auto|full|reduced] [--calibration-only] [--baseline-layers 2]
+        [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -110,6 +117,41 @@ for name, cls in GRAPHS.items():
 """
 
 
+CALIBRATE = """
+import sys
+from mllama_export.engines.runner import Limits
+from mllama_export.exporter.calibrate import CALIBRATION_STEPS, calibrate_streamed
+from mllama_export.exporter.fp8 import calibration_cases, fp8_layers
+from mllama_export.exporter.options import BuildOptions
+from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.weights import Checkpoint
+ckpt = sys.argv[1]
+config = MllamaConfig.from_hf_config(ckpt)
+options = BuildOptions(model=ckpt, out="unused", precision="fp8")
+cases = calibration_cases(config, options, ckpt)
+limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
+calibrate_streamed(Checkpoint(ckpt, config), "meta", fp8_layers(config, options), cases,
+    limits, CALIBRATION_STEPS)
+"""
+
+
+def measure_calibration(layers: int, workdir: Path) -> dict:
+    """Peak RSS of the FP8 calibration alone, in a child process."""
+    config = geometry(layers)
+    ckpt = workdir / f"ckpt-{layers}"
+    synth(config, ckpt)
+    rss, seconds = run_measured([sys.executable, "-c", CALIBRATE, str(ckpt)])
+    shutil.rmtree(ckpt)
+    return {
+        "text_layers": layers,
+        "vision_layers": f"{config.vision.num_layers}+{config.vision.num_global_layers}",
+        **weight_bytes(config),
+        "peak_rss": rss,
+        "seconds": seconds,
+        "precision": "fp8 calibration",
+    }
+
+
 def measure(layers: int, workdir: Path, baseline: bool, precision: str, depth: str) -> dict:
     config = geometry(layers)
     ckpt, out = workdir / f"ckpt-{layers}", workdir / f"out-{layers}"
@@ -129,6 +171,7 @@ def measure(layers: int, workdir: Path, baseline: bool, precision: str, depth: s
         "check": "none" if not check.get("ran") else check.get("depth", "full"),
         "estimate": check.get("memory_estimate_bytes"),
         "cases": {g: len(e["check"].get("cases", [])) for g, e in manifest["graphs"].items()},
+        "precision": precision,
     }
     shutil.rmtree(out)
     if baseline:
@@ -150,13 +193,15 @@ def report(rows: list[dict], precision: str) -> None:
     )
     first = rows[0]["peak_rss"]
     for r in rows:
+        bf16 = r.get("precision", "bf16") == "bf16"
         bound = r["layer"] + 2 * GB
+        limit = f"{bound / GB:8.2f}  {'yes' if r['peak_rss'] < bound else 'NO':3s}"
         base = f"{r['baseline_rss'] / GB:8.2f}" if "baseline_rss" in r else "       -"
         print(
             f"{r['text_layers']:11d}  {r['vision_layers']:>6s}  {r['total'] / GB:10.2f}  "
             f"{r['layer'] / GB:10.3f}  {r['largest'] / GB:10.3f}  {r['peak_rss'] / GB:11.2f}  "
-            f"{r['peak_rss'] / first:7.2f}x  {bound / GB:8.2f}  "
-            f"{'yes' if r['peak_rss'] < bound else 'NO':3s}  {r['seconds']:7.0f}  {base}"
+            f"{r['peak_rss'] / first:7.2f}x  {limit if bf16 else '       -  -  '}  "
+            f"{r['seconds']:7.0f}  {base}"
         )
     spread = max(r["peak_rss"] for r in rows) / min(r["peak_rss"] for r in rows) - 1
     print(f"peak RSS spread across depths: {spread:.1%} (limit 10%)")
@@ -191,21 +236,25 @@ def machine_memory() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--calibration-only", action="store_true", help="fp8: calibrate only")
     parser.add_argument("--baseline-layers", type=int, nargs="*", default=[])
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32", "fp8"], default="bf16")
     parser.add_argument("--check-depth", choices=["auto", "full", "reduced"], default="auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="export-memory-"))
     try:
-        rows = [
-            measure(n, workdir, n in args.baseline_layers, args.precision, args.check_depth)
-            for n in args.layers
-        ]
+        if args.calibration_only:
+            rows = [measure_calibration(n, workdir) for n in args.layers]
+        else:
+            rows = [
+                measure(n, workdir, n in args.baseline_layers, args.precision, args.check_depth)
+                for n in args.layers
+            ]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    report(rows, args.precision)
+    report(rows, "bf16" if args.calibration_only else args.precision)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

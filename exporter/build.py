@@ -7,8 +7,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from mllama_export.engines.profiles import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
@@ -18,7 +16,7 @@ from mllama_export.graphs.resolve import ResolvedModel, resolve_model
 from mllama_export.graphs.synth import write_checkpoint
 from mllama_export.graphs.weights import Checkpoint, load_model
 
-from .checkplan import CheckPlan, plan_check, write_reduced_checkpoint
+from .checkplan import CheckPlan, plan_check, refuse_fp8_calibration, write_reduced_checkpoint
 from .engines import (
     ENGINE_DIR,
     TRTEXEC_SCRIPT,
@@ -34,12 +32,14 @@ from .fp8 import (
     ORT_OPTIMIZATION,
     calibration_cases,
     check_fp8_graph,
+    check_fp8_graphs,
     fp8_layers,
-    onnx_weight_names,
+    fp8_weight_names,
+    input_amax,
+    load_fp8_model,
     quantize_fp8,
 )
 from .manifest import INCOMPLETE_MARKER, read_manifest, verify_files, versions, write_manifest
-from .onnx_export import example_inputs
 from .options import BuildOptions
 from .outdir import (
     INCOMPLETE_TEXT,
@@ -150,6 +150,7 @@ def _check_before_work(options: BuildOptions, out: Path) -> tuple[ResolvedModel,
         fp8_layers(config, options)  # an --fp8-exclude that matches nothing
         if options.calibration is not None and source.path is not None:
             calibration_cases(config, options, source.path)  # a malformed calibration folder
+    refuse_fp8_calibration(options, config)
     return source, plan_check(options, config)
 
 
@@ -183,13 +184,20 @@ def _build_into(options: BuildOptions, work: Path, source: ResolvedModel, plan: 
     checkpoint = _checkpoint_folder(source, options, work)
     config = MllamaConfig.from_hf_config(checkpoint)
     weights = Checkpoint(checkpoint, config)  # strict: every tensor, shape and dtype
-    reference, quantization = _fp8_reference(options, checkpoint, config)
-    amax = {n: layer["input_amax"] for n, layer in (quantization or {}).get("layers", {}).items()}
+    # FP8 calibrates first, layer by layer (the model is never whole in memory)
+    quantization = None
+    if options.precision == "fp8":
+        quantization = quantize_fp8(weights, options, checkpoint)
+    amax = input_amax(quantization)
     (work / "onnx").mkdir()
-    written = StreamingExport(weights, options, amax).export_all(work / "onnx")
+    exporter = StreamingExport(weights, options, amax)
+    written = exporter.export_all(work / "onnx")
     graphs = {name: _graph_entry(name, written[name]) for name in GRAPHS}
-    checks = _check(plan, options, weights, work, graphs, reference)
+    if quantization is not None:
+        _record_fp8_layout(exporter, work / "onnx", options, graphs)
+    checks = _check(plan, options, weights, work, amax)
     for name, check in checks.items():
+        check.pop("quantized_layers", None)
         graphs[name]["check"] = check
     for side in SIDE_FILES:
         if (checkpoint / side).is_file():
@@ -201,45 +209,43 @@ def _build_into(options: BuildOptions, work: Path, source: ResolvedModel, plan: 
     write_manifest(work, manifest)
 
 
-def _fp8_reference(options, checkpoint, config) -> tuple[Reference | None, dict | None]:
-    """FP8: the model calibrated in float32 and quantized (float16 outside the FP8 layers),
-    which the export takes its scales from and the check runs; (None, None) otherwise."""
-    if options.precision != "fp8":
-        return None, None
-    with step("loading the model in float32 for FP8 calibration"):
-        model = load_model(checkpoint, options.xattn_mask, torch.float32)
-    quantization = quantize_fp8(model, config, options, checkpoint)
-    return Reference(model=model), quantization
+def _record_fp8_layout(exporter: StreamingExport, folder: Path, options, graphs) -> None:
+    """The structure of each full-size FP8 graph (exporter/fp8_graph.py), checked on the
+    meta model the export traced: which layers each graph quantizes, and its precision."""
+    expected = fp8_weight_names(exporter.model, exporter.checkpoint.config, options.dtype)
+    for name in GRAPHS:
+        path = folder / f"{name}.onnx"
+        layout = check_fp8_graph(path, expected[name], scheme=options.fp8_weights)
+        graphs[name]["quantized_layers"] = layout["quantized_layers"]
+        # Q/DQ inside: a strongly typed engine; without: an ordinary float16 one
+        graphs[name]["precision"] = "fp8" if layout["quantized_layers"] else "fp16"
 
 
-def _check(plan, options, weights, work, graphs, reference) -> dict[str, dict]:
+def _check(plan: CheckPlan, options, weights: Checkpoint, work: Path, amax) -> dict[str, dict]:
     """The check against PyTorch that ``plan`` chose: on the whole model or on a reduced copy
-    of it, exported into a scratch folder that is removed after."""
+    of it, exported into a scratch folder that is removed after. FP8 (``amax``: the
+    calibrated input scales) runs the FP8 check, every FP8 GEMM output shared
+    (exporter/fp8_check.py), on the model quantized as the artifacts hold it."""
     if plan.depth == "none":
         return {name: dict(BF16_UNCHECKED) for name in GRAPHS}
     info(plan.summary())
     if plan.depth == "full":
-        folder, onnx_dir = weights.folder, work / "onnx"
+        checked, onnx_dir = weights, work / "onnx"
     else:
         scratch = work / ".reduced-check"
         with step("writing the reduced copy of the checkpoint"):
             folder = write_reduced_checkpoint(weights, plan.copy, scratch / "checkpoint")
-        onnx_dir = scratch / "onnx"
+        checked, onnx_dir = Checkpoint(folder, plan.config), scratch / "onnx"
+        amax = plan.copy.kept_amax(amax) if amax else amax
         onnx_dir.mkdir()
-        StreamingExport(Checkpoint(folder, plan.config), options).export_all(onnx_dir)
+        StreamingExport(checked, options, amax).export_all(onnx_dir)
     try:
-        if reference is None:
-            dtype = options.dtype
-
-            def load():
-                what = "the model" if plan.depth == "full" else "the reduced copy"
-                with step(f"loading {what} in {str(dtype).removeprefix('torch.')} for the check"):
-                    return load_model(folder, options.xattn_mask, dtype)
-
-            reference = Reference(load)
+        if options.precision == "fp8":
+            checks = _check_fp8(plan, options, checked, onnx_dir, amax)
         else:
-            _record_fp8_layouts(reference.model, plan.config, options, onnx_dir, graphs)
-        checks = check_graphs(reference, onnx_dir, plan.config, options, plan.cases)
+            checks = check_graphs(
+                _reference(plan, options, checked), onnx_dir, plan.config, options, plan.cases
+            )
     finally:
         if plan.depth != "full":
             shutil.rmtree(work / ".reduced-check", ignore_errors=True)
@@ -249,15 +255,24 @@ def _check(plan, options, weights, work, graphs, reference) -> dict[str, dict]:
     return checks
 
 
-def _record_fp8_layouts(model, config, options, onnx_dir: Path, graphs: dict) -> None:
-    for name, graph_cls in GRAPHS.items():
-        args = example_inputs(graph_cls.INPUTS, config, options.dtype)
-        names = onnx_weight_names(graph_cls(model), model, args)
-        modules = {n: model.get_submodule(n) for n in names.values()}
-        layout = check_fp8_graph(onnx_dir / f"{name}.onnx", names, modules)
-        graphs[name]["quantized_layers"] = layout["quantized_layers"]
-        # Q/DQ inside: a strongly typed engine; without: an ordinary float16 one
-        graphs[name]["precision"] = "fp8" if layout["quantized_layers"] else "fp16"
+def _reference(plan: CheckPlan, options, checked: Checkpoint) -> Reference:
+    dtype = options.dtype
+
+    def load():
+        what = "the model" if plan.depth == "full" else "the reduced copy"
+        with step(f"loading {what} in {str(dtype).removeprefix('torch.')} for the check"):
+            return load_model(checked.folder, options.xattn_mask, dtype)
+
+    return Reference(load)
+
+
+def _check_fp8(plan: CheckPlan, options, checked: Checkpoint, onnx_dir: Path, amax) -> dict:
+    what = "the model" if plan.depth == "full" else "the reduced copy"
+    with step(f"loading {what} quantized as the artifacts hold it, tensor by tensor"):
+        model = load_fp8_model(
+            checked, options.xattn_mask, amax, options.dtype, options.fp8_weights
+        )
+    return check_fp8_graphs(model, onnx_dir, options)
 
 
 def _checkpoint_folder(source: ResolvedModel, options: BuildOptions, work: Path) -> Path:

@@ -192,30 +192,20 @@ def estimate(
     config: MllamaConfig,
     precision: str,
     cases: dict[str, list[dict[str, int]]],
-    reference_itemsize: int | None = None,
     sizes: GraphSizes | None = None,
-    calibration_images: int = 0,
 ) -> MemoryEstimate:
-    """Peak memory of the export and of the check on ``cases`` (per graph), for ``config``.
-
-    ``reference_itemsize``: bytes per parameter of the PyTorch model (default: the
-    precision's; FP8 calibrates in float32); ``calibration_images``: FP8's calibration runs
-    the float32 model on batches of up to this many images."""
+    """Peak memory of the export and of the check on ``cases`` (per graph), for ``config``."""
     from .options import PRECISIONS
 
     sizes = sizes or graph_sizes(config)
     itemsize = PRECISIONS[precision].itemsize
-    ref_size = reference_itemsize or itemsize
     export = EXPORT_LIBRARY_BYTES + int(sizes.largest * itemsize * EXPORT_LARGEST)
     if not any(cases.values()):
         return MemoryEstimate(export, 0, 0)
     torch_runs = max(
-        run_bytes(config, g, c, ref_size, onnxruntime=False) for g, cs in cases.items() for c in cs
+        run_bytes(config, g, c, itemsize, onnxruntime=False) for g, cs in cases.items() for c in cs
     )
-    if calibration_images:
-        calibration = _vision_run(config, calibration_images, 4, SCORE_BYTES_TORCH[4])
-        torch_runs = max(torch_runs, calibration)
-    reference = LIBRARY_BYTES + sizes.total * ref_size + torch_runs
+    reference = LIBRARY_BYTES + sizes.total * itemsize + torch_runs
     per_graph = [
         max(
             sizes.computed[g] * ORT_LOAD_BYTES,
@@ -255,6 +245,13 @@ class ReducedCopy:
             index, rest = name[len(prefix) :].split(".", 1)
             return f"{prefix}{self.source_layers[int(index)]}.{rest}"
         return name
+
+    def kept_amax(self, amax: dict[str, float]) -> dict[str, float]:
+        """The full model's calibrated FP8 input amax of the layers the copy holds, under the
+        copy's names (its text layers are renumbered from 0)."""
+        with torch.device("meta"):
+            names = [n for n, _ in MllamaModel(self.config).named_modules()]
+        return {n: amax[self.source_name(n)] for n in names if self.source_name(n) in amax}
 
     def tensor(self, checkpoint, name: str) -> torch.Tensor:
         """The copy's tensor ``name``, read from ``checkpoint`` (of the full model)."""
@@ -387,7 +384,7 @@ class CheckPlan:
         )
 
 
-def _fit_cases(config, precision, budget, reference_itemsize=None, calibration_images=0):
+def _fit_cases(config, precision, budget):
     """The first case of every graph, plus the second where the estimate still fits
     (cheapest graph first); None when the first cases alone do not fit."""
     sizes = graph_sizes(config)
@@ -395,7 +392,7 @@ def _fit_cases(config, precision, budget, reference_itemsize=None, calibration_i
 
     def cost(chosen) -> MemoryEstimate:
         plain = {g: [c for _, c in cs] for g, cs in chosen.items()}
-        return estimate(config, precision, plain, reference_itemsize, sizes, calibration_images)
+        return estimate(config, precision, plain, sizes)
 
     if cost(cases).peak > budget:
         return None, cost(cases)
@@ -417,21 +414,16 @@ def plan_check(
 
         export = estimate(config, "bf16", {})
         return CheckPlan("none", BF16_UNCHECKED["reason"], None, {}, export, available)
-    fp8 = options.precision == "fp8"
+    # FP8's check model is float16 outside its FP8 layers (calibration, layer by layer, is
+    # refused apart: refuse_fp8_calibration), so it is planned as fp16
+    precision = "fp16" if options.precision == "fp8" else options.precision
     room = budget(available)
-    images = _calibration_images(options, config) if fp8 else 0
-    full_cases, full_cost = _fit_cases(config, options.precision, room, 4 if fp8 else None, images)
+    full_cases, full_cost = _fit_cases(config, precision, room)
     if options.check_depth in ("auto", "full") and full_cases is not None:
         why = "it fits in memory" if options.check_depth == "auto" else "--check-depth full"
         return CheckPlan("full", why, config, full_cases, full_cost, available)
-    if fp8:
-        raise MllamaExportError(
-            f"--precision fp8 calibrates and checks the whole model in float32, which needs "
-            f"{full_cost.describe()}, and {_have(available)}; build bf16 or fp16 here, "
-            "or build fp8 on a machine with that much memory"
-        )
     copy = reduced_copy(config)
-    small_cases, small_cost = _fit_cases(copy.config, options.precision, room)
+    small_cases, small_cost = _fit_cases(copy.config, precision, room)
     if options.check_depth == "full" or small_cases is None:
         return _refuse(options, full_cost, small_cost, available)
     why = (
@@ -440,25 +432,6 @@ def plan_check(
         else f"the whole model needs {full_cost.peak / GB:.1f} GB for the check"
     )
     return CheckPlan("reduced", why, copy.config, small_cases, small_cost, available, copy)
-
-
-def _calibration_images(options: BuildOptions, config: MllamaConfig) -> int:
-    """Images in FP8 calibration's largest vision batch: the built-in set's own, or for a
-    user's folder the most the artifacts' limits allow."""
-    if options.calibration is not None:
-        return options.max_batch * options.max_images
-    from mllama_export.engines.runner import Limits
-    from mllama_export.validate.evalset import build_evalset
-
-    from .calibrate import CALIBRATION_STEPS
-
-    limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
-    shapes = [
-        c.images.pixel_values.shape
-        for c in build_evalset(config, limits, CALIBRATION_STEPS)
-        if c.images
-    ]
-    return max((b * n for b, n, *_ in shapes), default=0)
 
 
 def _refuse(options, full_cost, small_cost, available) -> CheckPlan:
@@ -482,3 +455,39 @@ def _have(available: int) -> str:
         f"this machine has {available / GB:.1f} GB available (a build plans with "
         f"{max(budget(available), 0) / GB:.1f} GB of it)"
     )
+
+
+# -- FP8 calibration ---------------------------------------------------------------------------
+#
+# What it holds besides the cases' activations: the largest unit in float32 (at 11B the
+# embedding or lm_head), the small tensors, the libraries (exporter/layerwise.py).
+CALIBRATION_HEADROOM = 2 << 30
+
+
+def calibration_memory(config: MllamaConfig) -> int:
+    """Bytes FP8 calibration needs at least: the largest unit it loads, in float32, plus the
+    headroom. Independent of depth: it runs one layer at a time."""
+    t, v = config.text, config.vision
+    embed = t.embedding_rows * t.hidden_size
+    lm_head = t.vocab_size * t.hidden_size
+    text_layer = (
+        3 * t.hidden_size * t.intermediate_size
+        + (2 * t.num_heads + 2 * t.num_kv_heads) * t.head_dim * t.hidden_size
+    )
+    vision_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    return 4 * max(embed, lm_head, text_layer, vision_layer) + CALIBRATION_HEADROOM
+
+
+def refuse_fp8_calibration(options: BuildOptions, config: MllamaConfig) -> None:
+    """FP8 calibration runs layer by layer, so what it needs does not grow with depth; it
+    is refused up front only where even one layer (and the headroom) does not fit."""
+    if options.precision != "fp8":
+        return
+    needed, available = calibration_memory(config), available_memory()
+    if needed > available:
+        raise MllamaExportError(
+            f"--precision fp8 calibrates one layer at a time in float32, which needs "
+            f"{needed / GB:.1f} GB (the largest layer and the libraries), and "
+            f"{_have(available)}; build bf16 or fp16 here, or build fp8 on a machine with "
+            "that much memory"
+        )

@@ -257,7 +257,18 @@ def summarize_check(check: dict, detail: bool = False) -> str:
         return f"no ({reason})" if detail else reason
     worst = max((m["rel_l2"] for m in check.get("outputs", {}).values()), default=0.0)
     depth = check.get("depth", "full")
+    reduced = "" if depth == "full" else ", on a reduced copy"
+    if "gemm_rel_l2_max" in check:
+        # FP8 graphs: every GEMM output shared with PyTorch (exporter/fp8_check.py)
+        between = max(worst, check.get("gemm_inputs_rel_l2_max", 0.0))
+        line = (
+            f"GEMMs rel L2 {check['gemm_rel_l2_max']:.1e} (limit {check['gemm_limit_rel_l2']}), "
+            f"between them {between:.1e} (limit {check['limit_rel_l2']})"
+        )
+        if detail:
+            return f"{line}; {check.get('fp8_gemms', '?')} of {check.get('gemms', '?')} GEMMs FP8, {depth}"
+        return line + reduced
     figure = f"rel L2 {worst:.1e} (limit {check.get('limit_rel_l2')})"
     if detail:
         return f"{figure}, {depth}"
-    return figure + ("" if depth == "full" else ", on a reduced copy")
+    return figure + reduced

@@ -10,6 +10,7 @@ import torch
 from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.quant import WEIGHT_SCHEMES
 from mllama_export.graphs.text import MASK_SEMANTICS
 
 # precision -> the dtype of the graphs' weights and activations. fp8 quantizes the text
@@ -40,6 +41,8 @@ class BuildOptions:
     check_depth: str = "auto"
     fp8_exclude: tuple[str, ...] = ()  # fp8 only: glob patterns of layers kept in 16 bits
     calibration: Path | None = None  # fp8 only: a prompts.jsonl folder; None: built-in set
+    # fp8 only: one weight scale per tensor (TensorRT fuses it into an FP8 GEMM) or per channel
+    fp8_weights: str = "per-tensor"
     # TensorRT engines after the ONNX: where TensorRT and a GPU exist (auto), never (skip),
     # or refuse before any work where they cannot be built (require); exporter/engines.py
     engines: str = "auto"
@@ -67,6 +70,12 @@ class BuildOptions:
             if getattr(self, name) and self.precision != "fp8":
                 flag = name.replace("_", "-")
                 problems.append(f"{flag} with precision {self.precision} (it needs fp8)")
+        if self.fp8_weights not in WEIGHT_SCHEMES:
+            problems.append(
+                f"fp8-weights {self.fp8_weights!r} (available: {', '.join(WEIGHT_SCHEMES)})"
+            )
+        elif self.fp8_weights != "per-tensor" and self.precision != "fp8":
+            problems.append(f"fp8-weights with precision {self.precision} (it needs fp8)")
         if self.calibration is not None and not Path(self.calibration).exists():
             problems.append(
                 f"calibration {str(self.calibration)!r} does not exist (expected a folder "
@@ -75,10 +84,6 @@ class BuildOptions:
         if self.check_depth not in CHECK_DEPTHS:
             problems.append(
                 f"check-depth {self.check_depth!r} (available: {', '.join(CHECK_DEPTHS)})"
-            )
-        elif self.check_depth == "reduced" and self.precision == "fp8":
-            problems.append(
-                "check-depth reduced with precision fp8 (FP8 calibrates the whole model)"
             )
         if self.text_engine not in TEXT_ENGINES:
             problems.append(

@@ -43,7 +43,7 @@ class StreamingExport:
         with torch.device("meta"):
             self.model = MllamaModel(checkpoint.config, options.xattn_mask)
             # casts the parameters only, as load_model does: RoPE's frequencies stay float32
-            quantize_model(self.model, input_amax or {}, options.dtype)
+            quantize_model(self.model, input_amax or {}, options.dtype, options.fp8_weights)
         self.sources = checkpoint_sources(checkpoint, self.model, options.dtype, input_amax)
 
     def export_all(self, folder: Path) -> dict[str, dict]:

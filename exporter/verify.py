@@ -27,10 +27,8 @@ from .options import BuildOptions
 from .streaming import GRAPHS
 
 # The same arithmetic in two runtimes: float32 differs in rounding only; 16-bit rounds each op.
-# fp8: PyTorch's fake quantization (graphs/quant.py) and ONNX Runtime's Q/DQ kernels round
-# identically, so what remains is fp16's op rounding, which now and then moves a GEMM input
-# across an FP8 rounding boundary (one FP8 step, 6%, on that element).
-CHECK_REL_L2 = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2, "fp8": 0.15}
+# fp8 graphs are checked by exporter/fp8_check.py instead, with every FP8 GEMM output shared.
+CHECK_REL_L2 = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 6e-2}
 
 # bf16 graphs are checked structurally only (onnx.checker, the contract's names and dims)
 BF16_UNCHECKED = {

@@ -126,17 +126,19 @@ def _fp8_sources(
     checkpoint: Checkpoint, prefix: str, layer: FP8Linear, amax: float
 ) -> dict[str, Source]:
     weight = f"{prefix}.weight"
-    dtype = layer.weight_scale.dtype
+    dtype, scheme = layer.weight_scale.dtype, layer.scheme
     out_in = (layer.out_features, layer.in_features)
 
     def quantized(part: int) -> torch.Tensor:
-        return fp8_weight(checkpoint.read(weight).float(), dtype)[part]
+        return fp8_weight(checkpoint.read(weight).float(), dtype, scheme)[part]
 
-    # quantized whole: a scale is per output channel, and the FP8 weight is stored [in, out]
+    # quantized whole: a scale is the max over the tensor (or a row), and the FP8 weight is
+    # stored [in, out]
+    scale_shape = () if scheme == "per-tensor" else out_in[:1]
     sources = {
-        weight: Source.of((weight, "fp8"), lambda: quantized(0), FP8_DTYPE, out_in[::-1]),
+        weight: Source.of((weight, "fp8", scheme), lambda: quantized(0), FP8_DTYPE, out_in[::-1]),
         f"{prefix}.weight_scale": Source.of(
-            (weight, "fp8-scale", dtype), lambda: quantized(1), dtype, out_in[:1]
+            (weight, "fp8-scale", scheme, dtype), lambda: quantized(1), dtype, scale_shape
         ),
         f"{prefix}.input_scale": Source.of(
             (prefix, "input-scale", amax, dtype),

@@ -3,19 +3,24 @@
 The form TensorRT recommends for FP8 (explicit quantization, strongly typed network, no
 precision flags): every quantized GEMM reads
 
-    x --QuantizeLinear(s_x)--> float8e4m3fn --DequantizeLinear(s_x)--> MatMul <-- DequantizeLinear(s_w, axis=1) <-- W8
+    x --QuantizeLinear(s_x)--> float8e4m3fn --DequantizeLinear(s_x)--> MatMul <-- DequantizeLinear(s_w) <-- W8
 
-with a per-tensor activation scale ``s_x`` (a constant) and per-output-channel weight scales
-``s_w``; ``W8`` is a float8e4m3fn initializer of shape ``[in, out]`` (stored transposed, so
-that the MatMul reads it as it is: no Transpose between the DequantizeLinear and the MatMul,
-and the output channel is axis 1). Everything else stays in the graph's 16-bit (or 32-bit)
-type.
+with a per-tensor activation scale ``s_x`` (a constant); ``W8`` is a float8e4m3fn initializer
+of shape ``[in, out]`` (stored transposed, so that the MatMul reads it as it is: no Transpose
+between the DequantizeLinear and the MatMul). Two weight-scale schemes (WEIGHT_SCHEMES):
 
-Two custom ops carry this through ``torch.export``; their eager kernels are the PyTorch
-reference (fake quantization) and :data:`ONNX_TRANSLATIONS` turns them into the standard
-ONNX ops at export. Both sides compute ``x / s`` in float32, round to nearest even with
-saturation to +-448 (the ONNX ``saturate=1`` default), and multiply back in float32 before
-rounding once to the graph's type, which is what ONNX Runtime's CPU kernels do.
+- ``per-tensor`` (default): ``s_w`` is one scalar, the DequantizeLinear has no axis. Scalar
+  scales on both GEMM inputs are what TensorRT's FP8 GEMM fusion recognizes (docs/tensorrt.md)
+  and what Model Optimizer's FP8_DEFAULT_CFG writes.
+- ``per-channel``: ``s_w`` has one scale per output channel, ``DequantizeLinear(axis=1)``.
+
+Everything else stays in the graph's 16-bit (or 32-bit) type.
+
+Custom ops carry this through ``torch.export``; their eager kernels are the PyTorch reference
+(fake quantization) and :data:`ONNX_TRANSLATIONS` turns them into the standard ONNX ops at
+export. Both sides compute ``x / s`` in float32, round to nearest even with saturation to
++-448 (the ONNX ``saturate=1`` default), and multiply back in float32 before rounding once to
+the graph's type, which is what ONNX Runtime's CPU kernels do.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from mllama_export.errors import MllamaExportError
 
 FP8_MAX = 448.0  # largest finite float8e4m3fn
 FP8_DTYPE = torch.float8_e4m3fn
+# how FP8 weights are scaled: one scale per tensor (TensorRT's fused FP8 GEMM), or per channel
+WEIGHT_SCHEMES = ("per-tensor", "per-channel")
 
 
 def to_fp8(x: torch.Tensor) -> torch.Tensor:
@@ -65,13 +72,26 @@ def _(q, scale, axis):
     return torch.empty(q.shape, dtype=scale.dtype, device=q.device)
 
 
+@torch.library.custom_op("mllama_export::fp8_dequantize_tensor", mutates_args=())
+def fp8_dequantize_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """DequantizeLinear of an FP8 tensor with one scalar scale (no axis)."""
+    return (q.float() * scale.float()).to(scale.dtype)
+
+
+@fp8_dequantize_tensor.register_fake
+def _(q, scale):
+    return torch.empty(q.shape, dtype=scale.dtype, device=q.device)
+
+
 def _qdq_onnx(x, scale):
     from onnxscript import ir
     from onnxscript import opset19 as op
 
     # QuantizeLinear's output type is its zero point's: an FP8 zero makes it float8e4m3fn.
     zero = op.Constant(value=ir.tensor(np.zeros((), ml_dtypes.float8_e4m3fn), name="fp8_zero"))
-    return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero, saturate=1), scale)
+    # scalar scales: no axis attribute (onnxscript would write its default, axis=1)
+    q = op.QuantizeLinear(x, scale, zero, axis=None, saturate=1)
+    return op.DequantizeLinear(q, scale, axis=None)
 
 
 def _dequantize_onnx(q, scale, axis: int):
@@ -80,10 +100,17 @@ def _dequantize_onnx(q, scale, axis: int):
     return op.DequantizeLinear(q, scale, axis=axis)
 
 
+def _dequantize_tensor_onnx(q, scale):
+    from onnxscript import opset19 as op
+
+    return op.DequantizeLinear(q, scale, axis=None)  # a scalar scale: per tensor, no axis
+
+
 # torch.onnx.export(custom_translation_table=...): the custom ops as standard ONNX ops.
 ONNX_TRANSLATIONS = {
     torch.ops.mllama_export.fp8_qdq.default: _qdq_onnx,
     torch.ops.mllama_export.fp8_dequantize.default: _dequantize_onnx,
+    torch.ops.mllama_export.fp8_dequantize_tensor.default: _dequantize_tensor_onnx,
 }
 
 
@@ -94,25 +121,47 @@ def scale_from_amax(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (amax.float() / FP8_MAX).clamp(min=tiny).to(dtype)
 
 
-def fp8_weight(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Linear weight [out, in] -> (float8e4m3fn [in, out], per-output-channel scales in
-    ``dtype``), quantized from its float32 values. The streaming export (exporter/weightfile.py)
-    calls this on each checkpoint tensor, so its bytes are FP8Linear's."""
+def fp8_weight(
+    weight: torch.Tensor, dtype: torch.dtype, scheme: str = "per-tensor"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Linear weight [out, in] -> (float8e4m3fn [in, out], its scale in ``dtype``: a scalar
+    (``per-tensor``) or one per output channel, [out] (``per-channel``)), quantized from its
+    float32 values. The streaming export (exporter/weightfile.py) calls this on each
+    checkpoint tensor, so its bytes are FP8Linear's."""
+    check_scheme(scheme)
     w = weight.float()
+    if scheme == "per-tensor":
+        scale = scale_from_amax(w.abs().amax(), dtype)
+        return to_fp8(w / scale.float()).t().contiguous(), scale
     scale = scale_from_amax(w.abs().amax(dim=1), dtype)
     return to_fp8(w / scale.float()[:, None]).t().contiguous(), scale
 
 
+def check_scheme(scheme: str) -> None:
+    if scheme not in WEIGHT_SCHEMES:
+        raise MllamaExportError(
+            f"FP8 weight scheme {scheme!r}; available: {', '.join(WEIGHT_SCHEMES)}"
+        )
+
+
 class FP8Linear(nn.Module):
     """A Linear whose input and weight are FP8: weights stored as float8e4m3fn [in, out] with
-    one scale per output channel, the input quantized per tensor with a calibrated scale."""
+    one scale (``per-tensor``) or one per output channel (``per-channel``), the input
+    quantized per tensor with a calibrated scale."""
 
     WEIGHT_DTYPE = FP8_DTYPE
 
-    def __init__(self, linear: nn.Linear, input_amax: float, dtype: torch.dtype):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        input_amax: float,
+        dtype: torch.dtype,
+        scheme: str = "per-tensor",
+    ):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight, weight_scale = fp8_weight(linear.weight.detach(), dtype)
+        self.scheme = scheme
+        weight, weight_scale = fp8_weight(linear.weight.detach(), dtype, scheme)
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("input_scale", scale_from_amax(torch.tensor(input_amax), dtype))
@@ -126,17 +175,23 @@ class FP8Linear(nn.Module):
         self.weight = weight.to(self.weight_scale.device)
         return self
 
+    def dequantized_weight(self) -> torch.Tensor:
+        # [in, out] in the scale's dtype: what the weight's DequantizeLinear outputs
+        if self.scheme == "per-tensor":
+            return fp8_dequantize_tensor(self.weight, self.weight_scale)
+        return fp8_dequantize(self.weight, self.weight_scale, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
-        w = fp8_dequantize(self.weight, self.weight_scale, 1)
-        y = torch.matmul(fp8_qdq(x, self.input_scale), w)
+        y = torch.matmul(fp8_qdq(x, self.input_scale), self.dequantized_weight())
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         # a layer on the meta device (the streaming export's) has no scale value to show
         scale = "meta" if self.input_scale.is_meta else f"{float(self.input_scale):.3e}"
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, input_scale={scale}"
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"weights={self.scheme}, input_scale={scale}"
         )
 
 
@@ -193,16 +248,21 @@ def match_layers(
     return matched
 
 
-def quantize_model(model: nn.Module, input_amax: dict[str, float], dtype: torch.dtype) -> None:
+def quantize_model(
+    model: nn.Module,
+    input_amax: dict[str, float],
+    dtype: torch.dtype,
+    scheme: str = "per-tensor",
+) -> None:
     """Casts ``model``'s parameters (float32) to ``dtype`` and replaces every Linear named in
-    ``input_amax`` by an FP8Linear with that calibrated input amax; weights are quantized
-    from their float32 values."""
+    ``input_amax`` by an FP8Linear with that calibrated input amax and weight ``scheme``;
+    weights are quantized from their float32 values."""
     replacements = {}
     for name, amax in input_amax.items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}, not a Linear")
-        replacements[name] = FP8Linear(linear, amax, dtype)
+        replacements[name] = FP8Linear(linear, amax, dtype, scheme)
     with torch.no_grad():  # parameters only, as load_model casts: RoPE's inv_freq stays float32
         for param in model.parameters():
             param.data = param.data.to(dtype)

@@ -62,9 +62,30 @@ def ort_artifacts(tmp_path_factory, hf_checkpoint):
 
 @pytest.fixture(scope="session")
 def fp8_dir(tmp_path_factory) -> Path:
-    """The tiny preset's fp8 artifacts (FP8 Q/DQ text graphs), built once per session."""
+    """tiny in FP8 with the default weight scheme (per-tensor), built once per session."""
     out = tmp_path_factory.mktemp("fp8") / "tiny-fp8"
     return build(BuildOptions(model="tiny", out=out, precision="fp8"))
+
+
+@pytest.fixture(scope="session")
+def fp8c_dir(tmp_path_factory) -> Path:
+    """tiny in FP8 with per-channel weight scales."""
+    out = tmp_path_factory.mktemp("fp8c") / "tiny-fp8c"
+    options = BuildOptions(model="tiny", out=out, precision="fp8", fp8_weights="per-channel")
+    return build(options, progress=lambda _: None)
+
+
+def load_script(name: str):
+    """A benchmarks/ script as a module (they are not part of the package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass in it looks itself up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def torch_runner(model: MllamaModel, limits: Limits | None = None) -> Runner:

@@ -10,8 +10,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from click.testing import CliRunner
 
+from mllama_export.cli import main
 from mllama_export.errors import MllamaExportError
+from mllama_export.exporter import checkplan
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.exporter.streaming import GRAPHS, StreamingExport
 from mllama_export.exporter.weightfile import ALIGNMENT, Source, WeightFile, graph_names
@@ -115,7 +118,28 @@ def test_a_weight_file_aligns_large_tensors_and_writes_each_key_once(tmp_path):
     assert (tmp_path / "w.data").stat().st_size == at + length
 
 
-def test_reduced_check_with_fp8_is_an_option_error():
-    options = BuildOptions(model="tiny", out="x", precision="fp8", check_depth="reduced")
-    with pytest.raises(MllamaExportError, match="check-depth reduced with precision fp8"):
-        options.check(preset("tiny"))
+def test_fp8_is_refused_before_any_work_only_where_one_layer_does_not_fit(tmp_path, monkeypatch):
+    # 11B's largest unit (the float32 embedding, 2.1 GB) and the headroom: 4.2 GB at any depth
+    assert checkplan.calibration_memory(preset("11b")) == pytest.approx(4.25e9, rel=0.01)
+    assert checkplan.calibration_memory(preset("tiny")) < 2.2e9
+    monkeypatch.setattr(checkplan, "available_memory", lambda: 1 << 20)
+    out = tmp_path / "fp8"
+    result = CliRunner().invoke(
+        main, ["build", "--model", "tiny", "--out", str(out), "--precision", "fp8"]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "calibrates one layer at a time in float32" in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_fp8_options_are_checked():
+    for bad, message in (
+        ({"precision": "fp16", "fp8_weights": "per-channel"}, "fp8-weights with precision fp16"),
+        ({"precision": "fp8", "fp8_weights": "per-row"}, "fp8-weights 'per-row'"),
+    ):
+        with pytest.raises(MllamaExportError, match=message):
+            BuildOptions(model="tiny", out="x", **bad).check(preset("tiny"))
+    # a reduced-depth check is an FP8 option like any other now (tests/test_fp8_check.py)
+    BuildOptions(model="tiny", out="x", precision="fp8", check_depth="reduced").check(
+        preset("tiny")
+    )

@@ -78,6 +78,14 @@ from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
     "format of `validate --evalset`)  [default: the built-in evaluation set]",
 )
 @click.option(
+    "--fp8-weights",
+    type=click.Choice(["per-tensor", "per-channel"]),
+    default="per-tensor",
+    show_default=True,
+    help="With --precision fp8: one FP8 weight scale per tensor (the layout TensorRT's FP8 GEMM "
+    "fusion recognizes, docs/tensorrt.md) or one per output channel.",
+)
+@click.option(
     "--check-depth",
     type=click.Choice(["auto", "full", "reduced"]),
     default="auto",

@@ -142,9 +142,12 @@ def _fp8_line(q: dict) -> str:
     excluded = q.get("excluded") or []
     calibration = q.get("calibration", {})
     where = calibration.get("set", "?").split(" (")[0].split(";")[0]
+    # artifacts from before the per-tensor default had per-channel weight scales
+    scheme = q.get("weight_scheme", "per-channel")
     return (
         f"{len(q.get('layers', {}))} linear layers, {vision} the vision encoder"
         + (f", excluding {', '.join(excluded)}" if excluded else "")
+        + f"; {scheme} weight scales"
         + f"; calibrated on the {where} ({len(calibration.get('cases', []))} cases)"
     )
 

@@ -63,9 +63,23 @@ def command(folder, layers, thresholds, report_dir, evalset, steps, checkpoint, 
     except KeyboardInterrupt:
         click.echo(f"interrupted; the layers finished so far are in {out}", err=True)
         sys.exit(130)
-    click.echo(f"{'rank':>4}  {'budget':>7}  layer")
-    click.echo(f"{'all':>4}  {report.combined.budget:7.3f}  {report.combined.label}")
+    click.echo(f"{'rank':>4}  {'budget':>7}  {'rel/cos/KL':>10}  layer")
+    combined = report.combined
+    click.echo(f"{'all':>4}  {combined.budget:7.3f}  {combined.continuous:10.3f}  {combined.label}")
     for i, layer in enumerate(report.layers[:top], start=1):
-        click.echo(f"{i:4d}  {layer.budget:7.3f}  {layer.label}")
+        click.echo(f"{i:4d}  {layer.budget:7.3f}  {layer.continuous:10.3f}  {layer.label}")
     click.echo(f"wrote {out / 'sensitivity.json'}, sensitivity.md")
+    if report.suggestion is not None:
+        sug = report.suggestion
+        left = "none left" if sug.remaining is None else f"budget {sug.remaining.budget:.3f}"
+        why = (
+            f"all together within the fp8 limits, but above {sug.target} of them; for that margin, "
+            if report.combined.report.passed
+            else ""
+        )
+        click.echo(
+            f"{why}keeping the top {len(sug.exclude)} layer(s) in 16 bits leaves {left} "
+            f"(target {sug.target}); rebuild with:"
+        )
+        click.echo(f"  {report.rebuild_command()}")
     click.echo(report.summary_line())

@@ -42,8 +42,10 @@ def command(
 ):
     """Judge an artifact folder's drift from the float32 PyTorch reference, stage by stage
     (vision K/V, prefill logits, every decode step, teacher-forced). Exit 0: pass, 1: drift
-    over the limits, 2: bad input. The last line printed is the verdict; each case's line
-    (stderr) names the metric that decides it, and drift.png shows it per stage.
+    over the limits, 2: bad input. The verdict is printed last; each case's line (stderr)
+    names the metric that decides it, and drift.png shows it per stage. After an fp8
+    failure, the worst stages and the way to the `--fp8-exclude` patterns that bring it
+    under follow.
 
     \b
     Examples:
@@ -65,7 +67,12 @@ def command(
         device=device,
         prefill_chunk=prefill_chunk,
     )
+    from mllama_export.validate.sensitivity import fp8_advice
+
     paths = report.write(report_dir if report_dir is not None else folder / "drift")
     click.echo(f"wrote {paths['json']}, {paths['md'].name}, {paths['png'].name}")
     click.echo(report.summary_line())
+    # fp8 over its limits: the worst stages, then what ranks the layers and what to exclude
+    for line in fp8_advice(report, folder):
+        click.echo(line)
     sys.exit(0 if report.passed else 1)
