@@ -47,9 +47,10 @@ GB = 1e9
 LIBRARY_BYTES = int(0.45 * GB)
 # bytes per attention score alive at once in one vision layer: PyTorch's graph keeps the
 # scaled scores, their float32 copy and the masked copy together (layers.grouped_attention);
-# ONNX Runtime's CPU provider keeps five or six float32 buffers of them, 16-bit graphs included,
+# ONNX Runtime's CPU provider keeps three to four float32 buffers of them (the attention in
+# TensorRT's fusable form: scores, masked, softmax), 16-bit graphs included,
 SCORE_BYTES_TORCH = {2: 10, 4: 8}
-SCORE_BYTES_ORT = 22
+SCORE_BYTES_ORT = 14
 # ONNX Runtime holds every weight it computes with as float32 (16-bit ones cast once at load,
 # when the original and the cast are both in memory); a weight only gathered from (the
 # embedding) stays memory-mapped,
@@ -156,10 +157,11 @@ def _vision_run(config: MllamaConfig, images: int, itemsize: int, score_bytes: i
 
 
 def _text_run(config: MllamaConfig, sizes: dict[str, int], itemsize: int, decode: bool) -> int:
-    """One prefill or decode run: logits (16-bit, then float32), the cross-attention K/V
-    inputs and scores, the self-attention cache in and out, one layer's states."""
+    """One prefill or decode run: logits at the positions asked for (16-bit, then float32),
+    the cross-attention K/V inputs and scores, the self-attention cache in and out, one
+    layer's states."""
     t, v = config.text, config.vision
-    b, s = sizes["batch"], 1 if decode else sizes["sequence"]
+    b, s = sizes["batch"], sizes.get("new_tokens", 1) if decode else sizes["sequence"]
     past = sizes["past_sequence"] if decode else 0
     image_tokens = sizes["num_images"] * v.max_num_tiles * v.num_patches
     kv_row = 2 * t.num_kv_heads * t.head_dim * itemsize
@@ -167,7 +169,7 @@ def _text_run(config: MllamaConfig, sizes: dict[str, int], itemsize: int, decode
     scores = b * t.num_heads * s * (image_tokens + past + s) * 10
     self_cache = len(t.self_attention_layers) * b * (past + s) * kv_row * 2
     states = b * s * (8 * t.hidden_size + 3 * t.intermediate_size) * 4
-    logits = b * s * t.vocab_size * (4 + itemsize)
+    logits = b * min(sizes.get("num_logits", 1), s) * t.vocab_size * (4 + itemsize)
     return 2 * cross + scores + self_cache + states + logits
 
 

@@ -72,7 +72,7 @@ def fp8c_dir(tmp_path_factory) -> Path:
     """tiny in FP8 with per-channel weight scales."""
     out = tmp_path_factory.mktemp("fp8c") / "tiny-fp8c"
     options = BuildOptions(model="tiny", out=out, precision="fp8", fp8_weights="per-channel")
-    return build(options, progress=lambda _: None)
+    return build(options)
 
 
 def load_script(name: str):

@@ -52,7 +52,7 @@ def test_fail_the_gate_rank_exclude_rebuild_pass(fp8_dir, tmp_path):
     options = BuildOptions(
         model="tiny", out=out, precision="fp8", fp8_exclude=tuple(suggestion["patterns"])
     )
-    build(options, progress=lambda _: None)
+    build(options)
     passed = _cli("validate", out)
     assert passed.exit_code == 0, passed.output
     assert passed.stdout.splitlines()[-1].startswith("PASS fp8")

@@ -218,7 +218,7 @@ def test_real_shared_engine_generates_what_onnxruntime_does(tiny_dir, tmp_path_f
         model=str(tiny_dir), out=out, xattn_mask="hf", max_seq_len=SEQ, text_engine="shared",
         engines="require",
     )  # fmt: skip
-    build(options, progress=print)
+    build(options)
     trt = Runner.from_artifacts(out, backend="tensorrt", device="cuda")
     ort = Runner.from_artifacts(out)
     assert trt.prefill is None and trt.max_step_tokens() == SEQ
