@@ -244,8 +244,8 @@ class ReducedCopy:
         """The checkpoint tensor (our name) that the copy's tensor ``name`` is taken from."""
         prefix = "text.layers."
         if name.startswith(prefix):
-            index, rest = name[len(prefix) :].split(".", 1)
-            return f"{prefix}{self.source_layers[int(index)]}.{rest}"
+            index, *rest = name[len(prefix) :].split(".", 1)
+            return ".".join([f"{prefix}{self.source_layers[int(index)]}", *rest])
         return name
 
     def kept_amax(self, amax: dict[str, float]) -> dict[str, float]:

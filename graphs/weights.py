@@ -130,18 +130,14 @@ class StoredTensor:
 
 class Checkpoint:
     """A checkpoint folder checked against a config from the safetensors headers alone (every
-    tensor used, every shape and dtype right), then read one tensor at a time.
+    tensor used, every shape and dtype right), then read one tensor at a time."""
 
-    ``subset`` accepts a checkpoint with more tensors than the config needs: the reduced-depth
-    copy of a model (graphs/config.py truncated) reads the first layers of the full checkpoint.
-    """
-
-    def __init__(self, folder: str | Path, config: MllamaConfig, subset: bool = False):
+    def __init__(self, folder: str | Path, config: MllamaConfig):
         self.folder, self.config = Path(folder), config
         with torch.device("meta"):
             expected = {n: tuple(t.shape) for n, t in MllamaModel(config).state_dict().items()}
         stored = _headers(self.folder)
-        unknown = [s.name for ours, s in stored.items() if ours not in expected and not subset]
+        unknown = [s.name for ours, s in stored.items() if ours not in expected]
         missing = sorted(checkpoint_name(n) for n in expected.keys() - stored.keys())
         if unknown or missing:
             raise MllamaExportError(
@@ -227,16 +223,11 @@ def load_model(
     folder: str | Path,
     semantics: str = "meta",
     dtype: torch.dtype = torch.float32,
-    config: MllamaConfig | None = None,
 ) -> MllamaModel:
-    """Builds the model from a checkpoint folder: every tensor used, every shape checked.
-
-    With ``config`` (a truncated copy of the checkpoint's own), only the tensors it needs.
-    """
+    """Builds the model from a checkpoint folder: every tensor used, every shape checked."""
     folder = Path(folder)
     check_folder(folder)
-    full = MllamaConfig.from_hf_config(folder)
-    checkpoint = Checkpoint(folder, config or full, subset=config is not None)
+    checkpoint = Checkpoint(folder, MllamaConfig.from_hf_config(folder))
     with torch.device("meta"):
         model = MllamaModel(checkpoint.config, semantics)
     state = {name: checkpoint.read(name).to(dtype) for name in checkpoint.tensors}

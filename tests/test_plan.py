@@ -325,10 +325,12 @@ def test_90b_fp8_fits_one_h200_with_one_text_engine_only():
 
 
 def test_the_plan_command_says_which_text_engine_fits():
-    args = ["plan", "--model", "90b", "--precision", "fp8", "--gpu", "h200"]
+    args = ["plan", "--model", "90b", "--precision", "fp8", "--gpu", "h200", "--max-batch", "1"]
+    args += ["--max-seq-len", "8192", "--max-images", "1"]
     shared = CliRunner().invoke(main, [*args, "--text-engine", "shared"])
     split = CliRunner().invoke(main, [*args, "--text-engine", "split"])
-    assert shared.exit_code == split.exit_code == 0, shared.output
+    assert (shared.exit_code, split.exit_code) == (0, 1), shared.output
+    assert "what would fit, each alone: --text-engine shared (97.8 GB)" in split.output
     assert "memory: 97.77 GB of 141 GB -> fits" in shared.output
     assert "memory: 188.46 GB of 141 GB -> does NOT fit" in split.output
     for out in (shared.output, split.output):  # both engines side by side, either way

@@ -20,7 +20,13 @@ def command(folder: Path, graphs: tuple[str, ...], rebuild: bool) -> None:
     files are checked against the manifest first and left as they are. GRAPHS (vision,
     prefill, decode; artifacts built with --text-engine shared have no prefill engine)
     limits the build to those; by default every engine not yet built by this TensorRT on
-    this GPU is built."""
+    this GPU is built.
+
+    \b
+    Examples:
+      mllama-export engines out/tiny
+      mllama-export engines out/tiny decode --rebuild
+    """
     from mllama_export.exporter.build import rebuild_engines
 
     entry = rebuild_engines(folder, list(graphs) or None, rebuild)  # progress: the logger
