@@ -67,15 +67,41 @@ def weight_bytes(config, dtype=torch.bfloat16) -> dict[str, int]:
     }
 
 
+# a build's phases, by the progress line that starts each
+PHASES = {
+    "calibrate": "calibrating FP8 scales",
+    "export": "exporting the vision graph",
+    "check": "checking the graphs against PyTorch",
+}
+
+
 def run_measured(cmd: list[str]) -> tuple[float, float]:
     """(peak RSS in bytes, seconds) of one child process, from the kernel's accounting."""
+    rss, seconds, _ = run_phased(cmd)
+    return rss, seconds
+
+
+def run_phased(cmd: list[str]) -> tuple[float, float, dict[str, float]]:
+    """run_measured, plus the seconds of each phase of PHASES the child's progress shows
+    (from its line to the next phase's line, or to the end)."""
     start = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{child.stderr.read().decode()[-3000:]}")
-    return usage.ru_maxrss * 1024, seconds
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # progress lines as they happen
+    with tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        marks = [
+            (name, time.perf_counter() - start)
+            for line in child.stdout
+            for name, opening in PHASES.items()
+            if line.strip().startswith(opening)
+        ]
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            sys.exit(f"{' '.join(cmd)} failed:\n{err.read().decode()[-3000:]}")
+    ends = [t for _, t in marks[1:]] + [seconds]
+    phases = {name: end - at for (name, at), end in zip(marks, ends, strict=True)}
+    return usage.ru_maxrss * 1024, seconds, phases
 
 
 def synth(config, out: Path) -> None:
@@ -155,7 +181,7 @@ def measure(layers: int, workdir: Path, baseline: bool, precision: str = "bf16")
     build = [sys.executable, "-m", "mllama_export", "build", "--model", str(ckpt)]
     build += ["--out", str(out), "--precision", precision, "--force"]
     build += ["--check-depth", "reduced"] if precision == "fp8" else []
-    rss, seconds = run_measured(build)
+    rss, seconds, phases = run_phased(build)
     manifest = json.loads((out / "manifest.json").read_text())
     row = {
         "text_layers": layers,
@@ -166,6 +192,7 @@ def measure(layers: int, workdir: Path, baseline: bool, precision: str = "bf16")
         "onnx_bytes": sum(p.stat().st_size for p in (out / "onnx").iterdir()),
         "check": manifest["graphs"]["decode"]["check"].get("depth", "full"),
         "precision": precision,
+        "phases_s": phases,
     }
     shutil.rmtree(out)
     if baseline:
@@ -196,6 +223,16 @@ def report(rows: list[dict]) -> None:
             f"{r['peak_rss'] / first:7.2f}x  {limit if bf16 else '       -  -  '}  "
             f"{r['seconds']:7.0f}  {base}"
         )
+    phased = [r for r in rows if r.get("phases_s")]
+    if phased:
+        print(
+            "seconds by phase: "
+            + "; ".join(
+                f"{r['text_layers']} layers: "
+                + ", ".join(f"{k} {v:.0f}" for k, v in r["phases_s"].items())
+                for r in phased
+            )
+        )
     spread = max(r["peak_rss"] for r in rows) / min(r["peak_rss"] for r in rows) - 1
     print(f"peak RSS spread across depths: {spread:.1%} (limit 10%)")
 
@@ -211,7 +248,12 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="export-memory-"))
     try:
-        rows = [measure(n, workdir, n in args.baseline_layers, args.precision) for n in args.layers]
+        if args.calibration_only:
+            rows = [measure_calibration(n, workdir) for n in args.layers]
+        else:
+            rows = [
+                measure(n, workdir, n in args.baseline_layers, args.precision) for n in args.layers
+            ]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report(rows)
