@@ -81,27 +81,47 @@ def run_measured(cmd: list[str]) -> tuple[float, float]:
     return rss, seconds
 
 
-def run_phased(cmd: list[str]) -> tuple[float, float, dict[str, float]]:
-    """run_measured, plus the seconds of each phase of PHASES the child's progress shows
-    (from its line to the next phase's line, or to the end)."""
+def run_phased(cmd: list[str]) -> tuple[float, float, dict[str, dict]]:
+    """run_measured, plus {phase: {"s": seconds, "peak_rss": bytes}} of each phase of PHASES
+    the child's progress shows, from its line to the next phase's line or the end. A phase's
+    peak is the child's VmHWM when the next phase starts, reset (/proc/PID/clear_refs) as
+    each phase starts; the whole run's peak is the largest of them."""
     start = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # progress lines as they happen
+    marks: list[tuple[str, float]] = []
+    peaks: list[int] = []  # VmHWM read at each mark: the previous phase's peak
     with tempfile.TemporaryFile() as err:
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-        marks = [
-            (name, time.perf_counter() - start)
-            for line in child.stdout
-            for name, opening in PHASES.items()
-            if line.strip().startswith(opening)
-        ]
+        for line in child.stdout:
+            name = next((k for k, v in PHASES.items() if line.strip().startswith(v)), None)
+            if name is not None:
+                marks.append((name, time.perf_counter() - start))
+                peaks.append(_reset_hwm(child.pid))
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
         if os.waitstatus_to_exitcode(status) != 0:
             err.seek(0)
             sys.exit(f"{' '.join(cmd)} failed:\n{err.read().decode()[-3000:]}")
+    last = usage.ru_maxrss * 1024  # since the last reset: the last phase's peak
     ends = [t for _, t in marks[1:]] + [seconds]
-    phases = {name: end - at for (name, at), end in zip(marks, ends, strict=True)}
-    return usage.ru_maxrss * 1024, seconds, phases
+    phases = {
+        name: {"s": end - at, "peak_rss": peak}
+        for (name, at), end, peak in zip(marks, ends, [*peaks[1:], last], strict=True)
+    }
+    return max([last, *peaks]), seconds, phases
+
+
+def _reset_hwm(pid: int) -> int:
+    """The process's peak RSS so far (VmHWM, bytes), then reset to its current RSS; 0 where
+    /proc does not tell (then the phases' peaks are missing, the run's is still right)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            hwm = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:"))
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return hwm
+    except (OSError, StopIteration):
+        return 0
 
 
 def synth(config, out: Path) -> None:
@@ -223,16 +243,12 @@ def report(rows: list[dict]) -> None:
             f"{r['peak_rss'] / first:7.2f}x  {limit if bf16 else '       -  -  '}  "
             f"{r['seconds']:7.0f}  {base}"
         )
-    phased = [r for r in rows if r.get("phases_s")]
-    if phased:
-        print(
-            "seconds by phase: "
-            + "; ".join(
-                f"{r['text_layers']} layers: "
-                + ", ".join(f"{k} {v:.0f}" for k, v in r["phases_s"].items())
-                for r in phased
-            )
-        )
+    for r in rows:
+        if r.get("phases_s"):
+            parts = [
+                f"{k} {v['s']:.0f} s, {v['peak_rss'] / GB:.2f} GB" for k, v in r["phases_s"].items()
+            ]
+            print(f"{r['text_layers']:3d} layers by phase: " + "; ".join(parts))
     spread = max(r["peak_rss"] for r in rows) / min(r["peak_rss"] for r in rows) - 1
     print(f"peak RSS spread across depths: {spread:.1%} (limit 10%)")
 
