@@ -90,23 +90,27 @@ def run_phased(cmd: list[str]) -> tuple[float, float, dict[str, dict]]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # progress lines as they happen
     marks: list[tuple[str, float]] = []
     peaks: list[int] = []  # VmHWM read at each mark: the previous phase's peak
-    with tempfile.TemporaryFile() as err:
-        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    tail: list[str] = []  # the output's last lines, for the error message
+    # progress goes to stderr (the CLI's click.echo(err=True)): both streams, merged
+    child = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    with child.stdout:
         for line in child.stdout:
+            tail = [*tail[-40:], line]
             name = next((k for k, v in PHASES.items() if line.strip().startswith(v)), None)
             if name is not None:
                 marks.append((name, time.perf_counter() - start))
                 peaks.append(_reset_hwm(child.pid))
-        _, status, usage = os.wait4(child.pid, 0)
-        seconds = time.perf_counter() - start
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            sys.exit(f"{' '.join(cmd)} failed:\n{err.read().decode()[-3000:]}")
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{''.join(tail)[-3000:]}")
     last = usage.ru_maxrss * 1024  # since the last reset: the last phase's peak
-    ends = [t for _, t in marks[1:]] + [seconds]
+    ends, phase_peaks = [t for _, t in marks[1:]] + [seconds], [*peaks[1:], last]
     phases = {
         name: {"s": end - at, "peak_rss": peak}
-        for (name, at), end, peak in zip(marks, ends, [*peaks[1:], last], strict=True)
+        for (name, at), end, peak in zip(marks, ends, phase_peaks, strict=False)
     }
     return max([last, *peaks]), seconds, phases
 
@@ -264,17 +268,17 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="export-memory-"))
     try:
-        if args.calibration_only:
-            rows = [measure_calibration(n, workdir) for n in args.layers]
-        else:
-            rows = [
-                measure(n, workdir, n in args.baseline_layers, args.precision) for n in args.layers
-            ]
+        rows = []
+        for n in args.layers:
+            if args.calibration_only:
+                rows.append(measure_calibration(n, workdir))
+            else:
+                rows.append(measure(n, workdir, n in args.baseline_layers, args.precision))
+            if args.json:  # row by row: an interrupted run keeps the depths it measured
+                args.json.write_text(json.dumps(rows, indent=2) + "\n")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report(rows)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
