@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,15 +72,70 @@ def weight_bytes(config, dtype=torch.bfloat16) -> dict[str, int]:
     }
 
 
+# a build's phases, by the progress line that starts each
+PHASES = {
+    "calibrate": "calibrating FP8 scales",
+    "export": "exporting the vision graph",
+    "check": "checking against PyTorch",
+}
+# the line a step logs when it ends (graphs/progress.py step): "what: 12 s", not a new phase
+STEP_END = re.compile(r": (stopped after .*|[\d.]+ s|\d+ min \d+ s|\d+ h \d+ min)$")
+
+
 def run_measured(cmd: list[str]) -> tuple[float, float]:
     """(peak RSS in bytes, seconds) of one child process, from the kernel's accounting."""
+    rss, seconds, _ = run_phased(cmd)
+    return rss, seconds
+
+
+def run_phased(cmd: list[str]) -> tuple[float, float, dict[str, dict]]:
+    """run_measured, plus {phase: {"s": seconds, "peak_rss": bytes}} of each phase of PHASES
+    the child's progress shows, from its line to the next phase's line or the end. A phase's
+    peak is the child's VmHWM when the next phase starts, reset (/proc/PID/clear_refs) as
+    each phase starts; the whole run's peak is the largest of them."""
     start = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # progress lines as they happen
+    marks: list[tuple[str, float]] = []
+    peaks: list[int] = []  # VmHWM read at each mark: the previous phase's peak
+    tail: list[str] = []  # the output's last lines, for the error message
+    # progress goes to stderr (the CLI's click.echo(err=True)): both streams, merged
+    child = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    with child.stdout:
+        for line in child.stdout:
+            tail = [*tail[-40:], line]
+            text = line.strip()
+            name = next((k for k, v in PHASES.items() if text.startswith(v)), None)
+            if STEP_END.search(text):
+                name = None
+            if name is not None:
+                marks.append((name, time.perf_counter() - start))
+                peaks.append(_reset_hwm(child.pid))
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{child.stderr.read().decode()[-3000:]}")
-    return usage.ru_maxrss * 1024, seconds
+        sys.exit(f"{' '.join(cmd)} failed:\n{''.join(tail)[-3000:]}")
+    last = usage.ru_maxrss * 1024  # since the last reset: the last phase's peak
+    ends, phase_peaks = [t for _, t in marks[1:]] + [seconds], [*peaks[1:], last]
+    phases = {
+        name: {"s": end - at, "peak_rss": peak}
+        for (name, at), end, peak in zip(marks, ends, phase_peaks, strict=False)
+    }
+    return max([last, *peaks]), seconds, phases
+
+
+def _reset_hwm(pid: int) -> int:
+    """The process's peak RSS so far (VmHWM, bytes), then reset to its current RSS; 0 where
+    /proc does not tell (then the phases' peaks are missing, the run's is still right)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            hwm = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:"))
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return hwm
+    except (OSError, StopIteration):
+        return 0
 
 
 def synth(config, out: Path) -> None:
@@ -158,7 +214,7 @@ def measure(layers: int, workdir: Path, baseline: bool, precision: str, depth: s
     synth(config, ckpt)
     build = [sys.executable, "-m", "mllama_export", "build", "--model", str(ckpt)]
     build += ["--out", str(out), "--precision", precision, "--check-depth", depth, "--force"]
-    rss, seconds = run_measured(build)
+    rss, seconds, phases = run_phased(build)
     manifest = json.loads((out / "manifest.json").read_text())
     check = manifest["graphs"]["decode"]["check"]
     row = {
@@ -172,6 +228,7 @@ def measure(layers: int, workdir: Path, baseline: bool, precision: str, depth: s
         "estimate": check.get("memory_estimate_bytes"),
         "cases": {g: len(e["check"].get("cases", [])) for g, e in manifest["graphs"].items()},
         "precision": precision,
+        "phases_s": phases,
     }
     shutil.rmtree(out)
     if baseline:
@@ -203,6 +260,12 @@ def report(rows: list[dict], precision: str) -> None:
             f"{r['peak_rss'] / first:7.2f}x  {limit if bf16 else '       -  -  '}  "
             f"{r['seconds']:7.0f}  {base}"
         )
+    for r in rows:
+        if r.get("phases_s"):
+            parts = [
+                f"{k} {v['s']:.0f} s, {v['peak_rss'] / GB:.2f} GB" for k, v in r["phases_s"].items()
+            ]
+            print(f"{r['text_layers']:3d} layers by phase: " + "; ".join(parts))
     spread = max(r["peak_rss"] for r in rows) / min(r["peak_rss"] for r in rows) - 1
     print(f"peak RSS spread across depths: {spread:.1%} (limit 10%)")
 
@@ -245,18 +308,19 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="export-memory-"))
     try:
-        if args.calibration_only:
-            rows = [measure_calibration(n, workdir) for n in args.layers]
-        else:
-            rows = [
-                measure(n, workdir, n in args.baseline_layers, args.precision, args.check_depth)
-                for n in args.layers
-            ]
+        rows = []
+        for n in args.layers:
+            if args.calibration_only:
+                rows.append(measure_calibration(n, workdir))
+            else:
+                rows.append(
+                    measure(n, workdir, n in args.baseline_layers, args.precision, args.check_depth)
+                )
+            if args.json:  # row by row: an interrupted run keeps the depths it measured
+                args.json.write_text(json.dumps(rows, indent=2) + "\n")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report(rows, "bf16" if args.calibration_only else args.precision)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,9 @@ def _tapped_session(path: Path, names: list[str], dtype: torch.dtype):
     # FP8 Q/DQ runs on ONNX Runtime's CPU kernels only at BASIC (exporter/fp8.py)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = 3
+    # no arena: it would keep a run's peak (at 11B the vision graph's attention, ~9 GB)
+    # allocated while PyTorch runs the same graph after it
+    options.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(str(tapped), options, providers=["CPUExecutionProvider"])
     finally:
@@ -145,21 +148,24 @@ def _forced_run(graph, feed, ort, layers, modules, worst) -> None:
     def note(kind: str, name: str, value: float) -> None:
         worst[kind][name] = max(worst[kind].get(name, 0.0), value)
 
-    def forced(name: str, tap):
-        def hook(module, args, output):
+    # each GEMM's forward replaced, not hooked after it: PyTorch's own 16-bit GEMM would be
+    # thrown away, and on a CPU it is most of the graph's time at 11B
+    def forced(module, name: str, tap):
+        def forward(x: torch.Tensor) -> torch.Tensor:
             x_ort = torch.from_numpy(ort[tap.activation])
             y_ort = ort[tap.output]
-            note("input", name, _rel_l2(args[0].numpy(), x_ort.numpy()))
+            note("input", name, _rel_l2(x.numpy(), x_ort.numpy()))
             note("gemm", name, _rel_l2(y_ort, _exact(module, x_ort).numpy()))
             y = torch.from_numpy(y_ort)
             return y if module.bias is None else y + module.bias
 
-        return hook
+        return forward
 
     with contextlib.ExitStack() as stack:
         for name, tap in layers:
-            handle = modules[name].register_forward_hook(forced(name, tap))
-            stack.callback(handle.remove)
+            module = modules[name]
+            module.forward = forced(module, name, tap)
+            stack.callback(delattr, module, "forward")
         args = [torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in graph.INPUTS]
         with torch.inference_mode():
             outputs = graph(*args)
