@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from mllama_export.engines.profiles import Limits
@@ -93,13 +92,11 @@ def build(options: BuildOptions) -> Path:
             raise
         manifest = read_manifest(out)
         if manifest["tensorrt"].get("status") == "pending":
-            build_engines(out, pending_engines(manifest), info)
+            build_engines(out, pending_engines(manifest))
     return out
 
 
-def rebuild_engines(
-    folder: Path, names=None, rebuild: bool = False, progress: Callable[[str], None] = info
-) -> dict:
+def rebuild_engines(folder: Path, names=None, rebuild: bool = False) -> dict:
     """`mllama-export engines DIR`: builds the engines of an existing artifact folder (the
     retry after a failed engine, or engines built on another machine than the ONNX), after
     checking its files against the manifest; the ONNX stays as it is."""
@@ -131,9 +128,9 @@ def rebuild_engines(
     with build_lock(folder):
         todo = pending_engines(read_manifest(folder), names, rebuild)
         if not todo:
-            progress("every engine is built by this TensorRT on this GPU (--rebuild rebuilds)")
+            info("every engine is built by this TensorRT on this GPU (--rebuild rebuilds)")
             return read_manifest(folder)["tensorrt"]
-        return build_engines(folder, todo, progress)
+        return build_engines(folder, todo)
 
 
 def _check_before_work(options: BuildOptions, out: Path) -> tuple[ResolvedModel, CheckPlan]:
@@ -204,7 +201,7 @@ def _build_into(options: BuildOptions, work: Path, source: ResolvedModel, plan: 
             shutil.copy(checkpoint / side, work / side)
     if checkpoint.parent == work:
         shutil.rmtree(checkpoint)
-    tensorrt = prepare_engines(work, graphs, config, options, info)
+    tensorrt = prepare_engines(work, graphs, config, options)
     manifest = _manifest(options, source, config, graphs, quantization, tensorrt)
     write_manifest(work, manifest)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from mllama_export.engines.profiles import (
 )
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.progress import info
 
 from .manifest import MANIFEST, read_manifest, write_manifest
 
@@ -48,8 +48,6 @@ ENGINE_MODES = ("auto", "skip", "require")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 # FP8 tensor-core GEMMs: Ada (8.9) and Hopper (9.0) on; an A100 (8.0) has none
 FP8_CAPABILITY = (8, 9)
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -254,7 +252,6 @@ def prepare_engines(
     graphs: dict[str, dict],
     config: MllamaConfig,
     options,
-    progress: Progress = print,
     *,
     scheme: ProfileScheme = DEFAULT_SCHEME,
     optimization_level: int | None = None,
@@ -281,7 +278,7 @@ def prepare_engines(
     mode = getattr(options, "engines", "auto")
     if mode == "skip":
         reason = f"--engines skip; {retry_command(Path(options.out))} builds them"
-        progress(f"no TensorRT engines built: {reason}")
+        info(f"no TensorRT engines built: {reason}")
         return {**entry, "status": "skipped", "reason": reason}
     reason = tensorrt_unavailable(needs_fp8=any(p.precision == "fp8" for p in plans))
     if reason is not None:
@@ -289,7 +286,7 @@ def prepare_engines(
             f"{reason}; {retry_command(Path(options.out))} builds them where TensorRT "
             f"runs, or {TRTEXEC_SCRIPT} by hand"
         )
-        progress(f"no TensorRT engines built: {reason}")
+        info(f"no TensorRT engines built: {reason}")
         return {**entry, "status": "unavailable", "reason": reason}
     version, device = _here()
     _reuse_timing_cache(Path(options.out), work, version, device)
@@ -341,7 +338,7 @@ def pending_engines(manifest: dict, names=None, rebuild: bool = False) -> list[s
     return [n for n in names if stale or (engines.get(n) or {}).get("status") != "built"]
 
 
-def build_engines(folder: Path, names: list[str], progress: Progress = print) -> dict[str, Any]:
+def build_engines(folder: Path, names: list[str]) -> dict[str, Any]:
     """Builds the engines `names` into the committed artifact `folder`, one after the other,
     and returns the manifest's final `tensorrt` entry. The caller holds the folder's build
     lock and has checked the machine (tensorrt_unavailable) and the ONNX files (sha256).
@@ -358,7 +355,7 @@ def build_engines(folder: Path, names: list[str], progress: Progress = print) ->
     plans = {p.graph: p for p in _plans_from_manifest(manifest)}
     for name in names:
         plan = plans[name]
-        progress(
+        info(
             f"building the {name} TensorRT engine ({plan.precision} graph, strongly typed, "
             f"{len(plan.profiles)} profiles)"
         )

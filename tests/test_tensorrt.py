@@ -155,17 +155,20 @@ def run_script(folder: Path, tmp_path: Path, *graphs: str, flags: str = "") -> l
 
 @pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX sh")
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "fp8"])
-def test_trtexec_sh_is_strongly_typed_without_precision_flags(no_tensorrt, tmp_path, precision):
+def test_trtexec_sh_is_strongly_typed_without_precision_flags(
+    no_tensorrt, tmp_path, precision, caplog
+):
     folder = tmp_path / "art"
     folder.mkdir()
-    messages = []
     options = options_for(folder, precision, batch=3, seq=300, images=2)
     graphs = {**ONNX}
     if precision == "fp8":  # as an fp8 build records them: FP8 text graphs, fp16 vision
         graphs = {
             n: {**g, "precision": "fp16" if n == "vision" else "fp8"} for n, g in ONNX.items()
         }
-    entry = prepare_engines(folder, graphs, TINY, options, messages.append)
+    with caplog.at_level("INFO", logger="mllama_export"):
+        entry = prepare_engines(folder, graphs, TINY, options)
+    messages = [r.getMessage() for r in caplog.records]
     assert entry["status"] == "unavailable" and entry["built"] is False
     assert entry["reason"].startswith("TensorRT is not installed")
     assert "\n" not in entry["reason"] and f"mllama-export engines {folder}" in entry["reason"]
@@ -200,7 +203,7 @@ def test_trtexec_sh_is_strongly_typed_without_precision_flags(no_tensorrt, tmp_p
 def test_trtexec_sh_builds_one_graph_with_extra_flags(no_tensorrt, tmp_path):
     folder = tmp_path / "art"
     folder.mkdir()
-    prepare_engines(folder, ONNX, TINY, options_for(folder, "bf16"), lambda m: None)
+    prepare_engines(folder, ONNX, TINY, options_for(folder, "bf16"))
     (call,) = run_script(folder, tmp_path, "decode", flags="--verbose")
     args = call["args"]
     assert args[0] == "--verbose" and "--onnx=onnx/decode.onnx" in args
@@ -305,8 +308,7 @@ def test_every_precision_builds_strongly_typed_engines(
     source = fp8_dir if precision == "fp8" else ort_artifacts
     folder = copy_as(source, tmp_path, None if precision == "fp8" else precision)
     before = {k: v for k, v in read_manifest(folder)["files"].items() if k.startswith("onnx/")}
-    messages: list[str] = []
-    entry = rebuild_engines(folder, progress=messages.append)
+    entry = rebuild_engines(folder)
     assert entry["built"] and entry["status"] == "built" and "reason" not in entry
     assert entry["version"] == standin.VERSION and entry["device"] == "Stand-in H100"
     assert entry["compute_capability"] == "9.0"
