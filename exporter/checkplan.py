@@ -59,8 +59,9 @@ ORT_LOAD_BYTES = 6
 # PyTorch's CPU GEMMs repack the weight they multiply (the largest: lm_head), per itemsize,
 TORCH_REPACK = {2: 0.7, 4: 0.2}
 # and the export (with onnxscript's libraries on top) holds the largest tensor whole (lm_head,
-# transposed) plus one block of rows.
-EXPORT_LIBRARY_BYTES = int(0.5 * GB)
+# transposed) plus one block of rows. The libraries' share is 0.54 to 0.62 GB, by the
+# versions installed (a fresh CI environment measured the most),
+EXPORT_LIBRARY_BYTES = int(0.62 * GB)
 EXPORT_LARGEST = 1.15
 # What the check may plan to use of the memory available: the estimate is within about 10%
 # of the measured peaks, and other processes' memory moves while a build runs.
