@@ -11,7 +11,6 @@ import trt_standin as standin
 from click.testing import CliRunner
 
 from mllama_export.cli import main
-from mllama_export.engines import tensorrt as trt_module
 from mllama_export.exporter import engines as engines_stage
 from mllama_export.exporter.manifest import read_manifest, sha256, verify_files
 
@@ -34,13 +33,8 @@ def one_line_error(result) -> str:
 @pytest.fixture
 def trt11(monkeypatch):
     """TensorRT 11 on a Hopper GPU, stood in on the CPU (tests/trt_standin.py)."""
-    fake = standin.fake_tensorrt()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    # a Hopper GPU, as the engine stage sees it (torch itself stays on the CPU)
-    monkeypatch.setattr(engines_stage, "cuda_device", lambda: ("Stand-in H100", (9, 0)))
     failures: dict[str, str] = {}
-    calls = standin.install_build_standin(monkeypatch, failures)
-    monkeypatch.setattr(trt_module, "TensorRTBackend", standin.CpuTensorRTBackend)
+    _, calls = standin.install_trt11(monkeypatch, failures)
     return failures, calls
 
 

@@ -7,7 +7,6 @@ ONNX Runtime generates; the artifacts need no prefill engine but keep the prefil
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -16,11 +15,9 @@ from click.testing import CliRunner
 from conftest import random_images
 
 from mllama_export.cli import main
-from mllama_export.engines import tensorrt as trt_module
 from mllama_export.engines.profiles import ShapeProfile, graph_profiles
 from mllama_export.engines.runner import Limits, Runner
 from mllama_export.errors import MllamaExportError
-from mllama_export.exporter import engines as engines_stage
 from mllama_export.exporter.manifest import read_manifest, verify_files
 from mllama_export.exporter.options import BuildOptions
 
@@ -29,10 +26,7 @@ SEQ = 300  # prefill buckets 1-64 | 65-128 | 129-256 | 257-300; past 2-256 | 257
 
 
 def _stand_in(mp) -> list:
-    mp.setitem(sys.modules, "tensorrt", standin.fake_tensorrt())
-    mp.setattr(engines_stage, "cuda_device", lambda: ("Stand-in H100", (9, 0)))
-    mp.setattr(trt_module, "TensorRTBackend", standin.CpuTensorRTBackend)
-    return standin.install_build_standin(mp)
+    return standin.install_trt11(mp)[1]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ from mllama_export.engines.profiles import ShapeProfile, all_profiles, graph_pro
 from mllama_export.engines.runner import Limits, Runner
 from mllama_export.engines.tensorrt import TensorRTBackend, tensorrt_backends
 from mllama_export.errors import MllamaExportError
-from mllama_export.exporter import engines as engines_stage
 from mllama_export.exporter.build import build, rebuild_engines
 from mllama_export.exporter.engines import (
     TIMING_CACHE,
@@ -75,14 +74,8 @@ def trt11(monkeypatch):
     """TensorRT 11 stood in on the CPU: the module, a GPU of compute capability 9.0, and
     Polygraphy's loaders as TensorRT 11 would make them behave. Yields a controller:
     `.failures[graph] = message` makes that engine fail with TensorRT's message."""
-    fake = standin.fake_tensorrt()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    # a Hopper GPU, as the engine stage sees it (torch itself stays on the CPU)
-    monkeypatch.setattr(engines_stage, "cuda_device", lambda: ("Stand-in H100", (9, 0)))
     failures: dict[str, str] = {}
-    calls = standin.install_build_standin(monkeypatch, failures)
-    # the runtime on the CPU: artifacts' loaders make the CPU subclass of the real backend
-    monkeypatch.setattr(trt_module, "TensorRTBackend", standin.CpuTensorRTBackend)
+    fake, calls = standin.install_trt11(monkeypatch, failures)
     controller = type("TRT11", (), {})()
     controller.trt, controller.failures, controller.calls = fake, failures, calls
     return controller

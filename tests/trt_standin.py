@@ -275,6 +275,25 @@ def _read(reader, size: int, reads: list[int]) -> bytes | None:
 # -------------------------------------------------------------------------------- build
 
 
+def install_trt11(monkeypatch, failures: dict[str, str] | None = None):
+    """TensorRT 11 on a Hopper GPU, stood in on the CPU: the module, a GPU of compute
+    capability 9.0 as the engine stage sees it (torch itself stays on the CPU), Polygraphy's
+    loaders (install_build_standin) and the runtime's backend on the CPU. Returns (the fake
+    module, the list the build calls are recorded into)."""
+    import sys
+
+    from mllama_export.engines import tensorrt as trt_module
+    from mllama_export.exporter import engines as engines_stage
+
+    fake = fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(engines_stage, "cuda_device", lambda: ("Stand-in H100", (9, 0)))
+    calls = install_build_standin(monkeypatch, failures)
+    # the runtime on the CPU: artifacts' loaders make the CPU subclass of the real backend
+    monkeypatch.setattr(trt_module, "TensorRTBackend", CpuTensorRTBackend)
+    return fake, calls
+
+
 def install_build_standin(monkeypatch, failures: dict[str, str] | None = None) -> list:
     """Polygraphy's TensorRT loaders replaced by recorders that enforce TensorRT 11's rules
     and write stand-in engines; returns the list the calls are recorded into."""
