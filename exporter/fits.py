@@ -111,12 +111,12 @@ def what_fits(req: PlanRequest) -> list[str]:
     images = largest(lambda n: _fits(req, max_images=n), req.max_images - 1)
     if images:
         options.append(f"--max-images {images} (from {req.max_images})")
-    if req.precision != "fp8" and req.plan(precision="fp8").fits:
-        options.append(f"--precision fp8 ({_gb(req.plan(precision='fp8').total_bytes)})")
-    for engine in TEXT_ENGINES:
-        if engine != req.text_engine and req.plan(text_engine=engine).fits:
-            total = req.plan(text_engine=engine).total_bytes
-            options.append(f"--text-engine {engine} ({_gb(total)})")
+    others = [("precision", "fp8")] if req.precision != "fp8" else []
+    others += [("text_engine", e) for e in TEXT_ENGINES if e != req.text_engine]
+    for option, value in others:
+        other = req.plan(**{option: value})
+        if other.fits:
+            options.append(f"--{option.replace('_', '-')} {value} ({_gb(other.total_bytes)})")
     for name, gpu in GPUS.items():
         if gpu.memory_bytes > GPUS[req.gpu].memory_bytes and req.plan(gpu=name).fits:
             options.append(f"--gpu {name} ({gpu.name}, {gpu.memory_bytes / GB:.0f} GB)")
