@@ -63,7 +63,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     from mllama_export import console
 
     ctx.obj = {"debug": debug}
-    console.install()
+    ctx.call_on_close(console.install())
 
 
 def _register() -> None:

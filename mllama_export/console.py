@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 import click
 
@@ -103,14 +104,26 @@ def _amount(total: float, unit: str) -> str:
     return f"{total:g} {unit}"
 
 
-def install(quiet: bool = False) -> None:
-    """One console handler on the project's logger (replacing any earlier one)."""
+def install(quiet: bool = False) -> Callable[[], None]:
+    """One console handler on the project's logger (replacing any earlier one).
+
+    Returns what puts the logger back as it was: the CLI calls it when a command ends, so
+    that running the CLI in-process (a test, a notebook) leaves no handler behind and the
+    host's own logging (which we keep out of while a command runs) sees records again."""
     logger = logging.getLogger(LOGGER_NAME)
+    before = (list(logger.handlers), logger.level, logger.propagate)
     for handler in [h for h in logger.handlers if isinstance(h, ConsoleHandler)]:
         logger.removeHandler(handler)
     logger.addHandler(ConsoleHandler())
     logger.setLevel(logging.WARNING if quiet else UPDATE)
     logger.propagate = False
+
+    def restore() -> None:
+        logger.handlers[:] = before[0]
+        logger.setLevel(before[1])
+        logger.propagate = before[2]
+
+    return restore
 
 
 def quiet() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from click.testing import CliRunner
@@ -135,3 +136,16 @@ def test_user_errors_are_one_line_with_exit_2(args, fragment, ort_artifacts, tmp
     assert fragment in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args", [["plan", "--model", "11b"], ["plan", "--model", "nope"]])
+def test_the_cli_in_process_leaves_the_logger_as_it_found_it(args, caplog):
+    # A command quiets the host's logging while it runs; after it, a host (a test, a
+    # notebook) must see the library's records again, whether the command ended well or not.
+    logger = logging.getLogger("mllama_export")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    invoke(*args)
+    assert (list(logger.handlers), logger.level, logger.propagate) == before
+    with caplog.at_level("INFO", logger="mllama_export"):
+        logger.info("after the command")
+    assert [r.getMessage() for r in caplog.records] == ["after the command"]
