@@ -306,6 +306,8 @@ def main() -> None:
     parser.add_argument("--check-depth", choices=["auto", "full", "reduced"], default="auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="export-memory-"))
     try:
         rows = []
