@@ -17,7 +17,12 @@ import pytest
 
 GOLDEN = Path(__file__).parent / "golden"
 VOLATILE = {"built_at", "versions", "export_s", "reason"}
-PATHS = {("build_options", "out"), ("build_options", "model"), ("model", "source")}
+PATHS = {
+    ("build_options", "out"),
+    ("build_options", "model"),
+    ("model", "source"),
+    ("model", "checkpoint"),
+}
 
 
 def normalized(manifest: dict, path: tuple[str, ...] = ()) -> object:
