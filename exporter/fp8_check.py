@@ -273,13 +273,13 @@ def check_feeds(model: torch.nn.Module, limits: Limits, dtype: torch.dtype) -> d
     """{graph: [feeds]} of the check cases generated greedily by ``model`` (PyTorch, the
     build's precision): the vision graph's of the one-image case, every prefill, and the
     first two decode steps of each case."""
-    from mllama_export.graphs.model import DecodeGraph, PrefillGraph, VisionGraph
+    from mllama_export.graphs.model import GRAPH_MODULES
 
     io = str(dtype).removeprefix("torch.")
-    graphs = [VisionGraph(model), PrefillGraph(model), DecodeGraph(model)]
+    graphs = [cls(model) for cls in GRAPH_MODULES.values()]
     rec = [_Recorder(TorchBackend(g)) for g in graphs]
     runner = Runner(model.config, *rec, limits, model_dtype=io)
-    feeds = {"vision": [], "prefill": [], "decode": []}
+    feeds = {name: [] for name in GRAPH_MODULES}
     for i, case in enumerate(check_cases(model.config, limits)):
         before = [len(r.feeds) for r in rec]
         # the padded batch's vision K/V are only an input of the text graphs' check

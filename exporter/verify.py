@@ -19,12 +19,11 @@ import torch
 from mllama_export.engines.onnxrt import OnnxRuntimeBackend
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.model import MllamaModel
+from mllama_export.graphs.model import GRAPH_MODULES, MllamaModel
 from mllama_export.graphs.progress import bar, step
 
 from .onnx_export import example_inputs
 from .options import BuildOptions
-from .streaming import GRAPHS
 
 # The same arithmetic in two runtimes: float32 differs in rounding only; 16-bit rounds each op.
 # fp8 graphs are checked by exporter/fp8_check.py instead, with every FP8 GEMM output shared.
@@ -69,7 +68,7 @@ def reference_outputs(
 ) -> Expected:
     """Phase 1: PyTorch's outputs of every graph on every case, then the model is released."""
     expected: Expected = {}
-    for name, graph_cls in GRAPHS.items():
+    for name, graph_cls in GRAPH_MODULES.items():
         graph = graph_cls(reference.model)
         expected[name] = []
         for seed, sizes in bar(
@@ -91,7 +90,7 @@ def compare_onnx(
     # FP8 Q/DQ runs on ONNX Runtime only at graph optimization BASIC (exporter/fp8.py)
     optimization = "basic" if options.precision == "fp8" else "all"
     checks = {}
-    for name, graph_cls in GRAPHS.items():
+    for name, graph_cls in GRAPH_MODULES.items():
         path = onnx_dir / f"{name}.onnx"
         with step(f"ONNX Runtime loads {path.name}"):
             backend = OnnxRuntimeBackend(
