@@ -166,9 +166,9 @@ def _forced_run(graph, feed, ort, layers, modules, worst) -> None:
             module = modules[name]
             module.forward = forced(module, name, tap)
             stack.callback(delattr, module, "forward")
-        args = [torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in graph.INPUTS]
+        args = {s.name: torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in graph.INPUTS}
         with torch.inference_mode():
-            outputs = graph(*args)
+            outputs = graph(**args)
     for spec, out in zip(graph.OUTPUTS, outputs, strict=True):
         note("output", spec.name, _rel_l2(ort[spec.name], out.float().numpy()))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -238,6 +239,20 @@ def graph_spec(name: str) -> GraphSpec:
     if name not in GRAPHS:
         raise MllamaExportError(f"unknown graph {name!r}; expected one of {list(GRAPHS)}")
     return GRAPHS[name]
+
+
+def check_forward(module: object, inputs: tuple[TensorSpec, ...]) -> None:
+    """A graph module's forward must take exactly its contract's inputs, in order: export
+    names the ONNX inputs by position, so a forward with two parameters swapped would
+    otherwise export, run and check as a graph whose inputs mean each other's."""
+    forward = type(module).forward
+    params = list(inspect.signature(forward).parameters)[1:]
+    expected = [s.name for s in inputs]
+    if params != expected:
+        raise MllamaExportError(
+            f"{type(module).__name__}.forward takes {params}; its contract declares the "
+            f"inputs {expected}, in that order"
+        )
 
 
 def contract_markdown() -> str:

@@ -209,7 +209,7 @@ else:
     for name, cls in GRAPH_MODULES.items():
         backend = OnnxRuntimeBackend(onnx_dir / f"{name}.onnx", cls.INPUTS, cls.OUTPUTS)
         args = verify.inputs(cls, config, options.dtype, 1, CHECK_CASES[0])
-        backend.infer({s.name: a.numpy() for s, a in zip(cls.INPUTS, args)})
+        backend.infer({k: a.numpy() for k, a in args.items()})
         del backend
 # VmHWM: this process's own peak; ru_maxrss would carry the parent's across fork and exec
 status = Path("/proc/self/status").read_text()
