@@ -13,7 +13,7 @@ import statistics
 import sys
 from pathlib import Path
 
-ORDER = ("vision", "prefill", "decode")
+from mllama_export.graphs.contract import GRAPH_NAMES
 
 
 def _kind(stage: str) -> str:
@@ -34,7 +34,7 @@ def table(drift: dict) -> str:
         "| KL max (nats) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for kind, ms in sorted(rows.items(), key=lambda kv: ORDER.index(kv[0])):
+    for kind, ms in sorted(rows.items(), key=lambda kv: GRAPH_NAMES.index(kv[0])):
         rel = [m["rel_l2"] for m in ms]
         cells = [
             f"{_fmt(max(rel))} ({_fmt(statistics.median(rel))})",

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from mllama_export.graphs.config import preset, truncated
+from mllama_export.graphs.contract import GRAPH_NAMES
 from mllama_export.graphs.model import MllamaModel
 
 GB = 1e9
@@ -155,13 +156,13 @@ import sys, torch
 from pathlib import Path
 from mllama_export.exporter.onnx_export import dims_for, example_inputs
 from mllama_export.exporter.options import BuildOptions
-from mllama_export.exporter.streaming import GRAPHS
+from mllama_export.graphs.model import GRAPH_MODULES
 from mllama_export.graphs.weights import load_model
 ckpt, out = Path(sys.argv[1]), Path(sys.argv[2])
 model = load_model(ckpt, dtype=torch.bfloat16)
 options = BuildOptions(model=str(ckpt), out=out, precision="bf16")
 dims = dims_for(model.config, options)
-for name, cls in GRAPHS.items():
+for name, cls in GRAPH_MODULES.items():
     graph = cls(model)
     args = example_inputs(graph.INPUTS, model.config, torch.bfloat16)
     shapes = {s.name: {i: dims[d] for i, d in s.dynamic_axes().items()} for s in graph.INPUTS}
@@ -279,7 +280,7 @@ def report_checked(rows: list[dict]) -> None:
     )
     for r in rows:
         depth = "full" if r["check"] == "full" else "reduced" if r["check"] != "none" else "none"
-        cases = "/".join(str(r["cases"][g]) for g in ("vision", "prefill", "decode"))
+        cases = "/".join(str(r["cases"][g]) for g in GRAPH_NAMES)
         est = r["estimate"] or 0
         print(
             f"{r['text_layers']:11d}  {r['vision_layers']:>6s}  {r['total'] / GB:10.2f}  "

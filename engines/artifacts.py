@@ -10,8 +10,7 @@ from pathlib import Path
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.manifest import check_external_data, read_manifest, verify_files
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import TensorSpec
-from mllama_export.graphs.model import DecodeGraph, PrefillGraph, VisionGraph
+from mllama_export.graphs.contract import GRAPHS, TensorSpec
 
 from .onnxrt import OnnxRuntimeBackend
 from .pipeline import TextRunner
@@ -60,7 +59,6 @@ def load_runner(
     return runner
 
 
-GRAPH_CLASSES = (("vision", VisionGraph), ("prefill", PrefillGraph), ("decode", DecodeGraph))
 Specs = dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]
 
 
@@ -74,7 +72,7 @@ def legacy_decode(manifest: dict) -> bool:
 def graph_specs(manifest: dict) -> Specs:
     """Each graph's inputs and outputs: the contract's, or for an older decode graph the ones
     its manifest recorded."""
-    specs = {name: (cls.INPUTS, cls.OUTPUTS) for name, cls in GRAPH_CLASSES}
+    specs = {name: (g.inputs, g.outputs) for name, g in GRAPHS.items()}
     if legacy_decode(manifest):
         entry = manifest["graphs"]["decode"]
         specs["decode"] = tuple(
@@ -110,10 +108,7 @@ def _reference_backends(folder: Path, manifest: dict, specs: Specs, device: str)
     graphs = manifest["graphs"]
     for graph in graphs.values():
         check_external_data(folder, folder / graph["file"])
-    return [
-        OnnxReferenceBackend(folder / graphs[name]["file"], *specs[name])
-        for name, _ in GRAPH_CLASSES
-    ]
+    return [OnnxReferenceBackend(folder / graphs[name]["file"], *specs[name]) for name in GRAPHS]
 
 
 def _onnxruntime_backends(
@@ -146,7 +141,7 @@ def _onnxruntime_backends(
             io_binding=bind,
             tokens_per_image=tokens,
         )
-        for name, _ in GRAPH_CLASSES
+        for name in GRAPHS
     ]
 
 

@@ -7,7 +7,7 @@ from typing import Protocol
 import numpy as np
 
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.contract import TensorSpec
+from mllama_export.graphs.contract import TensorSpec, check_forward
 
 
 class Backend(Protocol):
@@ -43,6 +43,7 @@ class TorchBackend:
         import torch
 
         self._torch = torch
+        check_forward(graph, graph.INPUTS)
         self.graph = graph.eval()
         self.inputs, self.outputs = graph.INPUTS, graph.OUTPUTS
         self.label = type(graph).__name__
@@ -50,7 +51,7 @@ class TorchBackend:
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(self.label, self.inputs, feed)
         torch = self._torch
-        args = [torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in self.inputs]
+        args = {s.name: torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in self.inputs}
         with torch.inference_mode():
-            outs = self.graph(*args)
+            outs = self.graph(**args)
         return {s.name: out.numpy() for s, out in zip(self.outputs, outs, strict=True)}

@@ -37,18 +37,8 @@ from typing import Any, Protocol
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs import contract
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import TensorSpec, static_dims
+from mllama_export.graphs.contract import GRAPHS, TensorSpec, graph_spec, static_dims
 
-GRAPH_INPUTS: dict[str, tuple[TensorSpec, ...]] = {
-    "vision": contract.VISION_INPUTS,
-    "prefill": contract.PREFILL_INPUTS,
-    "decode": contract.DECODE_INPUTS,
-}
-GRAPH_OUTPUTS: dict[str, tuple[TensorSpec, ...]] = {
-    "vision": contract.VISION_OUTPUTS,
-    "prefill": contract.PREFILL_OUTPUTS,
-    "decode": contract.DECODE_OUTPUTS,
-}
 # build --text-engine: a prefill and a decode engine, each with its own copy of the text
 # weights, or one engine of the decode (step) graph serving both phases (docs/tensorrt.md)
 TEXT_ENGINES = ("split", "shared")
@@ -254,8 +244,7 @@ def graph_profiles(
     volume limit on the logits). With `text_engine` "shared" the decode graph's engine also
     serves prefill (`shared_phases`) and there is no prefill engine."""
     check_text_engine(text_engine)
-    if graph not in GRAPH_INPUTS:
-        raise MllamaExportError(f"unknown graph {graph!r}; expected one of {list(GRAPH_INPUTS)}")
+    spec = graph_spec(graph)
     if graph not in engine_graphs(text_engine):
         raise MllamaExportError(
             f"a shared text engine has no {graph} engine: the decode engine serves prefill"
@@ -270,16 +259,14 @@ def graph_profiles(
         ranges: dict[str, Range] = {
             d: _range(d, lo, hi, whole[d], scheme) for d, (lo, hi) in cell.items()
         }
-        if graph != "vision":
+        if "num_logits" in spec.dims:
             ranges["num_logits"] = _logits_range(ranges, fixed["vocab"])
-        if graph == "decode":
+        if "total_sequence" in spec.dims:
             past, new = ranges["past_sequence"], ranges["new_tokens"]
             ranges["total_sequence"] = tuple(p + n for p, n in zip(past, new, strict=True))
         lo, opt, hi = ranges["num_images"]
         ranges["image_tokens"] = (lo * per_image, opt * per_image, hi * per_image)
-        profiles.append(
-            ShapeProfile.from_ranges(graph, index, ranges, GRAPH_INPUTS[graph], fixed, phase)
-        )
+        profiles.append(ShapeProfile.from_ranges(graph, index, ranges, spec.inputs, fixed, phase))
     return profiles
 
 
@@ -293,7 +280,8 @@ def check_text_engine(text_engine: str) -> None:
 def engine_graphs(text_engine: str = "split") -> tuple[str, ...]:
     """The graphs that get a TensorRT engine: all three, or vision and the shared step."""
     check_text_engine(text_engine)
-    return ("vision", "prefill", "decode") if text_engine == "split" else ("vision", "decode")
+    shared = text_engine == "shared"
+    return tuple(name for name, g in GRAPHS.items() if not (shared and g.shared_engine))
 
 
 def step_tokens(config: MllamaConfig, limits: HasLimits, scheme: ProfileScheme = DEFAULT_SCHEME):
@@ -471,7 +459,7 @@ def tensor_shapes(
     per_image = config.vision.max_num_tiles * config.vision.num_patches
     sizes = {**static_dims(config), **{d: r[2] for d, r in profile.ranges.items()}}
     sizes.setdefault("image_tokens", sizes["num_images"] * per_image)
-    specs = (*GRAPH_INPUTS[profile.graph], *GRAPH_OUTPUTS[profile.graph])
+    specs = (*GRAPHS[profile.graph].inputs, *GRAPHS[profile.graph].outputs)
     shapes = {
         s.name: (s.shape(sizes), tuple(d for d in s.dims if d in contract.DYNAMIC_DIMS))
         for s in specs

@@ -9,7 +9,7 @@ from pathlib import Path
 from mllama_export.engines.profiles import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import TensorSpec
+from mllama_export.graphs.contract import GRAPHS, TensorSpec
 from mllama_export.graphs.progress import info, step
 from mllama_export.graphs.resolve import ResolvedModel, resolve_model
 from mllama_export.graphs.synth import write_checkpoint
@@ -49,7 +49,7 @@ from .outdir import (
     replace,
     stale_leftovers,
 )
-from .streaming import DATA_FILES, GRAPHS, StreamingExport
+from .streaming import StreamingExport
 from .verify import BF16_UNCHECKED, Reference, check_graphs
 
 SIDE_FILES = (
@@ -293,7 +293,7 @@ def _spec_json(spec: TensorSpec, dtype: str) -> dict:
 
 def _graph_entry(name: str, export: dict) -> dict:
     # weight_bytes_written: the decode graph points at the text weights prefill wrote
-    return {"file": f"onnx/{name}.onnx", "weights": f"onnx/{DATA_FILES[name]}", **export}
+    return {"file": f"onnx/{name}.onnx", "weights": f"onnx/{GRAPHS[name].data_file}", **export}
 
 
 def _manifest(
@@ -306,9 +306,9 @@ def _manifest(
 ) -> dict:
     dtype = str(options.dtype).removeprefix("torch.")  # fp8: float16 outside the FP8 GEMMs
     semantics = options.xattn_mask
-    for name, graph_cls in GRAPHS.items():
-        graphs[name]["inputs"] = [_spec_json(s, dtype) for s in graph_cls.INPUTS]
-        graphs[name]["outputs"] = [_spec_json(s, dtype) for s in graph_cls.OUTPUTS]
+    for name, graph in GRAPHS.items():
+        graphs[name]["inputs"] = [_spec_json(s, dtype) for s in graph.inputs]
+        graphs[name]["outputs"] = [_spec_json(s, dtype) for s in graph.outputs]
     return {
         "model": {
             # source: as given; checkpoint: the absolute folder (None for a preset), so that

@@ -24,7 +24,8 @@ import torch
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.model import MllamaModel
+from mllama_export.graphs.contract import GRAPH_NAMES
+from mllama_export.graphs.model import GRAPH_MODULES, MllamaModel
 
 from .options import BuildOptions
 from .weightfile import graph_names
@@ -127,14 +128,12 @@ class GraphSizes:
 
 
 def graph_sizes(config: MllamaConfig) -> GraphSizes:
-    from .streaming import GRAPHS
-
     with torch.device("meta"):
         model = MllamaModel(config)
     params = dict(model.named_parameters())
     embedding = "text.embed_tokens.weight"
     computed, gathered = {}, {}
-    for name, cls in GRAPHS.items():
+    for name, cls in GRAPH_MODULES.items():
         used = {ours for ours in graph_names(cls(model), model).values() if ours in params}
         computed[name] = sum(params[n].numel() for n in used if n != embedding)
         gathered[name] = params[embedding].numel() if embedding in used else 0
@@ -391,7 +390,7 @@ def _fit_cases(config, precision, budget):
     """The first case of every graph, plus the second where the estimate still fits
     (cheapest graph first); None when the first cases alone do not fit."""
     sizes = graph_sizes(config)
-    cases = {g: [(1, CHECK_CASES[0])] for g in ("vision", "prefill", "decode")}
+    cases = {g: [(1, CHECK_CASES[0])] for g in GRAPH_NAMES}
 
     def cost(chosen) -> MemoryEstimate:
         plain = {g: [c for _, c in cs] for g, cs in chosen.items()}

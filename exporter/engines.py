@@ -36,6 +36,7 @@ from mllama_export.engines.profiles import (
 )
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.contract import GRAPH_NAMES
 from mllama_export.graphs.progress import info
 
 from .manifest import MANIFEST, read_manifest, write_manifest
@@ -43,7 +44,6 @@ from .manifest import MANIFEST, read_manifest, write_manifest
 ENGINE_DIR = "engines"
 TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"
 TRTEXEC_SCRIPT = f"{ENGINE_DIR}/trtexec.sh"
-GRAPH_ORDER = ("vision", "prefill", "decode")
 ENGINE_MODES = ("auto", "skip", "require")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 # FP8 tensor-core GEMMs: Ada (8.9) and Hopper (9.0) on; an A100 (8.0) has none
@@ -77,7 +77,7 @@ def plan_engines(
     the build's (FP8 text beside a 16-bit vision graph)."""
     plans = []
     names = [g for g in graphs if engines is None or g in engines]
-    for name in sorted(names, key=lambda g: GRAPH_ORDER.index(g) if g in GRAPH_ORDER else 9):
+    for name in sorted(names, key=lambda g: GRAPH_NAMES.index(g) if g in GRAPH_NAMES else 9):
         if name not in profiles:
             raise MllamaExportError(f"no optimization profiles for a graph named {name!r}")
         graph_precision = graphs[name].get("precision", precision)

@@ -19,7 +19,7 @@ from torch import nn
 from mllama_export.engines.runner import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, VisionGraph
+from mllama_export.graphs.model import GRAPH_MODULES, MllamaModel
 from mllama_export.graphs.progress import step
 from mllama_export.graphs.quant import (
     FP8Linear,
@@ -37,7 +37,6 @@ from .layerwise import chunked_vision_attention, read_float
 from .onnx_export import example_inputs
 from .options import BuildOptions
 
-GRAPH_CLASSES = {"vision": VisionGraph, "prefill": PrefillGraph, "decode": DecodeGraph}
 # ONNX Runtime's graph optimization level the FP8 graphs need (engines/onnxrt.py)
 ORT_OPTIMIZATION = "basic"
 
@@ -213,7 +212,7 @@ def fp8_weight_names(model: nn.Module, config: MllamaConfig, dtype) -> dict[str,
     layers run."""
     twin = model if next(model.parameters()).device.type == "meta" else _meta_twin(model)
     names = {}
-    for graph, cls in GRAPH_CLASSES.items():
+    for graph, cls in GRAPH_MODULES.items():
         args = tuple(a.to("meta") for a in example_inputs(cls.INPUTS, config, dtype))
         names[graph] = onnx_weight_names(cls(twin), twin, args)
     return names
@@ -245,7 +244,7 @@ def check_fp8_graphs(model: MllamaModel, folder: Path, options: BuildOptions) ->
     feeds = check_feeds(model, limits, options.dtype)
     expected = fp8_weight_names(model, config, options.dtype)
     checks = {}
-    for graph, cls in GRAPH_CLASSES.items():
+    for graph, cls in GRAPH_MODULES.items():
         path = folder / f"{graph}.onnx"
         modules = {n: model.get_submodule(n) for n in expected[graph].values()}
         layout = check_fp8_graph(path, expected[graph], modules, options.fp8_weights)

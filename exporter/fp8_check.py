@@ -166,9 +166,9 @@ def _forced_run(graph, feed, ort, layers, modules, worst) -> None:
             module = modules[name]
             module.forward = forced(module, name, tap)
             stack.callback(delattr, module, "forward")
-        args = [torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in graph.INPUTS]
+        args = {s.name: torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in graph.INPUTS}
         with torch.inference_mode():
-            outputs = graph(*args)
+            outputs = graph(**args)
     for spec, out in zip(graph.OUTPUTS, outputs, strict=True):
         note("output", spec.name, _rel_l2(ort[spec.name], out.float().numpy()))
 
@@ -273,13 +273,13 @@ def check_feeds(model: torch.nn.Module, limits: Limits, dtype: torch.dtype) -> d
     """{graph: [feeds]} of the check cases generated greedily by ``model`` (PyTorch, the
     build's precision): the vision graph's of the one-image case, every prefill, and the
     first two decode steps of each case."""
-    from mllama_export.graphs.model import DecodeGraph, PrefillGraph, VisionGraph
+    from mllama_export.graphs.model import GRAPH_MODULES
 
     io = str(dtype).removeprefix("torch.")
-    graphs = [VisionGraph(model), PrefillGraph(model), DecodeGraph(model)]
+    graphs = [cls(model) for cls in GRAPH_MODULES.values()]
     rec = [_Recorder(TorchBackend(g)) for g in graphs]
     runner = Runner(model.config, *rec, limits, model_dtype=io)
-    feeds = {"vision": [], "prefill": [], "decode": []}
+    feeds = {name: [] for name in GRAPH_MODULES}
     for i, case in enumerate(check_cases(model.config, limits)):
         before = [len(r.feeds) for r in rec]
         # the padded batch's vision K/V are only an input of the text graphs' check

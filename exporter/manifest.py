@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.contract import GRAPH_NAMES
 
 MANIFEST = "manifest.json"
 FORMAT = "mllama-export/1"
@@ -141,7 +142,6 @@ _REQUIRED = {
     "files": dict,
 }
 _LIMIT_KEYS = ("max_batch", "max_seq_len", "max_images")
-_GRAPH_NAMES = ("vision", "prefill", "decode")
 
 
 def _check_shape(file: Path, m: dict[str, Any]) -> None:
@@ -169,7 +169,7 @@ def _check_shape(file: Path, m: dict[str, Any]) -> None:
             problems.append(
                 f"limits {limits} (expected exactly {list(_LIMIT_KEYS)}, each an integer)"
             )
-        for name in _GRAPH_NAMES:
+        for name in GRAPH_NAMES:
             if not isinstance(graphs.get(name), dict) or not isinstance(
                 graphs[name].get("file"), str
             ):

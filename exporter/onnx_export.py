@@ -14,7 +14,7 @@ import torch
 from torch.export import Dim
 
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import DYNAMIC_DIMS, TensorSpec, static_dims
+from mllama_export.graphs.contract import DYNAMIC_DIMS, TensorSpec, check_forward, static_dims
 from mllama_export.graphs.quant import ONNX_TRANSLATIONS
 
 from .manifest import fault_point
@@ -122,6 +122,9 @@ def export_graph(
 
 def _trace(graph: torch.nn.Module, config: MllamaConfig, options: BuildOptions) -> ir.Model:
     """torch.export (dynamo) to ONNX, unoptimized: on the meta device if the graph is."""
+    # the inputs go in by position and are named after the contract: only a forward that
+    # takes exactly the contract's inputs, in order, makes those names true
+    check_forward(graph, graph.INPUTS)
     dims = dims_for(config, options)
     device = next(graph.parameters()).device
     args = tuple(a.to(device) for a in example_inputs(graph.INPUTS, config, options.dtype))

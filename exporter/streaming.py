@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, VisionGraph
+from mllama_export.graphs.contract import GRAPHS
+from mllama_export.graphs.model import GRAPH_MODULES, MllamaModel
 from mllama_export.graphs.progress import step
 from mllama_export.graphs.quant import quantize_model
 from mllama_export.graphs.weights import Checkpoint
@@ -23,10 +24,6 @@ from .manifest import fault_point
 from .onnx_export import export_graph
 from .options import BuildOptions
 from .weightfile import WeightFile, checkpoint_sources, graph_names
-
-GRAPHS = {"vision": VisionGraph, "prefill": PrefillGraph, "decode": DecodeGraph}
-# prefill and decode hold the same text weights: one copy on disk, at the same offsets
-DATA_FILES = {"vision": "vision.onnx.data", "prefill": "text.onnx.data", "decode": "text.onnx.data"}
 
 
 class StreamingExport:
@@ -53,11 +50,11 @@ class StreamingExport:
         with ExitStack() as stack:
             files = {
                 name: stack.enter_context(WeightFile(folder / name))
-                for name in sorted(set(DATA_FILES.values()))
+                for name in sorted({g.data_file for g in GRAPHS.values()})
             }
             for name in GRAPHS:
                 fault_point(f"export:{name}")
-                data = files[DATA_FILES[name]]
+                data = files[GRAPHS[name].data_file]
                 before, start = data.bytes_written, time.perf_counter()
                 with step(f"exporting the {name} graph"):
                     self.export(name, folder / f"{name}.onnx", data)
@@ -69,7 +66,7 @@ class StreamingExport:
         return written
 
     def export(self, name: str, path: Path, data: WeightFile) -> None:
-        graph = GRAPHS[name](self.model)
+        graph = GRAPH_MODULES[name](self.model)
         names = graph_names(graph, self.model)
         sources = {path_: self.sources[ours] for path_, ours in names.items()}
         export_graph(graph, self.checkpoint.config, self.options, path, sources, data)

@@ -19,12 +19,12 @@ import torch
 from mllama_export.engines.onnxrt import OnnxRuntimeBackend
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.model import MllamaModel
+from mllama_export.graphs.contract import check_forward
+from mllama_export.graphs.model import GRAPH_MODULES, MllamaModel
 from mllama_export.graphs.progress import bar, step
 
 from .onnx_export import example_inputs
 from .options import BuildOptions
-from .streaming import GRAPHS
 
 # The same arithmetic in two runtimes: float32 differs in rounding only; 16-bit rounds each op.
 # fp8 graphs are checked by exporter/fp8_check.py instead, with every FP8 GEMM output shared.
@@ -60,8 +60,10 @@ class Reference:
         gc.collect()
 
 
-def inputs(graph_cls, config: MllamaConfig, dtype: torch.dtype, seed: int, sizes: dict) -> tuple:
-    return example_inputs(graph_cls.INPUTS, config, dtype, sizes, seed=seed)
+def inputs(graph_cls, config: MllamaConfig, dtype: torch.dtype, seed: int, sizes: dict) -> dict:
+    """The case's inputs by name: both runtimes bind them by name, never by position."""
+    args = example_inputs(graph_cls.INPUTS, config, dtype, sizes, seed=seed)
+    return {s.name: a for s, a in zip(graph_cls.INPUTS, args, strict=True)}
 
 
 def reference_outputs(
@@ -69,15 +71,16 @@ def reference_outputs(
 ) -> Expected:
     """Phase 1: PyTorch's outputs of every graph on every case, then the model is released."""
     expected: Expected = {}
-    for name, graph_cls in GRAPHS.items():
+    for name, graph_cls in GRAPH_MODULES.items():
         graph = graph_cls(reference.model)
+        check_forward(graph, graph_cls.INPUTS)
         expected[name] = []
         for seed, sizes in bar(
             cases[name], len(cases[name]), f"PyTorch runs the {name} graph", "cases"
         ):
             args = inputs(graph_cls, config, options.dtype, seed, sizes)
             with torch.inference_mode():
-                outs = graph(*args)
+                outs = graph(**args)
             expected[name].append(tuple(o.numpy() for o in outs))
             del args, outs
     reference.release()
@@ -91,7 +94,7 @@ def compare_onnx(
     # FP8 Q/DQ runs on ONNX Runtime only at graph optimization BASIC (exporter/fp8.py)
     optimization = "basic" if options.precision == "fp8" else "all"
     checks = {}
-    for name, graph_cls in GRAPHS.items():
+    for name, graph_cls in GRAPH_MODULES.items():
         path = onnx_dir / f"{name}.onnx"
         with step(f"ONNX Runtime loads {path.name}"):
             backend = OnnxRuntimeBackend(
@@ -103,7 +106,7 @@ def compare_onnx(
             runs, len(cases[name]), f"ONNX Runtime runs {path.name}", "cases"
         ):
             args = inputs(graph_cls, config, options.dtype, seed, sizes)
-            feed = {s.name: a.numpy() for s, a in zip(graph_cls.INPUTS, args, strict=True)}
+            feed = {k: a.numpy() for k, a in args.items()}
             actual = backend.infer(feed)
             for spec, ref in zip(graph_cls.OUTPUTS, want, strict=True):
                 err = rel_l2(actual[spec.name], ref)

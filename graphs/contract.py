@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,6 +188,73 @@ DECODE_OUTPUTS = (
 )
 
 
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph: the names its module's forward takes and returns, in order, and
+    where its weights go. graphs/model.py's module of each graph takes its INPUTS/OUTPUTS
+    from here, and every list of the graphs (export, manifest, artifacts, profiles, engines)
+    is read off `GRAPHS`."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    data_file: str  # its external weights, beside it in onnx/
+    # the graph whose engine also serves this one with `build --text-engine shared`
+    shared_engine: str | None = None
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.outputs)
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        """The named dims of its inputs and outputs, in order of first use."""
+        return tuple(dict.fromkeys(d for s in (*self.inputs, *self.outputs) for d in s.dims))
+
+    @property
+    def shares_text_weights(self) -> bool:
+        return self.data_file == TEXT_DATA_FILE
+
+
+# prefill and decode hold the same text weights: one copy on disk, at the same offsets
+TEXT_DATA_FILE = "text.onnx.data"
+
+# In the order they run, are exported and listed (manifest, engines, docs/graphs.md).
+GRAPHS: dict[str, GraphSpec] = {
+    g.name: g
+    for g in (
+        GraphSpec("vision", VISION_INPUTS, VISION_OUTPUTS, "vision.onnx.data"),
+        GraphSpec("prefill", PREFILL_INPUTS, PREFILL_OUTPUTS, TEXT_DATA_FILE, "decode"),
+        GraphSpec("decode", DECODE_INPUTS, DECODE_OUTPUTS, TEXT_DATA_FILE),
+    )
+}
+GRAPH_NAMES = tuple(GRAPHS)
+
+
+def graph_spec(name: str) -> GraphSpec:
+    if name not in GRAPHS:
+        raise MllamaExportError(f"unknown graph {name!r}; expected one of {list(GRAPHS)}")
+    return GRAPHS[name]
+
+
+def check_forward(module: object, inputs: tuple[TensorSpec, ...]) -> None:
+    """A graph module's forward must take exactly its contract's inputs, in order: export
+    names the ONNX inputs by position, so a forward with two parameters swapped would
+    otherwise export, run and check as a graph whose inputs mean each other's."""
+    forward = type(module).forward
+    params = list(inspect.signature(forward).parameters)[1:]
+    expected = [s.name for s in inputs]
+    if params != expected:
+        raise MllamaExportError(
+            f"{type(module).__name__}.forward takes {params}; its contract declares the "
+            f"inputs {expected}, in that order"
+        )
+
+
 def contract_markdown() -> str:
     """docs/graphs.md, generated from the data above so that the two cannot drift apart."""
     lines = [
@@ -206,24 +274,20 @@ def contract_markdown() -> str:
         "`tiles` (max tiles per image), `xattn_layers`, `self_layers`, `kv_heads`, `head_dim`,",
         "`vocab`. dtype `model` is the precision the graphs were built in.",
     ]
-    for title, inputs, outputs in (
-        ("vision", VISION_INPUTS, VISION_OUTPUTS),
-        ("prefill", PREFILL_INPUTS, PREFILL_OUTPUTS),
-        ("decode", DECODE_INPUTS, DECODE_OUTPUTS),
-    ):
+    for graph in GRAPHS.values():
         lines += [
             "",
-            f"## {title}",
+            f"## {graph.name}",
             "",
             "| | name | dtype | shape | meaning |",
             "|---|---|---|---|---|",
         ]
-        for kind, specs in (("in", inputs), ("out", outputs)):
+        for kind, specs in (("in", graph.inputs), ("out", graph.outputs)):
             for s in specs:
                 lines.append(
                     f"| {kind} | `{s.name}` | {s.dtype} | [{', '.join(s.dims)}] | {s.doc} |"
                 )
-        lines += NOTES.get(title, [])
+        lines += NOTES.get(graph.name, [])
     return "\n".join(lines) + "\n"
 
 

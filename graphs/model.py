@@ -32,8 +32,8 @@ class MllamaModel(nn.Module):
 class VisionGraph(nn.Module):
     """Images in, the cross-attention K/V of every cross-attention layer out, once per image set."""
 
-    INPUTS = contract.VISION_INPUTS
-    OUTPUTS = contract.VISION_OUTPUTS
+    SPEC = contract.GRAPHS["vision"]
+    INPUTS, OUTPUTS = SPEC.inputs, SPEC.outputs
 
     def __init__(self, model: MllamaModel):
         super().__init__()
@@ -70,8 +70,8 @@ class PrefillGraph(nn.Module):
     [B, S, V] (16.8 GB in float32 at batch 4, 8192 tokens); the gate asks for every position.
     """
 
-    INPUTS = contract.PREFILL_INPUTS
-    OUTPUTS = contract.PREFILL_OUTPUTS
+    SPEC = contract.GRAPHS["prefill"]
+    INPUTS, OUTPUTS = SPEC.inputs, SPEC.outputs
 
     def __init__(self, model: MllamaModel):
         super().__init__()
@@ -118,8 +118,8 @@ class DecodeGraph(nn.Module):
     instead of copying the past. Logits are computed at `logit_positions` only, as prefill's.
     """
 
-    INPUTS = contract.DECODE_INPUTS
-    OUTPUTS = contract.DECODE_OUTPUTS
+    SPEC = contract.GRAPHS["decode"]
+    INPUTS, OUTPUTS = SPEC.inputs, SPEC.outputs
 
     def __init__(self, model: MllamaModel):
         super().__init__()
@@ -160,3 +160,8 @@ class DecodeGraph(nn.Module):
                 values.append(v)
         logits = self.text.logits(select_positions(x, logit_positions))
         return logits, torch.stack(keys), torch.stack(values)
+
+
+# Each registered graph's module, in the registry's order (a KeyError names one without).
+_MODULES = {cls.SPEC.name: cls for cls in (VisionGraph, PrefillGraph, DecodeGraph)}
+GRAPH_MODULES: dict[str, type[nn.Module]] = {name: _MODULES[name] for name in contract.GRAPHS}

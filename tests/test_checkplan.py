@@ -189,14 +189,15 @@ from pathlib import Path
 from mllama_export.exporter import verify
 from mllama_export.exporter.checkplan import CHECK_CASES
 from mllama_export.exporter.options import BuildOptions
-from mllama_export.exporter.streaming import GRAPHS, StreamingExport
+from mllama_export.exporter.streaming import StreamingExport
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.model import GRAPH_MODULES
 from mllama_export.graphs.weights import Checkpoint, load_model
 
 phase, ckpt, onnx_dir, precision = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 config = MllamaConfig.from_hf_config(ckpt)
 options = BuildOptions(model=str(ckpt), out=Path("x"), precision=precision)
-cases = {g: ((1, CHECK_CASES[0]),) for g in GRAPHS}
+cases = {g: ((1, CHECK_CASES[0]),) for g in GRAPH_MODULES}
 if phase == "export":
     onnx_dir.mkdir()
     StreamingExport(Checkpoint(ckpt, config), options).export_all(onnx_dir)
@@ -205,10 +206,10 @@ elif phase == "reference":
     expected = verify.reference_outputs(reference, config, options, cases)
 else:
     from mllama_export.engines.onnxrt import OnnxRuntimeBackend
-    for name, cls in GRAPHS.items():
+    for name, cls in GRAPH_MODULES.items():
         backend = OnnxRuntimeBackend(onnx_dir / f"{name}.onnx", cls.INPUTS, cls.OUTPUTS)
         args = verify.inputs(cls, config, options.dtype, 1, CHECK_CASES[0])
-        backend.infer({s.name: a.numpy() for s, a in zip(cls.INPUTS, args)})
+        backend.infer({k: a.numpy() for k, a in args.items()})
         del backend
 # VmHWM: this process's own peak; ru_maxrss would carry the parent's across fork and exec
 status = Path("/proc/self/status").read_text()

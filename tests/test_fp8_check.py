@@ -26,7 +26,6 @@ from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.build import build
 from mllama_export.exporter.checkplan import CHECK_CASES as CHECK_SIZES
 from mllama_export.exporter.fp8 import (
-    GRAPH_CLASSES,
     fp8_weight_names,
     input_amax,
     load_fp8_model,
@@ -43,6 +42,7 @@ from mllama_export.exporter.manifest import read_manifest
 from mllama_export.exporter.onnx_export import example_inputs
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.graphs.config import MllamaConfig, preset
+from mllama_export.graphs.model import GRAPH_MODULES
 from mllama_export.graphs.synth import write_checkpoint
 from mllama_export.graphs.weights import Checkpoint
 
@@ -167,7 +167,7 @@ def test_a_planted_defect_fails_both_checks_naming_the_layer(defect, fp8_dir, ch
     with pytest.raises(MllamaExportError, match="is malformed") as structural:
         check_fp8_graph(path, expected["prefill"], modules, "per-tensor")
     assert layer in str(structural.value)
-    graph = GRAPH_CLASSES["prefill"](model)
+    graph = GRAPH_MODULES["prefill"](model)
     with pytest.raises(MllamaExportError, match="disagrees with PyTorch") as numeric:
         check_fp8_numerics(graph, path, expected["prefill"], model, feeds["prefill"])
     # the extra Q/DQ shows in the GEMM its output feeds (attention, then o_proj)
@@ -178,7 +178,7 @@ def test_a_planted_defect_fails_both_checks_naming_the_layer(defect, fp8_dir, ch
 
 def test_the_untouched_graphs_pass_with_room(fp8_dir, checked):
     model, expected, feeds = checked
-    for name, cls in GRAPH_CLASSES.items():
+    for name, cls in GRAPH_MODULES.items():
         result = check_fp8_numerics(
             cls(model), fp8_dir / "onnx" / f"{name}.onnx", expected[name], model, feeds[name]
         )
@@ -240,7 +240,7 @@ def _whole_graph_rel_l2(checkpoint: Path, out: Path, manifest: dict, scheme: str
     config = MllamaConfig.from_hf_config(checkpoint)
     amax = input_amax(manifest["quantization"])
     model = load_fp8_model(Checkpoint(checkpoint, config), "meta", amax, torch.float16, scheme)
-    graph = GRAPH_CLASSES["prefill"](model)
+    graph = GRAPH_MODULES["prefill"](model)
     backend = OnnxRuntimeBackend(
         out / "onnx/prefill.onnx", graph.INPUTS, graph.OUTPUTS, optimization="basic"
     )

@@ -8,7 +8,6 @@ import json
 import pytest
 
 from mllama_export.engines.profiles import (
-    GRAPH_INPUTS,
     MAX_TENSOR_VOLUME,
     ProfileScheme,
     ShapeProfile,
@@ -25,7 +24,7 @@ from mllama_export.engines.profiles import (
 from mllama_export.engines.runner import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import preset
-from mllama_export.graphs.contract import static_dims
+from mllama_export.graphs.contract import GRAPHS, static_dims
 
 TINY = preset("tiny")
 PER_IMAGE = TINY.vision.max_num_tiles * TINY.vision.num_patches
@@ -59,7 +58,7 @@ def shapes_at(graph: str, point: dict[str, int]) -> dict[str, tuple[int, ...]]:
     sizes = {"num_logits": 1, "new_tokens": 1, **static_dims(TINY), **point}
     sizes["image_tokens"] = point["num_images"] * PER_IMAGE
     sizes["total_sequence"] = sizes.get("past_sequence", 1) + sizes["new_tokens"]
-    return {s.name: s.shape(sizes) for s in GRAPH_INPUTS[graph]}
+    return {s.name: s.shape(sizes) for s in GRAPHS[graph].inputs}
 
 
 def base_point(graph: str) -> dict[str, int]:
@@ -96,7 +95,7 @@ def test_buckets_are_contiguous_and_end_at_the_limit():
 
 
 @pytest.mark.parametrize("limits", LIMITS, ids=str)
-@pytest.mark.parametrize("graph", list(GRAPH_INPUTS))
+@pytest.mark.parametrize("graph", list(GRAPHS))
 def test_profiles_cover_exactly_the_promised_ranges(graph, limits):
     profiles = graph_profiles(graph, TINY, limits)
     covered = coverage(profiles)
@@ -127,7 +126,7 @@ def test_profiles_cover_exactly_the_promised_ranges(graph, limits):
 
 
 @pytest.mark.parametrize("limits", LIMITS, ids=str)
-@pytest.mark.parametrize("graph", list(GRAPH_INPUTS))
+@pytest.mark.parametrize("graph", list(GRAPHS))
 def test_min_opt_max_and_shared_dims_agree_across_inputs(graph, limits):
     fixed = static_dims(TINY)
     for p in graph_profiles(graph, TINY, limits):
@@ -172,7 +171,7 @@ def test_the_scheme_for_the_default_build_options():
 
 
 @pytest.mark.parametrize("limits", LIMITS, ids=str)
-@pytest.mark.parametrize("graph", list(GRAPH_INPUTS))
+@pytest.mark.parametrize("graph", list(GRAPHS))
 def test_selection_at_every_bucket_edge(graph, limits):
     profiles = graph_profiles(graph, TINY, limits)
     for dim in BUCKETED[graph]:
@@ -250,7 +249,7 @@ def test_inconsistent_feeds_are_refused_with_the_reason():
 
 
 def test_the_smallest_containing_profile_wins_where_profiles_overlap():
-    specs = GRAPH_INPUTS["prefill"]
+    specs = GRAPHS["prefill"].inputs
     fixed = static_dims(TINY)
 
     def make(index, lo, hi):

@@ -16,10 +16,11 @@ from mllama_export.cli import main
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter import checkplan
 from mllama_export.exporter.options import BuildOptions
-from mllama_export.exporter.streaming import GRAPHS, StreamingExport
+from mllama_export.exporter.streaming import StreamingExport
 from mllama_export.exporter.weightfile import ALIGNMENT, Source, WeightFile, graph_names
 from mllama_export.graphs import weights
 from mllama_export.graphs.config import preset
+from mllama_export.graphs.model import GRAPH_MODULES
 from mllama_export.graphs.weights import Checkpoint
 
 
@@ -68,7 +69,7 @@ def test_streamed_weights_equal_the_loaded_model_bit_for_bit_in_small_blocks(
     monkeypatch.setattr(weights, "BLOCK_BYTES", 1000)
     checkpoint = Checkpoint(tiny_dir, tiny_model_meta.config)
     StreamingExport(checkpoint, BuildOptions(model="tiny", out=tmp_path)).export_all(tmp_path)
-    for name, graph_cls in GRAPHS.items():
+    for name, graph_cls in GRAPH_MODULES.items():
         expected = _reference_tensors(tiny_model_meta, graph_cls(tiny_model_meta))
         model = onnx.load(str(tmp_path / f"{name}.onnx"))  # with its external data
         for t in model.graph.initializer:

@@ -4,10 +4,12 @@ from pathlib import Path
 
 import click
 
+from mllama_export.graphs.contract import GRAPH_NAMES
+
 
 @click.command("engines")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.argument("graphs", nargs=-1, type=click.Choice(["vision", "prefill", "decode"]))
+@click.argument("graphs", nargs=-1, type=click.Choice(GRAPH_NAMES))
 @click.option(
     "--rebuild",
     is_flag=True,
