@@ -114,6 +114,17 @@ class Runner:
             tokenizer=art.tokenizer, image_config=art.image_config,
         )  # fmt: skip
 
+    @classmethod
+    def from_model(cls, model, limits: Limits) -> Runner:
+        """Our PyTorch graphs of an in-memory `graphs.model.MllamaModel` (float32), each run
+        by a TorchBackend: the reference the gate and FP8 calibration run."""
+        from mllama_export.graphs.model import DecodeGraph, PrefillGraph, VisionGraph
+
+        from .backend import TorchBackend
+
+        graphs = VisionGraph(model), PrefillGraph(model), DecodeGraph(model)
+        return cls(model.config, *(TorchBackend(g) for g in graphs), limits)
+
     def encode(
         self, prompt: Prompt, images: Sequence[ImageSource] = ()
     ) -> tuple[list[int], Images | None]:

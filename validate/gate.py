@@ -142,17 +142,8 @@ class GraphsReference:
     """Our PyTorch graphs in float32, run by the same Runner code as the backend."""
 
     def __init__(self, model, limits: Limits, label: str = "PyTorch graphs fp32"):
-        from mllama_export.engines.backend import TorchBackend
-        from mllama_export.graphs.model import DecodeGraph, PrefillGraph, VisionGraph
-
         self.label, self.model = label, model
-        self.runner = Runner(
-            model.config,
-            TorchBackend(VisionGraph(model)),
-            TorchBackend(PrefillGraph(model)),
-            TorchBackend(DecodeGraph(model)),
-            limits,
-        )
+        self.runner = Runner.from_model(model, limits)
 
     def trace(self, case: EvalCase, steps: int) -> Trace:
         return trace_runner(self.runner, case, steps)
