@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -12,10 +13,10 @@ from mllama_export.exporter.manifest import check_external_data, read_manifest, 
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import GRAPHS, TensorSpec
 
+from .backend import Backend
+from .inputs import folder_resources
 from .onnxrt import OnnxRuntimeBackend
-from .pipeline import TextRunner
 from .preprocess import ImageProcessorConfig
-from .runner import Limits
 from .steps import OneTokenDecode
 from .text import Tokenizer
 
@@ -24,13 +25,27 @@ BACKENDS = ("onnxruntime", "onnx-reference", "tensorrt")
 DEVICES = ("cpu", "cuda")
 
 
-def load_runner(
+@dataclass(frozen=True)
+class Artifacts:
+    """A checked artifact folder, opened: what `Runner.from_artifacts` builds its runner of."""
+
+    config: MllamaConfig
+    backends: tuple[Backend, Backend | None, Backend]  # vision, prefill (None: shared), decode
+    limits: dict[str, int]  # the manifest's: max_batch, max_seq_len, max_images
+    io_dtype: str
+    tokenizer: Tokenizer | None  # None: the folder has no tokenizer.json
+    image_config: ImageProcessorConfig | None  # None: no preprocessor_config.json
+
+
+def load_artifacts(
     folder: str | Path,
     backend: str = "onnxruntime",
     device: str = "cpu",
     io_binding: bool | None = None,
-) -> TextRunner:
-    """io_binding: keep caches in device buffers bound by pointer; on by default on CUDA,
+) -> Artifacts:
+    """Checks the manifest and every file's sha256, then opens the graphs on `backend`.
+
+    io_binding: keep caches in device buffers bound by pointer; on by default on CUDA,
     where it keeps them on the GPU (bfloat16 artifacts excepted: numpy has no such type)."""
     folder = Path(folder)
     if backend not in BACKENDS:
@@ -50,13 +65,8 @@ def load_runner(
         backends = _onnxruntime_backends(folder, manifest, specs, config, device, io_binding)
     if legacy_decode(manifest):
         backends[2] = OneTokenDecode(backends[2])
-    runner = TextRunner(config, *backends, Limits(**manifest["limits"]), manifest["io_dtype"])
-    if (folder / "tokenizer.json").is_file():
-        runner.tokenizer = Tokenizer.from_dir(folder)
-    if (folder / "preprocessor_config.json").is_file():
-        runner.image_config = ImageProcessorConfig.from_file(folder / "preprocessor_config.json")
-    runner.manifest = manifest
-    return runner
+    limits, io_dtype = dict(manifest["limits"]), manifest["io_dtype"]
+    return Artifacts(config, tuple(backends), limits, io_dtype, *folder_resources(folder))
 
 
 Specs = dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]

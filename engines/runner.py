@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import numpy as np
 
@@ -14,14 +14,13 @@ from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import logit_positions
 
 from .backend import Backend
+from .inputs import InputProcessor, Prompt, check_request, prompt_feed
+from .preprocess import ImageProcessorConfig, ImageSource
 from .preprocess import PreprocessedImages as Images
 from .sampling import Sampling, TokenPicker
 from .steps import KVCache, chunk_feed, decode_feed, one_slot_feed
 from .store import NumpyStore
-from .text import cross_attention_mask_from_ids
-
-if TYPE_CHECKING:
-    from .pipeline import TextRunner
+from .text import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,14 @@ class Generation:
     prompt_mask: np.ndarray | None = None  # [B, S] 1 for a real prompt token, with the logits
 
 
+@dataclass
+class TextGeneration:
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 def numpy_dtype(name: str) -> np.dtype:
     if name == "bfloat16":
         import ml_dtypes  # numpy has no bfloat16 of its own
@@ -59,7 +66,8 @@ class Runner:
     step graph. `decode` runs the step graph (graphs/model.py DecodeGraph): decode steps,
     chunked prefill and a shared engine's prefill. A step backend may take a limited number
     of new tokens per call (`max_step_tokens`: 1 for a split decode engine, the profiles'
-    top for a shared one; none for ONNX Runtime).
+    top for a shared one; none for ONNX Runtime). With a tokenizer (and an image config)
+    it also takes text, chat messages and image files (`generate`, `stream`).
     """
 
     def __init__(
@@ -70,25 +78,109 @@ class Runner:
         decode: Backend,
         limits: Limits,
         model_dtype: str = "float32",
+        tokenizer: Tokenizer | None = None,
+        image_config: ImageProcessorConfig | None = None,
     ):
         self.config, self.limits, self.dtype = config, limits, numpy_dtype(model_dtype)
         self.vision, self.prefill, self.decode = vision, prefill, decode
         self.store = getattr(decode, "store", None) or NumpyStore()
+        self.inputs = InputProcessor.for_config(config, limits, tokenizer, image_config)
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.inputs.tokenizer
+
+    @property
+    def image_config(self) -> ImageProcessorConfig | None:
+        return self.inputs.image_config
 
     @classmethod
     def from_artifacts(
         cls,
-        folder,
+        folder: str | Path,
         backend: str = "onnxruntime",
         device: str = "cpu",
         io_binding: bool | None = None,
-    ) -> TextRunner:
+    ) -> Runner:
         """Loads an artifact folder written by `mllama-export build`, after checking its files.
 
-        io_binding keeps caches in device buffers bound by pointer (default: on for CUDA)."""
-        from .artifacts import load_runner
+        io_binding keeps caches in device buffers bound by pointer (default: on for CUDA,
+        where it keeps them on the GPU; bfloat16 artifacts excepted: numpy has no such type)."""
+        from .artifacts import load_artifacts
 
-        return load_runner(folder, backend, device, io_binding)
+        art = load_artifacts(folder, backend, device, io_binding)
+        return cls(
+            art.config, *art.backends, Limits(**art.limits), art.io_dtype,
+            tokenizer=art.tokenizer, image_config=art.image_config,
+        )  # fmt: skip
+
+    @classmethod
+    def from_model(cls, model, limits: Limits) -> Runner:
+        """Our PyTorch graphs of an in-memory `graphs.model.MllamaModel` (float32), each run
+        by a TorchBackend: the reference the gate and FP8 calibration run."""
+        from mllama_export.graphs.model import DecodeGraph, PrefillGraph, VisionGraph
+
+        from .backend import TorchBackend
+
+        graphs = VisionGraph(model), PrefillGraph(model), DecodeGraph(model)
+        return cls(model.config, *(TorchBackend(g) for g in graphs), limits)
+
+    def encode(
+        self, prompt: Prompt, images: Sequence[ImageSource] = ()
+    ) -> tuple[list[int], Images | None]:
+        """Token ids and preprocessed images, exactly as transformers' MllamaProcessor makes
+        them (engines/inputs.py InputProcessor.encode). The number of `<|image|>` tokens must
+        equal the number of images, and the images may not exceed the artifacts' max_images;
+        either mistake, and any unreadable image, raises MllamaExportError naming it."""
+        return self.inputs.encode(prompt, images)
+
+    def generate(
+        self,
+        prompt: Prompt,
+        images: Sequence[ImageSource] = (),
+        max_new_tokens: int = 64,
+        sampling: Sampling | None = None,
+        prefill_chunk: int | None = None,
+    ) -> TextGeneration:
+        """prefill_chunk=N: the prompt goes through the step graph N tokens at a time."""
+        run = self._start(prompt, images, max_new_tokens, sampling, prefill_chunk)
+        for _ in run.steps:
+            pass
+        return run.finish()
+
+    def stream(
+        self,
+        prompt: Prompt,
+        images: Sequence[ImageSource] = (),
+        max_new_tokens: int = 64,
+        sampling: Sampling | None = None,
+        errors: str = "replace",
+        done: TextGeneration | None = None,
+        prefill_chunk: int | None = None,
+    ) -> Iterator[str]:
+        """Yields text pieces as tokens arrive; multi-byte characters are never split. Bytes
+        that never form a character become U+FFFD, or with ``errors="backslashreplace"``
+        escapes such as ``\\x80``. ``done``, if given, is filled in at the end with what
+        ``generate`` would have returned (token ids, timings). prefill_chunk: as ``generate``."""
+        run = self._start(prompt, images, max_new_tokens, sampling, prefill_chunk)
+        decoder = self.inputs.need_tokenizer().stream_decoder(errors=errors)
+        for tokens in run.steps:
+            if tokens[0] >= 0 and (piece := decoder.push(int(tokens[0]))):
+                yield piece
+        if tail := decoder.finish():
+            yield tail
+        if done is not None:
+            vars(done).update(vars(run.finish()))
+
+    def _start(self, prompt, images, max_new_tokens, sampling, prefill_chunk) -> _Run:
+        tok = self.inputs.need_tokenizer()
+        ids, batch = self.encode(prompt, images)
+        result = Generation([[]])
+        stop = tok.eos_token_ids | set(self.config.text.eos_token_ids)
+        steps = self.iter_steps(
+            [ids], batch, max_new_tokens, sampling, stop, result, prefill_chunk=prefill_chunk
+        )
+        return _Run(tok, ids, result, steps)
 
     def generate_ids(
         self,
@@ -130,9 +222,9 @@ class Runner:
     ) -> Iterator[np.ndarray]:
         """Yields each step's tokens [B] as soon as they are chosen, filling `result`."""
         stop = set(self.config.text.eos_token_ids) if stop_tokens is None else set(stop_tokens)
-        self._check_request(prompts, images, max_new_tokens)
+        check_request(self.config, self.limits, prompts, images, max_new_tokens)
         self._check_steps(len(prompts), max_new_tokens, prefill_chunk, forced)
-        feed = self._prompt_feed(prompts, images)
+        feed = prompt_feed(self.config, prompts, images)
         if keep_logits:  # every position's logits, not only the last one's
             feed["logit_positions"] = logit_positions(feed["input_ids"].shape[1], None)
         xk, xv = self._cross_kv(images, len(prompts), result.timings)
@@ -219,61 +311,6 @@ class Runner:
             steps += 1
         result.timings.update(decode_s=time.perf_counter() - start, decode_steps=steps)
 
-    def _prompt_feed(
-        self, prompts: list[list[int]], images: Images | None
-    ) -> dict[str, np.ndarray]:
-        """Left-pads the prompts and derives positions, the cross-attention mask and the
-        logit positions (the last one: every row's last token is at S - 1)."""
-        s = max(len(p) for p in prompts)
-        ids = np.full((len(prompts), s), self.config.text.pad_token_id or 0, np.int64)
-        mask = np.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, s - len(prompt) :], mask[row, s - len(prompt) :] = prompt, 1
-        positions = np.where(mask != 0, mask.cumsum(1) - 1, 1)
-        tiles = images.num_tiles if images is not None else [[] for _ in prompts]
-        v = self.config.vision
-        xmask = cross_attention_mask_from_ids(
-            ids.tolist(), tiles, self.config.image_token_id, v.max_num_tiles
-        )
-        num_images = 1 if images is None else max(1, images.pixel_values.shape[1])
-        if xmask.shape[2] < num_images:
-            xmask = np.pad(xmask, ((0, 0), (0, 0), (0, num_images - xmask.shape[2]), (0, 0)))
-        return {
-            "input_ids": ids,
-            "position_ids": positions,
-            "attention_mask": mask,
-            "cross_attention_mask": xmask,
-            "logit_positions": logit_positions(s),
-        }
-
-    def _check_request(self, prompts, images: Images | None, max_new_tokens: int) -> None:
-        lim, rows = self.limits, self.config.text.embedding_rows
-        problems = []
-        if not prompts or len(prompts) > lim.max_batch:
-            problems.append(f"a batch of {len(prompts)} prompts (built for 1..{lim.max_batch})")
-        if any(len(p) == 0 for p in prompts):
-            problems.append("an empty prompt (at least one token is needed)")
-        if max_new_tokens < 1:
-            problems.append(f"max_new_tokens {max_new_tokens} (must be at least 1)")
-        longest = max((len(p) for p in prompts), default=0)
-        if longest + max_new_tokens > lim.max_seq_len:
-            problems.append(
-                f"a prompt of {longest} tokens plus {max_new_tokens} new tokens "
-                f"(built for {lim.max_seq_len} in all; shorten the prompt or max_new_tokens)"
-            )
-        if any(not 0 <= tok < rows for p in prompts for tok in p):
-            problems.append(f"token ids outside 0..{rows - 1}")
-        if images is not None and images.pixel_values.shape[1] > lim.max_images:
-            problems.append(
-                f"{images.pixel_values.shape[1]} images per prompt (built for {lim.max_images})"
-            )
-        if images is not None and len(images.num_tiles) != len(prompts):
-            problems.append(
-                f"images for {len(images.num_tiles)} prompts but {len(prompts)} prompts"
-            )
-        if problems:
-            raise MllamaExportError("cannot generate: " + "; ".join(problems))
-
     def _check_steps(self, batch: int, max_new_tokens: int, chunk, forced) -> None:
         """prefill_chunk and forced tokens, refused before any work."""
         limit = self.max_step_tokens()
@@ -322,3 +359,15 @@ class Runner:
         )
         timings["vision_s"] = time.perf_counter() - start
         return out["cross_key"], out["cross_value"]
+
+
+@dataclass
+class _Run:
+    tokenizer: Tokenizer
+    prompt_ids: list[int]
+    result: Generation
+    steps: Iterator
+
+    def finish(self) -> TextGeneration:
+        ids = self.result.token_ids[0]
+        return TextGeneration(self.tokenizer.decode(ids), ids, self.prompt_ids, self.result.timings)

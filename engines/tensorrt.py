@@ -28,7 +28,7 @@ Contract (the same `infer(feed) -> outputs` as every backend, engines/backend.py
   host each step.
 
 Engines are deserialized through a stream reader from files whose sha256 the caller has
-already checked against the manifest (artifacts.load_runner does, before any backend is
+already checked against the manifest (artifacts.load_artifacts does, before any backend is
 made), never read whole into host memory: IStreamReaderV2 on TensorRT 10.7 and later (the
 only reader 11.x has), IStreamReader on 10.0 to 10.6 (`deserialize_engine`). TensorRT is
 imported lazily; without it, constructing a backend raises MllamaExportError in one line.

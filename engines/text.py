@@ -1,4 +1,4 @@
-"""Text side of the runner's input pipeline: tokenizer, chat template, cross-attention mask.
+"""Text side of the runner's input pipeline: tokenizer and chat template.
 
 Nothing here imports transformers: the runner must work on machines that only have the
 `tokenizers` and `jinja2` wheels. The tests check every function against transformers.
@@ -487,72 +487,6 @@ def printable(text: str) -> str:
         ch if ch.isprintable() or ch in "\n\t" else ch.encode("unicode_escape").decode("ascii")
         for ch in text
     )
-
-
-def _image_spans(ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
-    """Rows [start, end) that each image attends, as transformers' get_cross_attention_token_mask.
-
-    An image attends from its own token to the next image that is not directly after it, so a
-    run of consecutive image tokens shares the text that follows the run.
-    """
-    locs = [i for i, t in enumerate(ids) if t == image_token_id]
-    spans: list[tuple[int, int]] = []
-    end = len(ids)
-    for k in reversed(range(len(locs))):
-        if k + 1 < len(locs) and locs[k + 1] != locs[k] + 1:
-            end = locs[k + 1]
-        spans.append((locs[k], end))
-    return spans[::-1]
-
-
-def _check_batch(input_ids: Sequence[Sequence[int]], num_tiles: Sequence[Sequence[int]]) -> None:
-    if len(input_ids) == 0 or len(input_ids) != len(num_tiles):
-        raise MllamaExportError(
-            f"Got {len(input_ids)} token rows and {len(num_tiles)} num_tiles rows; expected one "
-            "num_tiles list per sample and at least one sample."
-        )
-    if len({len(row) for row in input_ids}) != 1:
-        raise MllamaExportError(
-            f"input_ids rows have lengths {sorted({len(r) for r in input_ids})}; expected ids "
-            "already padded to one length."
-        )
-
-
-def _check_images(b: int, num_images: int, tiles: Sequence[int], max_num_tiles: int) -> None:
-    # transformers would silently misalign images with their text; we say what is wrong.
-    if num_images != len(tiles):
-        raise MllamaExportError(
-            f"Sample {b} has {num_images} image tokens but {len(tiles)} images were given; "
-            "expected one image per image token."
-        )
-    if any(not 1 <= t <= max_num_tiles for t in tiles):
-        raise MllamaExportError(
-            f"Sample {b} has tile counts {list(tiles)}; expected 1..{max_num_tiles}."
-        )
-
-
-def cross_attention_mask_from_ids(
-    input_ids: Sequence[Sequence[int]],
-    num_tiles: Sequence[Sequence[int]],
-    image_token_id: int,
-    max_num_tiles: int,
-) -> np.ndarray:
-    """The int64 [batch, seq_len, max_num_images, max_num_tiles] mask MllamaProcessor builds.
-
-    `input_ids` must already be padded to one length, on either side: pad ids are never the
-    image token, so left-padding rows (before any image) come out all zero, exactly as in
-    transformers. `num_tiles[b][i]` is the tile count of image i of sample b.
-    """
-    _check_batch(input_ids, num_tiles)
-    spans = [_image_spans(row, image_token_id) for row in input_ids]
-    for b, (sample_spans, tiles) in enumerate(zip(spans, num_tiles, strict=True)):
-        _check_images(b, len(sample_spans), tiles, max_num_tiles)
-    max_images = max(len(s) for s in spans)
-    mask = np.zeros((len(input_ids), len(input_ids[0]), max_images, max_num_tiles), np.int64)
-    for b, (sample_spans, tiles) in enumerate(zip(spans, num_tiles, strict=True)):
-        for i, ((start, end), n) in enumerate(zip(sample_spans, tiles, strict=True)):
-            mask[b, start:end, i, :n] = 1
-    return mask
 
 
 def _train_bpe(num_regular: int) -> tokenizers.Tokenizer:

@@ -19,10 +19,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from mllama_export.engines.backend import TorchBackend
 from mllama_export.engines.runner import Limits, Runner
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, VisionGraph
+from mllama_export.graphs.model import MllamaModel
 from mllama_export.graphs.progress import bar
 from mllama_export.graphs.weights import Checkpoint
 
@@ -41,13 +40,7 @@ def calibrate(
     """{layer name: max |input|} over every call of each named Linear while ``cases``
     (``validate.evalset.EvalCase``: prompts and preprocessed images) are generated greedily
     for ``steps`` + 1 tokens, case after case, on ``model`` (in memory, float32)."""
-    runner = Runner(
-        model.config,
-        TorchBackend(VisionGraph(model)),
-        TorchBackend(PrefillGraph(model)),
-        TorchBackend(DecodeGraph(model)),
-        limits,
-    )
+    runner = Runner.from_model(model, limits)
     with _recording(model, names, cases) as amax, torch.inference_mode():
         for case in bar(cases, len(cases), "calibrating FP8 scales", "cases"):
             _generate(runner, case, steps)

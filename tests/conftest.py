@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mllama_export.engines.backend import TorchBackend
+from mllama_export.engines.inputs import prompt_feed
 from mllama_export.engines.runner import Images, Limits, Runner
 from mllama_export.exporter.build import build
 from mllama_export.exporter.options import BuildOptions
@@ -124,7 +125,7 @@ def random_images(config, tiles_per_prompt: list[list[int]], seed: int = 0) -> I
 
 def hf_inputs(runner: Runner, prompts, images) -> dict:
     """transformers' inputs for what the runner feeds: the same left-padded ids and masks."""
-    feed = runner._prompt_feed(prompts, images)
+    feed = prompt_feed(runner.config, prompts, images)
     kwargs = {
         "input_ids": torch.from_numpy(feed["input_ids"]),
         "attention_mask": torch.from_numpy(feed["attention_mask"]),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import hf_generate, random_images, torch_runner
 
+from mllama_export.engines.inputs import prompt_feed
 from mllama_export.engines.runner import Runner
 
 IMG = 512
@@ -56,7 +57,7 @@ def test_logits_equal_the_pytorch_graphs_at_every_step(runner, tiny_model, case)
         reference.generate_ids(prompts, images, **kw),
     )
     assert ours.token_ids == ref.token_ids
-    real = reference._prompt_feed(prompts, images)["attention_mask"] != 0
+    real = prompt_feed(reference.config, prompts, images)["attention_mask"] != 0
     steps = [(ours.prefill_logits[real], ref.prefill_logits[real])]
     steps += list(zip(ours.step_logits, ref.step_logits, strict=True))
     for step, (a, b) in enumerate(steps):

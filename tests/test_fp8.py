@@ -22,9 +22,8 @@ from conftest import load_script, write_evalset
 from torch import nn
 
 from mllama_export.cli import main
-from mllama_export.engines import artifacts
 from mllama_export.engines.onnxrt import OnnxRuntimeBackend
-from mllama_export.engines.runner import Limits
+from mllama_export.engines.runner import Limits, Runner
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.build import build
 from mllama_export.exporter.fp8 import check_fp8_graph, onnx_weight_names
@@ -450,7 +449,7 @@ def test_gate_on_fp8_tiny_per_channel(fp8c_dir):
 
 
 def test_fp8_artifacts_generate(fp8_dir):
-    runner = artifacts.load_runner(fp8_dir)
+    runner = Runner.from_artifacts(fp8_dir)
     out = runner.generate_ids([[500, 12, 13], [500, 14]], max_new_tokens=4)
     assert [len(t) for t in out.token_ids] == [4, 4]
 

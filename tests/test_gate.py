@@ -24,7 +24,6 @@ from click.testing import CliRunner
 from conftest import write_evalset
 
 from mllama_export.cli import main
-from mllama_export.engines.artifacts import load_runner
 from mllama_export.engines.backend import TorchBackend
 from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
@@ -64,7 +63,9 @@ def bf16_dir(tmp_path_factory, hf_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def hf_reference(fp32_dir) -> GraphsReference:
     manifest = read_manifest(fp32_dir)
-    return GraphsReference(resolve_checkpoint(manifest).load("hf"), load_runner(fp32_dir).limits)
+    return GraphsReference(
+        resolve_checkpoint(manifest).load("hf"), Runner.from_artifacts(fp32_dir).limits
+    )
 
 
 def first_failures(report) -> dict[str, str | None]:
@@ -117,7 +118,7 @@ def test_fp32_passes_against_the_graphs(fp32_dir, tmp_path):
     report = run_gate(fp32_dir)
     assert report.passed, report.summary_line()
     stages = {(r.case, r.stage) for r in report.results}
-    cases = build_evalset(load_runner(fp32_dir).config)
+    cases = build_evalset(Runner.from_artifacts(fp32_dir).config)
     for case in cases:  # vision only where there are images; prefill and 8 decode steps always
         expected = {"prefill", *(f"decode[{i}]" for i in range(8))}
         expected |= {"vision"} if case.images is not None else set()
@@ -248,7 +249,7 @@ def shift_positions(feed):
 
 @pytest.mark.parametrize("change", [swap_kv, shift_positions], ids=["kv-swapped", "positions"])
 def test_wrong_decode_inputs_fail_at_decode_0(fp32_dir, hf_reference, change):
-    runner = load_runner(fp32_dir)
+    runner = Runner.from_artifacts(fp32_dir)
     runner.decode = _Rewrite(runner.decode, change)
     report = judge_runner(runner, hf_reference)
     assert set(first_failures(report).values()) == {"decode[0]"}
@@ -259,7 +260,7 @@ def test_an_all_ones_cross_attention_mask_fails_at_prefill(fp32_dir, hf_referenc
         feed["cross_attention_mask"] = np.ones_like(feed["cross_attention_mask"])
         return feed
 
-    runner = load_runner(fp32_dir)
+    runner = Runner.from_artifacts(fp32_dir)
     runner.prefill = _Rewrite(runner.prefill, ones)
     runner.decode = _Rewrite(runner.decode, ones)
     report = judge_runner(runner, hf_reference)
@@ -320,8 +321,14 @@ def test_a_users_evalset_is_tokenized_preprocessed_and_judged(fp32_dir, tmp_path
         ('{"prompt": "a", "token_ids": [1]}', "line 2: expected exactly one of"),
         ('{"text": "a"}', "line 2: unknown key"),
         ('{"token_ids": []}', 'line 2: "token_ids" must be a non-empty list'),
-        ('{"token_ids": [1, 99999]}', "line 2: token ids \\[99999\\] outside"),
-        ('{"token_ids": [500, 1], "images": ["wide.png"]}', "line 2: 0 <\\|image\\|> token"),
+        (
+            '{"token_ids": [1, 99999]}',
+            'line 2: "token_ids" hold token id\\(s\\) \\[99999\\] outside',
+        ),
+        (
+            '{"token_ids": [500, 1], "images": ["wide.png"]}',
+            'line 2: "token_ids" hold 0 <\\|image\\|> token',
+        ),
         ('{"prompt": "a", "images": ["missing.png"]}', "line 2: image file\\(s\\) not found"),
         ('{"prompt": "a", "images": "wide.png"}', 'line 2: "images" must be a list'),
     ],

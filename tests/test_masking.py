@@ -13,6 +13,7 @@ import torch
 from onnx import numpy_helper
 
 from mllama_export.engines.backend import TorchBackend
+from mllama_export.engines.inputs import prompt_feed
 from mllama_export.engines.onnxrt import OnnxRuntimeBackend
 from mllama_export.engines.runner import Limits, Runner
 from mllama_export.exporter.onnx_export import export_graph
@@ -68,7 +69,7 @@ def test_fully_masked_left_padded_rows_stay_finite_at_fp16(fp16_prefill, tiny_mo
     path, config = fp16_prefill
     runner = Runner(config, None, None, None, Limits(4, 64, 1))  # its feed-building code
     prompts = [[500, 20, 21, 22, 23, 24], [500, 25]]  # row 1: four pads, fully masked rows
-    feed = runner._prompt_feed(prompts, None)
+    feed = prompt_feed(runner.config, prompts, None)
     feed["logit_positions"] = logit_positions(6, None)  # judge every position, pads too
     t, v = config.text, config.vision
     shape = (

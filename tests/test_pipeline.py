@@ -3,7 +3,7 @@
 The reference is the usual user flow: `processor(images=..., text=prompt)` for a plain prompt,
 or `processor.apply_chat_template(messages, add_generation_prompt=True)` followed by
 `processor(images=..., text=rendered, add_special_tokens=False)` for chat messages, then
-greedy `model.generate`. Ours is `mllama-export run` and `TextRunner.generate/stream` on the
+greedy `model.generate`. Ours is `mllama-export run` and `Runner.generate/stream` on the
 tiny ONNX artifacts (hf cross-attention mask semantics).
 """
 
@@ -19,7 +19,7 @@ from imagefiles import bomb_png, png_bytes
 from PIL import Image
 
 from mllama_export.cli import main
-from mllama_export.engines.pipeline import TextRunner
+from mllama_export.engines.inputs import prompt_feed
 from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
 
@@ -50,7 +50,7 @@ def processor(ort_artifacts):
 
 
 @pytest.fixture(scope="module")
-def runner(ort_artifacts) -> TextRunner:
+def runner(ort_artifacts) -> Runner:
     return Runner.from_artifacts(ort_artifacts)
 
 
@@ -146,7 +146,7 @@ def _assert_same_inputs(runner, ours_ids, ours_images, reference):
     )
     for key in ("aspect_ratio_ids", "aspect_ratio_mask"):
         np.testing.assert_array_equal(getattr(ours_images, key), reference[key].numpy())
-    feed = runner._prompt_feed([ours_ids], ours_images)
+    feed = prompt_feed(runner.config, [ours_ids], ours_images)
     np.testing.assert_array_equal(
         feed["cross_attention_mask"], reference["cross_attention_mask"].numpy()
     )

@@ -7,6 +7,8 @@ import pytest
 import torch
 from conftest import hf_generate, hf_inputs, random_images, torch_runner
 
+from mllama_export.engines.inputs import prompt_feed
+
 REL_L2 = 1e-5
 
 
@@ -26,7 +28,7 @@ def our_logits(runner, prompts, images):
 
 def assert_logits_match(tiny_hf, tiny_model, prompts, images):
     runner = torch_runner(tiny_model)
-    feed = runner._prompt_feed(prompts, images)
+    feed = prompt_feed(runner.config, prompts, images)
     ours, ref = (
         our_logits(runner, prompts, images),
         reference_logits(tiny_hf, runner, prompts, images),

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from legacy_decode import LegacyDecodeGraph
 
+from mllama_export.engines.inputs import prompt_feed
 from mllama_export.engines.onnxrt import OnnxRuntimeBackend
 from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
@@ -103,7 +105,7 @@ def test_one_new_token_is_the_old_decode_graph_bit_for_bit_in_onnxruntime(
 def test_new_tokens_continue_a_prefill_as_one_shot_prefill_computes_them(tiny_model):
     """A prompt's first k tokens by the prefill graph into a cache buffer, the other n by the
     step graph against it: the same logits and K/V as one-shot prefill of all k + n."""
-    runner_feed = Runner(tiny_model.config, None, None, None, _limits())._prompt_feed
+    runner_feed = partial(prompt_feed, tiny_model.config)
     prompts = [[500, IMG, *range(20, 33)], [500, 40, 41, 42, 43, 44]]  # 15 and 6 tokens
     from conftest import random_images
 

@@ -1,4 +1,5 @@
-"""engines/text.py against transformers: tokenizer, chat template, cross-attention mask."""
+"""engines/text.py (tokenizer, chat template) and the cross-attention mask (engines/inputs.py)
+against transformers."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import numpy as np
 import pytest
 
 from mllama_export.engines import text
+from mllama_export.engines.inputs import cross_attention_mask_from_ids
 from mllama_export.engines.text import (
     StreamDecoder,
     Tokenizer,
-    cross_attention_mask_from_ids,
     write_synthetic_tokenizer,
 )
 from mllama_export.errors import MllamaExportError

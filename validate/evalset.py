@@ -24,12 +24,12 @@ no ``<|image|>`` gets the image tokens in front, as ``mllama-export run`` does) 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mllama_export.engines.inputs import InputProcessor
 from mllama_export.engines.preprocess import PreprocessedImages
 from mllama_export.engines.runner import Limits
 from mllama_export.errors import MllamaExportError
@@ -39,6 +39,7 @@ __all__ = ["EvalCase", "build_evalset", "load_evalset", "read_cases", "EVALSET_F
 
 EVALSET_FILE = "prompts.jsonl"
 _KEYS = ("prompt", "token_ids", "images", "name")
+_IDS = '"token_ids"'  # how errors name a line's token ids
 
 
 @dataclass(eq=False)
@@ -213,12 +214,36 @@ def read_cases(folder: str | Path, config: MllamaConfig, resources: str | Path) 
 class _UserCases:
     def __init__(self, file: Path, artifacts: Path, config: MllamaConfig):
         self.file, self.artifacts, self.config = file, artifacts, config
-        self._tokenizer = self._image_config = None
+        self._inputs: InputProcessor | None = None
+
+    @property
+    def inputs(self) -> InputProcessor:
+        if self._inputs is None:  # the folder's tokenizer and image config, read once
+            self._inputs = InputProcessor.from_folder(self.artifacts, self.config)
+        return self._inputs
 
     def _error(self, n: int, problem: str) -> MllamaExportError:
         return MllamaExportError(f"{self.file} line {n}: {problem}")
 
     def case(self, n: int, line: str) -> EvalCase:
+        entry = self._entry(n, line)
+        name = entry.get("name", f"line-{n}")
+        if not isinstance(name, str) or not name.strip():
+            raise self._error(n, f'"name" must be a non-empty string, got {name!r}')
+        images = self._image_paths(n, entry.get("images", []))
+        prompt = self._prompt(n, entry["prompt"]) if "prompt" in entry else None
+        token_ids = self._token_ids(n, entry["token_ids"]) if prompt is None else None
+        if images and self.inputs.image_config is None:
+            path = self.artifacts / "preprocessor_config.json"
+            raise self._error(n, f"images need {path.name}, which {self.artifacts} lacks")
+        try:
+            # The same ids `mllama-export run` and transformers' processor give this prompt.
+            ids, batch = self.inputs.encode(prompt, images, token_ids=token_ids, ids_name=_IDS)
+        except MllamaExportError as err:
+            raise self._error(n, str(err)) from err
+        return EvalCase(name, [ids], batch)
+
+    def _entry(self, n: int, line: str) -> dict:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as err:
@@ -236,22 +261,7 @@ class _UserCases:
             raise self._error(n, f"unknown key(s) {unknown}; allowed: {', '.join(_KEYS)}")
         if ("prompt" in entry) == ("token_ids" in entry):
             raise self._error(n, 'expected exactly one of "prompt" (text) and "token_ids"')
-        name = entry.get("name", f"line-{n}")
-        if not isinstance(name, str) or not name.strip():
-            raise self._error(n, f'"name" must be a non-empty string, got {name!r}')
-        images = self._image_paths(n, entry.get("images", []))
-        if "prompt" in entry:
-            ids = self._encode(n, entry["prompt"], len(images))
-        else:
-            ids = self._token_ids(n, entry["token_ids"])
-        n_image_tokens = ids.count(self.config.image_token_id)
-        if n_image_tokens != len(images):
-            raise self._error(
-                n,
-                f"{n_image_tokens} <|image|> token(s) (id {self.config.image_token_id}) but "
-                f"{len(images)} image(s); expected one image per image token",
-            )
-        return EvalCase(name, [ids], self._preprocess(n, images) if images else None)
+        return entry
 
     def _image_paths(self, n: int, images: object) -> list[Path]:
         if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
@@ -269,7 +279,7 @@ class _UserCases:
         return paths
 
     def _token_ids(self, n: int, ids: object) -> list[int]:
-        rows = self.config.text.embedding_rows
+        """The JSON's shape; the ids' range is the input processor's check."""
         if (
             not isinstance(ids, list)
             or not ids
@@ -278,39 +288,15 @@ class _UserCases:
             raise self._error(
                 n, f'"token_ids" must be a non-empty list of integers, got {json.dumps(ids)[:80]}'
             )
-        bad = [t for t in ids if not 0 <= t < rows]
-        if bad:
-            raise self._error(n, f"token ids {bad[:5]} outside the vocabulary 0..{rows - 1}")
-        return list(ids)
+        return ids
 
-    def _encode(self, n: int, prompt: object, num_images: int) -> list[int]:
+    def _prompt(self, n: int, prompt: object) -> str:
         if not isinstance(prompt, str) or not prompt:
             raise self._error(n, f'"prompt" must be a non-empty string, got {prompt!r:.80}')
-        if self._tokenizer is None:
-            from mllama_export.engines.text import Tokenizer
-
-            if not (self.artifacts / "tokenizer.json").is_file():
-                raise self._error(
-                    n,
-                    f"a text prompt needs a tokenizer, and {self.artifacts} has no "
-                    'tokenizer.json; give "token_ids" instead',
-                )
-            self._tokenizer = Tokenizer.from_dir(self.artifacts)
-        tok = self._tokenizer
-        from mllama_export.engines.pipeline import with_image_tokens
-
-        # The same ids `mllama-export run` and transformers' processor give this prompt.
-        return tok.processor_encode(with_image_tokens(prompt, num_images))
-
-    def _preprocess(self, n: int, images: Sequence[Path]) -> PreprocessedImages:
-        from mllama_export.engines.preprocess import ImageProcessorConfig, preprocess
-
-        if self._image_config is None:
-            path = self.artifacts / "preprocessor_config.json"
-            if not path.is_file():
-                raise self._error(n, f"images need {path.name}, which {self.artifacts} lacks")
-            self._image_config = ImageProcessorConfig.from_file(path)
-        try:
-            return preprocess([list(images)], self._image_config)
-        except MllamaExportError as err:
-            raise self._error(n, str(err)) from err
+        if self.inputs.tokenizer is None:
+            raise self._error(
+                n,
+                f"a text prompt needs a tokenizer, and {self.artifacts} has no "
+                'tokenizer.json; give "token_ids" instead',
+            )
+        return prompt

@@ -34,6 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
+from mllama_export.engines.inputs import prompt_feed
 from mllama_export.engines.runner import Limits, Runner
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import PRESETS, MllamaConfig
@@ -141,17 +142,8 @@ class GraphsReference:
     """Our PyTorch graphs in float32, run by the same Runner code as the backend."""
 
     def __init__(self, model, limits: Limits, label: str = "PyTorch graphs fp32"):
-        from mllama_export.engines.backend import TorchBackend
-        from mllama_export.graphs.model import DecodeGraph, PrefillGraph, VisionGraph
-
         self.label, self.model = label, model
-        self.runner = Runner(
-            model.config,
-            TorchBackend(VisionGraph(model)),
-            TorchBackend(PrefillGraph(model)),
-            TorchBackend(DecodeGraph(model)),
-            limits,
-        )
+        self.runner = Runner.from_model(model, limits)
 
     def trace(self, case: EvalCase, steps: int) -> Trace:
         return trace_runner(self.runner, case, steps)
@@ -166,17 +158,14 @@ class TransformersReference:
 
     label = "transformers fp32"
 
-    def __init__(self, model, config: MllamaConfig, limits: Limits):
+    def __init__(self, model, config: MllamaConfig):
         self.model, self.config = model, config
-        self.feeds = Runner(config, None, None, None, limits)  # its feed-building code only
 
     def trace(self, case: EvalCase, steps: int) -> Trace:
         import torch
 
-        feed = {
-            k: torch.from_numpy(v)
-            for k, v in self.feeds._prompt_feed(case.prompts, case.images).items()
-        }
+        feed = prompt_feed(self.config, case.prompts, case.images)
+        feed = {k: torch.from_numpy(v) for k, v in feed.items()}
         images, kwargs = case.images, {}
         if images is not None:
             kwargs = {
@@ -342,7 +331,7 @@ def make_reference(
         ) from err
     folder = checkpoint.folder_for_transformers(stack)
     model = MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
-    return TransformersReference(model.eval(), checkpoint.config, limits)
+    return TransformersReference(model.eval(), checkpoint.config)
 
 
 # -- judging ----------------------------------------------------------------------------------
@@ -438,7 +427,6 @@ def run_gate(
     ``cases`` defaults to :func:`build_evalset` for the artifacts' config and limits. The
     artifacts are checked against their manifest's sha256 first: tampered files are refused.
     """
-    from mllama_export.engines.artifacts import load_runner
     from mllama_export.exporter.manifest import read_manifest
 
     start = time.perf_counter()
@@ -450,7 +438,7 @@ def run_gate(
     limits = load_thresholds(thresholds)
     manifest = read_manifest(artifacts)
     with step(f"loading {artifacts} ({backend} on {device})"):
-        runner = load_runner(artifacts, backend, device)
+        runner = Runner.from_artifacts(artifacts, backend, device)
     precision = manifest["precision"]
     if cases is None:
         cases = build_evalset(runner.config, runner.limits, steps)

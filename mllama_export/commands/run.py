@@ -100,8 +100,7 @@ def command(
       mllama-export run out/tiny --token-ids 500,512,12,13 --image a.jpg --max-new-tokens 8 --json
     """
     from mllama_export import console
-    from mllama_export.engines.pipeline import TextGeneration
-    from mllama_export.engines.runner import Runner
+    from mllama_export.engines.runner import Runner, TextGeneration
     from mllama_export.engines.sampling import Sampling
     from mllama_export.engines.text import printable
     from mllama_export.graphs.progress import step
@@ -165,8 +164,7 @@ def _prompt(prompt: str, images, chat: bool):
 
 
 def _run_ids(runner, token_ids: str, images, max_new_tokens, sampling, prefill_chunk):
-    from mllama_export.engines.pipeline import TextGeneration
-    from mllama_export.engines.preprocess import preprocess
+    from mllama_export.engines.runner import TextGeneration
 
     try:
         ids = [int(t) for t in token_ids.split(",") if t.strip()]
@@ -174,24 +172,9 @@ def _run_ids(runner, token_ids: str, images, max_new_tokens, sampling, prefill_c
         raise MllamaExportError(
             f"--token-ids {token_ids!r}: expected integers separated by commas"
         ) from err
-    batch = None
-    if len(images) > runner.limits.max_images:
-        raise MllamaExportError(
-            f"{len(images)} images were given but these artifacts were built for at most "
-            f"{runner.limits.max_images} per prompt (max_images)"
-        )
-    image_id = runner.config.image_token_id
-    if ids and ids.count(image_id) != len(images):
-        raise MllamaExportError(
-            f"--token-ids hold {ids.count(image_id)} <|image|> token(s) (id {image_id}) but "
-            f"{len(images)} --image were given; expected one {image_id} per image, in order"
-        )
-    if images:
-        if runner.image_config is None:
-            raise MllamaExportError(
-                "these artifacts have no preprocessor_config.json; images cannot be read"
-            )
-        batch = preprocess([list(images)], runner.image_config)
+    ids, batch = runner.inputs.encode(
+        images=images, token_ids=ids, ids_name="--token-ids", images_name="--image"
+    )
     gen = runner.generate_ids([ids], batch, max_new_tokens, sampling, prefill_chunk=prefill_chunk)
     text = runner.tokenizer.decode(gen.token_ids[0]) if runner.tokenizer else None
     return TextGeneration(text, gen.token_ids[0], ids, gen.timings)
