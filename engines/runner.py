@@ -118,12 +118,12 @@ class Runner:
     def from_model(cls, model, limits: Limits) -> Runner:
         """Our PyTorch graphs of an in-memory `graphs.model.MllamaModel` (float32), each run
         by a TorchBackend: the reference the gate and FP8 calibration run."""
-        from mllama_export.graphs.model import DecodeGraph, PrefillGraph, VisionGraph
+        from mllama_export.graphs.model import GRAPH_MODULES
 
         from .backend import TorchBackend
 
-        graphs = VisionGraph(model), PrefillGraph(model), DecodeGraph(model)
-        return cls(model.config, *(TorchBackend(g) for g in graphs), limits)
+        backends = (TorchBackend(module(model)) for module in GRAPH_MODULES.values())
+        return cls(model.config, *backends, limits)
 
     def encode(
         self, prompt: Prompt, images: Sequence[ImageSource] = ()
