@@ -35,6 +35,7 @@ from mllama_export.engines.profiles import (
     tensor_volume_problems,
 )
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.choices import ENGINE_MODES, PRECISIONS
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.progress import info
 
@@ -44,8 +45,6 @@ ENGINE_DIR = "engines"
 TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"
 TRTEXEC_SCRIPT = f"{ENGINE_DIR}/trtexec.sh"
 GRAPH_ORDER = ("vision", "prefill", "decode")
-ENGINE_MODES = ("auto", "skip", "require")
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 # FP8 tensor-core GEMMs: Ada (8.9) and Hopper (9.0) on; an A100 (8.0) has none
 FP8_CAPABILITY = (8, 9)
 

@@ -58,16 +58,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mllama_export.engines.profiles import (
-    DEFAULT_TEXT_ENGINE,
-    Limits,
-    check_text_engine,
-    step_tokens,
-)
+from mllama_export.engines.profiles import Limits, check_text_engine, step_tokens
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.choices import DEFAULT_TEXT_ENGINE, PRECISIONS
 from mllama_export.graphs.config import MllamaConfig
 
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")  # as `build` takes them
 ACT_BYTES = 2  # activations and caches are 16-bit whatever the weight precision (fp32: 4)
 LOGIT_BYTES = 4  # the graphs return float32 logits
 GB = 1e9

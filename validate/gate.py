@@ -36,6 +36,7 @@ import numpy as np
 
 from mllama_export.engines.runner import Limits, Runner
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.choices import REFERENCES
 from mllama_export.graphs.config import PRESETS, MllamaConfig
 from mllama_export.graphs.progress import info, step
 
@@ -45,7 +46,6 @@ from .report import DriftReport
 from .thresholds import Thresholds, load_thresholds
 
 __all__ = [
-    "REFERENCES",
     "GraphsReference",
     "Trace",
     "TransformersReference",
@@ -54,8 +54,6 @@ __all__ = [
     "run_gate",
     "trace_runner",
 ]
-
-REFERENCES = ("graphs", "transformers")
 
 
 @dataclass

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.choices import PRECISIONS
 
 from .metrics import Metrics
 
@@ -42,14 +43,12 @@ __all__ = [
     "Check",
     "KINDS",
     "LIMITS",
-    "PRECISIONS",
     "Thresholds",
     "Violation",
     "fmt_value",
     "load_thresholds",
 ]
 
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 KINDS = ("vision", "logits")
 
 # limit key -> (Metrics attribute, bound); bound "max": value <= limit, "min": value >= limit.
