@@ -14,7 +14,7 @@ from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import logit_positions
 
 from .backend import Backend
-from .preprocess import PreprocessedImages as Images
+from .preprocess import PreprocessedImages
 from .sampling import Sampling, TokenPicker
 from .steps import KVCache, chunk_feed, decode_feed, one_slot_feed
 from .store import NumpyStore
@@ -93,7 +93,7 @@ class Runner:
     def generate_ids(
         self,
         prompts: list[list[int]],
-        images: Images | None = None,
+        images: PreprocessedImages | None = None,
         max_new_tokens: int = 20,
         sampling: Sampling | None = None,
         stop_tokens: set[int] | None = None,
@@ -119,7 +119,7 @@ class Runner:
     def iter_steps(
         self,
         prompts: list[list[int]],
-        images: Images | None,
+        images: PreprocessedImages | None,
         max_new_tokens: int,
         sampling: Sampling | None,
         stop_tokens: set[int] | None,
@@ -220,7 +220,7 @@ class Runner:
         result.timings.update(decode_s=time.perf_counter() - start, decode_steps=steps)
 
     def _prompt_feed(
-        self, prompts: list[list[int]], images: Images | None
+        self, prompts: list[list[int]], images: PreprocessedImages | None
     ) -> dict[str, np.ndarray]:
         """Left-pads the prompts and derives positions, the cross-attention mask and the
         logit positions (the last one: every row's last token is at S - 1)."""
@@ -246,7 +246,9 @@ class Runner:
             "logit_positions": logit_positions(s),
         }
 
-    def _check_request(self, prompts, images: Images | None, max_new_tokens: int) -> None:
+    def _check_request(
+        self, prompts, images: PreprocessedImages | None, max_new_tokens: int
+    ) -> None:
         lim, rows = self.limits, self.config.text.embedding_rows
         problems = []
         if not prompts or len(prompts) > lim.max_batch:
@@ -301,7 +303,7 @@ class Runner:
             )
 
     def _cross_kv(
-        self, images: Images | None, batch: int, timings: dict
+        self, images: PreprocessedImages | None, batch: int, timings: dict
     ) -> tuple[np.ndarray, np.ndarray]:
         if images is None or images.pixel_values.shape[1] == 0:
             # No image in the batch: one image slot of zero K/V that no row may see. Every

@@ -43,7 +43,7 @@ class BuildOptions:
     # fp8 only: one weight scale per tensor (TensorRT fuses it into an FP8 GEMM) or per channel
     fp8_weights: str = "per-tensor"
     # TensorRT engines after the ONNX: where TensorRT and a GPU exist (auto), never (skip),
-    # or refuse before any work where they cannot be built (require); exporter/engines.py
+    # or refuse before any work where they cannot be built (require); exporter/engine_stage.py
     engines: str = "auto"
     # split: a prefill and a decode engine (the text weights twice); shared: one engine of
     # the decode (step) graph for both phases (the text weights once); docs/tensorrt.md

@@ -1,4 +1,19 @@
-"""The I/O contract of each exported graph, as plain data: names, dtypes, named dims, meaning."""
+"""The I/O contract of each exported graph, as plain data: names, dtypes, named dims, meaning.
+
+The shape comments at the top of each forward (graphs/*.py) abbreviate these dims:
+
+    B     batch                    L_x   xattn_layers            H_kv  kv_heads
+    S     sequence                 L_s   self_layers             Dh    head_dim
+    I     num_images               V     vocab                   H     query heads (text)
+    C, H, W   channels, height, width (pixel_values)
+    T     tiles; in the step graph past_sequence (cache slots), with Ti for tiles there
+    P     num_logits (logit_positions) in the text graphs; patches per tile in the vision
+          graph (P_pad: padded to a multiple of 8), so I*T*P = image_tokens
+    N     new_tokens in the step graph; image_tokens in cross-attention K/V (Nx in the step
+          graph); B*I, the images flattened, inside the vision encoder
+    D     hidden size; L a vision layer's sequence (padded patches of a tile, or T*P_pad);
+          neither is an I/O dim
+"""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from mllama_export.engines.runner import Limits, Runner
 from mllama_export.engines.tensorrt import TensorRTBackend, tensorrt_backends
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.build import build, rebuild_engines
-from mllama_export.exporter.engines import (
+from mllama_export.exporter.engine_stage import (
     TIMING_CACHE,
     TRTEXEC_SCRIPT,
     _reuse_timing_cache,

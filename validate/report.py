@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .metrics import Metrics
-from .thresholds import Check, Thresholds, Violation, fmt_value
+from .thresholds import Check, Thresholds, fmt_value
 
 __all__ = [
     "DriftReport",
@@ -67,7 +67,7 @@ class StageResult:
     stage: str
     case: str
     metrics: Metrics
-    violations: tuple[Violation, ...] = ()
+    violations: tuple[Check, ...] = ()
     checks: tuple[Check, ...] = ()
 
     def __post_init__(self) -> None:

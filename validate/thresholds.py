@@ -44,7 +44,6 @@ __all__ = [
     "KINDS",
     "LIMITS",
     "Thresholds",
-    "Violation",
     "fmt_value",
     "load_thresholds",
 ]
@@ -143,10 +142,6 @@ class Check:
         }
 
 
-# A violation is a check that failed.
-Violation = Check
-
-
 def fmt_value(x: float) -> str:
     """A short, human-readable number that still tells 0.99999 from 1."""
     x = float(x)
@@ -221,7 +216,7 @@ class Thresholds:
             "tie_margin": limits.get("top1_tie_margin", 0.0),
         }
 
-    def judge(self, metrics: Metrics, precision: str, kind: str) -> list[Violation]:
+    def judge(self, metrics: Metrics, precision: str, kind: str) -> list[Check]:
         """The limits ``metrics`` break; empty when the stage passes."""
         return [c for c in self.checks(metrics, precision, kind) if not c.passed]
 

@@ -50,7 +50,7 @@ FP8_CAPABILITY = (8, 9)
 
 
 @dataclass(frozen=True)
-class EnginePlan:
+class EngineBuild:
     """How one graph becomes one engine: the same facts drive Polygraphy and trtexec."""
 
     graph: str
@@ -69,7 +69,7 @@ def plan_engines(
     profiles: dict[str, list[ShapeProfile]],
     precision: str,
     engines: tuple[str, ...] | None = None,
-) -> list[EnginePlan]:
+) -> list[EngineBuild]:
     """One plan per graph of `graphs` ({name: {"file": "onnx/<name>.onnx", ...}}) that gets
     an engine (`engines`, default all: a shared text engine has none for prefill), in the
     vision, prefill, decode order; a graph's own "precision" entry, where present, overrides
@@ -87,14 +87,14 @@ def plan_engines(
             )
         engine = f"{ENGINE_DIR}/{name}.engine"
         plans.append(
-            EnginePlan(
+            EngineBuild(
                 name, str(graphs[name]["file"]), engine, graph_precision, tuple(profiles[name])
             )
         )
     return plans
 
 
-def trtexec_args(plan: EnginePlan, optimization_level: int | None = None) -> list[str]:
+def trtexec_args(plan: EngineBuild, optimization_level: int | None = None) -> list[str]:
     """trtexec's arguments for one engine, paths relative to the artifact folder. No precision
     flag: trtexec 11 no longer parses --fp16/--bf16 (samples/common/sampleOptions.cpp at
     11.1) and exits on them; --stronglyTyped parses on 10.0 through 11.1 (a no-op on 11)."""
@@ -119,7 +119,7 @@ def trtexec_args(plan: EnginePlan, optimization_level: int | None = None) -> lis
     return args + ["--skipInference"]
 
 
-def trtexec_script(plans: list[EnginePlan], optimization_level: int | None = None) -> str:
+def trtexec_script(plans: list[EngineBuild], optimization_level: int | None = None) -> str:
     lines = [
         "#!/bin/sh",
         "# Builds this folder's TensorRT engines by hand with trtexec (TensorRT 10 or 11):",
@@ -373,7 +373,7 @@ def build_engines(folder: Path, names: list[str]) -> dict[str, Any]:
     return manifest["tensorrt"]
 
 
-def _plans_from_manifest(manifest: dict) -> list[EnginePlan]:
+def _plans_from_manifest(manifest: dict) -> list[EngineBuild]:
     """The plans the manifest recorded when the ONNX was built: the very same profiles."""
     entry = manifest["tensorrt"]
     profiles = {
