@@ -17,7 +17,7 @@ from .backend import Backend
 from .preprocess import PreprocessedImages
 from .sampling import Sampling, TokenPicker
 from .steps import KVCache, chunk_feed, decode_feed, one_slot_feed
-from .store import NumpyStore
+from .store import NumpyStore, numpy_dtype
 from .text import cross_attention_mask_from_ids
 
 if TYPE_CHECKING:
@@ -41,14 +41,6 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)
     cache_bytes_per_step: int = 0  # bytes the runner copied into its buffers per decode step
     prompt_mask: np.ndarray | None = None  # [B, S] 1 for a real prompt token, with the logits
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes  # numpy has no bfloat16 of its own
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 class Runner:

@@ -692,7 +692,7 @@ def test_real_engines_build_strongly_typed(trt_built):
 @needs_tensorrt
 @pytest.mark.parametrize("name", list(GRAPHS))
 def test_real_engine_switches_profiles_at_bucket_edges_against_the_same_onnx(trt_built, name):
-    from mllama_export.engines.runner import numpy_dtype
+    from mllama_export.engines.store import numpy_dtype
 
     folder, manifest, precision = trt_built
     entry = manifest["tensorrt"]
