@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.manifest import check_external_data, read_manifest, verify_files
+from mllama_export.graphs.choices import BACKENDS, DEVICES
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import GRAPHS, TensorSpec
 
@@ -19,10 +20,6 @@ from .onnxrt import OnnxRuntimeBackend
 from .preprocess import ImageProcessorConfig
 from .steps import OneTokenDecode
 from .text import Tokenizer
-
-# onnx-reference: onnx.reference on the CPU, slow; it runs bfloat16, which ORT's CPU cannot
-BACKENDS = ("onnxruntime", "onnx-reference", "tensorrt")
-DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from PIL import Image
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import logit_positions
 
 from .preprocess import ImageProcessorConfig, ImageSource, PreprocessedImages, preprocess
 from .profiles import HasLimits
+from .steps import logit_positions
 from .text import IMAGE_TOKEN, Tokenizer
 
 Prompt = str | list[dict[str, Any]]  # plain text, or chat messages with image parts

@@ -383,12 +383,12 @@ def preprocess(
     images: Sequence[Sequence[ImageSource]], config: ImageProcessorConfig
 ) -> PreprocessedImages:
     """Turn rows of images (paths, bytes or PIL images) into Llama 3.2 Vision model inputs."""
-    rows = _check_batch(images)
+    rows = _image_rows(images)
     tiled = [[_tile(_prepare(source, config), config) for source in row] for row in rows]
     return _pack(tiled, config)
 
 
-def _check_batch(images: Any) -> list[list[ImageSource]]:
+def _image_rows(images: Any) -> list[list[ImageSource]]:
     if not isinstance(images, list | tuple) or not all(isinstance(r, list | tuple) for r in images):
         raise MllamaExportError(
             f"images is {type(images).__name__} {images!r:.80} (expected a list of rows, each a "

@@ -36,13 +36,10 @@ from typing import Any, Protocol
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs import contract
+from mllama_export.graphs.choices import TEXT_ENGINES
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import GRAPHS, TensorSpec, graph_spec, static_dims
 
-# build --text-engine: a prefill and a decode engine, each with its own copy of the text
-# weights, or one engine of the decode (step) graph serving both phases (docs/tensorrt.md)
-TEXT_ENGINES = ("split", "shared")
-DEFAULT_TEXT_ENGINE = "split"
 # TensorRT's limit on the elements of one tensor (kernels address tensors with 32-bit offsets)
 MAX_TENSOR_VOLUME = 2**31 - 1
 

@@ -11,15 +11,13 @@ import numpy as np
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import logit_positions
 
 from .backend import Backend
 from .inputs import InputProcessor, Prompt, check_request, prompt_feed
-from .preprocess import ImageProcessorConfig, ImageSource
-from .preprocess import PreprocessedImages as Images
+from .preprocess import ImageProcessorConfig, ImageSource, PreprocessedImages
 from .sampling import Sampling, TokenPicker
-from .steps import KVCache, chunk_feed, decode_feed, one_slot_feed
-from .store import NumpyStore
+from .steps import KVCache, chunk_feed, decode_feed, logit_positions, one_slot_feed
+from .store import NumpyStore, numpy_dtype
 from .text import Tokenizer
 
 
@@ -48,14 +46,6 @@ class TextGeneration:
     token_ids: list[int]
     prompt_ids: list[int]
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes  # numpy has no bfloat16 of its own
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 class Runner:
@@ -127,7 +117,7 @@ class Runner:
 
     def encode(
         self, prompt: Prompt, images: Sequence[ImageSource] = ()
-    ) -> tuple[list[int], Images | None]:
+    ) -> tuple[list[int], PreprocessedImages | None]:
         """Token ids and preprocessed images, exactly as transformers' MllamaProcessor makes
         them (engines/inputs.py InputProcessor.encode). The number of `<|image|>` tokens must
         equal the number of images, and the images may not exceed the artifacts' max_images;
@@ -185,7 +175,7 @@ class Runner:
     def generate_ids(
         self,
         prompts: list[list[int]],
-        images: Images | None = None,
+        images: PreprocessedImages | None = None,
         max_new_tokens: int = 20,
         sampling: Sampling | None = None,
         stop_tokens: set[int] | None = None,
@@ -211,7 +201,7 @@ class Runner:
     def iter_steps(
         self,
         prompts: list[list[int]],
-        images: Images | None,
+        images: PreprocessedImages | None,
         max_new_tokens: int,
         sampling: Sampling | None,
         stop_tokens: set[int] | None,
@@ -338,7 +328,7 @@ class Runner:
             )
 
     def _cross_kv(
-        self, images: Images | None, batch: int, timings: dict
+        self, images: PreprocessedImages | None, batch: int, timings: dict
     ) -> tuple[np.ndarray, np.ndarray]:
         if images is None or images.pixel_values.shape[1] == 0:
             # No image in the batch: one image slot of zero K/V that no row may see. Every

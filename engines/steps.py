@@ -21,11 +21,22 @@ import numpy as np
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs import contract
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import logit_positions
 
 from .backend import check_feed
 
 LAST = np.zeros(1, np.int64)  # logit_positions of a decode step: its one new token
+
+
+def logit_positions(length: int, last: int | None = 1) -> np.ndarray:
+    """The `logit_positions` input asking for the last `last` of `length` positions (every
+    position when `last` is None), in order. Left padding ends every row at length - 1, so
+    one vector serves the whole batch: [length - 1] when serving, arange(length) to judge."""
+    count = length if last is None else last
+    if not 1 <= count <= length:
+        raise MllamaExportError(
+            f"cannot ask for the logits of the last {count} of {length} positions"
+        )
+    return np.arange(length - count, length, dtype=np.int64)
 
 
 class KVCache:

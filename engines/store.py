@@ -8,6 +8,46 @@ import numpy as np
 from mllama_export.errors import MllamaExportError
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a dtype name (torch's and numpy's names agree)."""
+    if name == "bfloat16":
+        import ml_dtypes  # numpy has no bfloat16 of its own
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a dtype name (a numpy dtype's name, or float8_e4m3fn); None when this
+    torch has no such dtype."""
+    import torch
+
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def to_torch(array: np.ndarray):
+    """A host array as a CPU tensor sharing its memory; numpy's bfloat16 (ml_dtypes) is not a
+    type torch knows, so torch reads its bits."""
+    import torch
+
+    array = np.ascontiguousarray(array)
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def to_numpy(tensor) -> np.ndarray:
+    """A tensor on the host as numpy (bfloat16 through its bits, as ml_dtypes' bfloat16);
+    a tensor on a device is copied to the host first, on its current stream."""
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
+    return tensor.numpy()
+
+
 class NumpyStore:
     """Host memory; what plain `session.run` backends take and return."""
 
@@ -39,36 +79,15 @@ class TorchStore:
         self.torch, self.device = torch, torch.device(device)
 
     def zeros(self, shape: tuple[int, ...], dtype: np.dtype):
-        return self.torch.zeros(shape, dtype=self.torch_dtype(dtype), device=self.device)
+        dtype = torch_dtype(np.dtype(dtype).name)
+        return self.torch.zeros(shape, dtype=dtype, device=self.device)
 
     def put(self, array):
         if isinstance(array, self.torch.Tensor):
             return array.to(self.device).contiguous()
-        array = np.ascontiguousarray(array)
-        if array.dtype.name == "bfloat16":  # ml_dtypes: torch reads the bits
-            return (
-                self.torch.from_numpy(array.view(np.int16))
-                .view(self.torch.bfloat16)
-                .to(self.device)
-            )
-        return self.torch.from_numpy(array).to(self.device)
+        return to_torch(array).to(self.device)
 
     def host(self, array) -> np.ndarray:
         if not isinstance(array, self.torch.Tensor):
             return np.asarray(array)
-        array = array.detach().cpu()
-        if array.dtype == self.torch.bfloat16:
-            import ml_dtypes
-
-            return array.view(self.torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return array.numpy()
-
-    def torch_dtype(self, dtype: np.dtype):
-        name = np.dtype(dtype).name
-        return {
-            "float32": self.torch.float32,
-            "float16": self.torch.float16,
-            "bfloat16": self.torch.bfloat16,
-            "int64": self.torch.int64,
-            "int32": self.torch.int32,
-        }[name]
+        return to_numpy(array)

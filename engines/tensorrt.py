@@ -41,13 +41,12 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.contract import TensorSpec
 
 from .backend import check_feed
 from .profiles import ShapeProfile, coverage, select_profile
+from .store import to_numpy, to_torch, torch_dtype
 
 # TensorRT DataType names -> torch dtype names
 _DTYPES = {
@@ -297,8 +296,8 @@ class TensorRTBackend:
                 for tensor in results.values():
                     self._keep_for(tensor, caller)
                 return results
-            with self._on_stream(stream):
-                return {name: _host(torch, t) for name, t in results.items()}
+            with self._on_stream(stream):  # the copies to the host wait for the engine
+                return {name: to_numpy(t) for name, t in results.items()}
 
     def _run(self, feed: dict, index: int, stream) -> dict:
         torch, handle = self._torch, self._handle(stream)
@@ -342,14 +341,7 @@ class TensorRTBackend:
     def _put(self, name: str, value):
         torch = self._torch
         dtype = self._dtypes[name]
-        if isinstance(value, torch.Tensor):
-            tensor = value
-        else:
-            array = np.ascontiguousarray(value)
-            if array.dtype.name == "bfloat16":  # ml_dtypes: torch reads the bits
-                tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-            else:
-                tensor = torch.from_numpy(array)
+        tensor = value if isinstance(value, torch.Tensor) else to_torch(value)
         if tensor.dtype != dtype:
             raise MllamaExportError(
                 f"{self.label} input {name} is {str(tensor.dtype).replace('torch.', '')}; "
@@ -363,9 +355,10 @@ class TensorRTBackend:
 
     def _torch_dtype(self, trt_dtype):
         name = _DTYPES.get(getattr(trt_dtype, "name", str(trt_dtype).split(".")[-1]))
-        if name is None or not hasattr(self._torch, name):
+        dtype = None if name is None else torch_dtype(name)
+        if dtype is None:
             raise MllamaExportError(f"{self.label} engine uses {trt_dtype}, which torch lacks")
-        return getattr(self._torch, name)
+        return dtype
 
     def _check_engine(self, path) -> None:
         """The engine must be the graph the contract describes, with the manifest's profiles."""
@@ -394,15 +387,6 @@ class TensorRTBackend:
                         f"{path}: profile {index} of {name} is {[list(s) for s in built]} in "
                         f"the engine but {[list(s) for s in shapes]} in the manifest"
                     )
-
-
-def _host(torch, tensor) -> np.ndarray:
-    tensor = tensor.cpu()  # on the backend's stream: waits for the engine to finish
-    if tensor.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
 
 
 def tensorrt_backends(

@@ -16,7 +16,7 @@ from mllama_export.graphs.synth import write_checkpoint
 from mllama_export.graphs.weights import Checkpoint, load_model
 
 from .checkplan import CheckPlan, plan_check, refuse_fp8_calibration, write_reduced_checkpoint
-from .engines import (
+from .engine_stage import (
     ENGINE_DIR,
     TRTEXEC_SCRIPT,
     build_engines,
@@ -69,7 +69,7 @@ def build(options: BuildOptions) -> Path:
     marker and renames it into place only when complete; a lock keeps two builds off the same
     folder; a build killed outright leaves its hidden folder and lock, which the next build of
     the same --out removes (exporter/outdir.py). The engine stage then builds the TensorRT
-    engines into the committed folder (exporter/engines.py): a failed engine costs only
+    engines into the committed folder (exporter/engine_stage.py): a failed engine costs only
     itself, never the ONNX. Progress goes to the ``mllama_export`` logger.
     """
     out = Path(options.out)

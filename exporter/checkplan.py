@@ -197,10 +197,10 @@ def estimate(
     sizes: GraphSizes | None = None,
 ) -> MemoryEstimate:
     """Peak memory of the export and of the check on ``cases`` (per graph), for ``config``."""
-    from .options import PRECISIONS
+    from .options import PRECISION_TORCH_DTYPES
 
     sizes = sizes or graph_sizes(config)
-    itemsize = PRECISIONS[precision].itemsize
+    itemsize = PRECISION_TORCH_DTYPES[precision].itemsize
     export = EXPORT_LIBRARY_BYTES + int(sizes.largest * itemsize * EXPORT_LARGEST)
     if not any(cases.values()):
         return MemoryEstimate(export, 0, 0)

@@ -15,12 +15,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mllama_export.engines.profiles import (
-    DEFAULT_TEXT_ENGINE,
-    TEXT_ENGINES,
     Limits,
     largest_fitting,
 )
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.choices import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.resolve import resolve_model
 

@@ -7,21 +7,20 @@ from pathlib import Path
 
 import torch
 
-from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.choices import (
+    CHECK_DEPTHS,
+    DEFAULT_TEXT_ENGINE,
+    MASK_SEMANTICS,
+    PRECISION_DTYPES,
+    PRECISIONS,
+    TEXT_ENGINES,
+    WEIGHT_SCHEMES,
+)
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.quant import WEIGHT_SCHEMES
-from mllama_export.graphs.text import MASK_SEMANTICS
 
-# precision -> the dtype of the graphs' weights and activations. fp8 quantizes the text
-# decoder's Linear layers (weights and inputs, explicit Q/DQ); everything else is float16.
-PRECISIONS = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-    "fp8": torch.float16,
-}
-CHECK_DEPTHS = ("auto", "full", "reduced")
+# precision -> the torch dtype of the graphs' weights and activations (graphs/choices.py)
+PRECISION_TORCH_DTYPES = {p: getattr(torch, PRECISION_DTYPES[p]) for p in PRECISIONS}
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class BuildOptions:
     # fp8 only: one weight scale per tensor (TensorRT fuses it into an FP8 GEMM) or per channel
     fp8_weights: str = "per-tensor"
     # TensorRT engines after the ONNX: where TensorRT and a GPU exist (auto), never (skip),
-    # or refuse before any work where they cannot be built (require); exporter/engines.py
+    # or refuse before any work where they cannot be built (require); exporter/engine_stage.py
     engines: str = "auto"
     # split: a prefill and a decode engine (the text weights twice); shared: one engine of
     # the decode (step) graph for both phases (the text weights once); docs/tensorrt.md
@@ -52,7 +51,7 @@ class BuildOptions:
 
     @property
     def dtype(self) -> torch.dtype:
-        return PRECISIONS[self.precision]
+        return PRECISION_TORCH_DTYPES[self.precision]
 
     def to_json(self) -> dict:
         d = asdict(self)

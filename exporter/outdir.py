@@ -36,7 +36,7 @@ REPORT_FILES = {
     "sensitivity/sensitivity.json",
     "sensitivity/sensitivity.md",
 }
-# TensorRT engines and their build scripts live under engines/ (exporter/engines.py).
+# TensorRT engines and their build scripts live under engines/ (exporter/engine_stage.py).
 OWN_FOLDERS = ("engines/",)
 INCOMPLETE_TEXT = "mllama-export build in progress\n"
 

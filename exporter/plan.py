@@ -58,16 +58,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mllama_export.engines.profiles import (
-    DEFAULT_TEXT_ENGINE,
-    Limits,
-    check_text_engine,
-    step_tokens,
-)
+from mllama_export.engines.profiles import Limits, check_text_engine, step_tokens
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.choices import DEFAULT_TEXT_ENGINE, PRECISIONS
 from mllama_export.graphs.config import MllamaConfig
 
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")  # as `build` takes them
 ACT_BYTES = 2  # activations and caches are 16-bit whatever the weight precision (fp32: 4)
 LOGIT_BYTES = 4  # the graphs return float32 logits
 GB = 1e9
@@ -177,7 +172,9 @@ def count_params(config: MllamaConfig) -> ParamCounts:
 
 
 @dataclass(frozen=True)
-class EnginePlan:
+class EngineMemory:
+    """One engine's memory and roofline time at the profile maxima."""
+
     name: str
     params: int
     weight_bytes: int  # the engine's own copy
@@ -225,9 +222,9 @@ class Plan:
     tiles: int
     max_tiles: int
     params: ParamCounts
-    vision: EnginePlan
-    prefill: EnginePlan
-    decode: EnginePlan
+    vision: EngineMemory
+    prefill: EngineMemory
+    decode: EngineMemory
     self_cache_bytes: int
     cross_cache_bytes: int
     weight_bytes: int  # every engine's, prefill's and decode's text weights each
@@ -244,7 +241,7 @@ class Plan:
     step_tokens: int | None = None  # shared: the most new tokens one call of its engine takes
 
     @property
-    def engines(self) -> tuple[EnginePlan, EnginePlan, EnginePlan]:
+    def engines(self) -> tuple[EngineMemory, EngineMemory, EngineMemory]:
         return (self.vision, self.prefill, self.decode)
 
     @property
@@ -426,19 +423,19 @@ def plan(
     decode_s, decode_bound = _roofline(decode_flops16 * tf32, decode_flops8, decode_moved, g)
 
     image_desc = f"{b} x {images} image(s) x {n_tiles} tile(s)"
-    vision = EnginePlan(
+    vision = EngineMemory(
         "vision", p.vision_engine, vision_w, cross_cache, vision_act, 0, vision_scores,
         vision_flops16 + vision_flops8, vision_moved, vision_s, vision_bound, image_desc,
     )  # fmt: skip
     shared = text_engine == "shared"
-    prefill = EnginePlan(
+    prefill = EngineMemory(
         "prefill", p.text_engine, 0 if shared else text_w, self_cache + cross_cache,
         prefill_act, prefill_out, prefill_scores, prefill_flops16 + prefill_flops8,
         prefill_moved, prefill_s, prefill_bound,
         f"{b} x {s} prompt tokens" + (f" in {pre.calls} call(s) of the decode engine"
                                       if shared else ""),
     )  # fmt: skip
-    decode = EnginePlan(
+    decode = EngineMemory(
         "decode", p.text_engine, text_w, self_cache + cross_cache, decode_act, decode_out,
         decode_scores, decode_flops16 + decode_flops8, decode_moved, decode_s, decode_bound,
         f"one step of {b} token(s), {s_max} cached",

@@ -1,6 +1,6 @@
 """One engine from one ONNX graph through Polygraphy, and what TensorRT says about it.
 
-Kept apart from exporter/engines.py (which plans, records and orders the builds) so that the
+Kept apart from exporter/engine_stage.py (which plans, records and orders the builds) so that the
 only code touching TensorRT's builder is this file, imported lazily inside the engine stage.
 Calls checked against Polygraphy 0.53.6 (`NetworkFromOnnxPath(path, strongly_typed=)`,
 `CreateConfig(profiles=, load_timing_cache=, builder_optimization_level=)`, whose default

@@ -1,11 +1,24 @@
-"""The I/O contract of each exported graph, as plain data: names, dtypes, named dims, meaning."""
+"""The I/O contract of each exported graph, as plain data: names, dtypes, named dims, meaning.
+
+The shape comments at the top of each forward (graphs/*.py) abbreviate these dims:
+
+    B     batch                    L_x   xattn_layers            H_kv  kv_heads
+    S     sequence                 L_s   self_layers             Dh    head_dim
+    I     num_images               V     vocab                   H     query heads (text)
+    C, H, W   channels, height, width (pixel_values)
+    T     tiles; in the step graph past_sequence (cache slots), with Ti for tiles there
+    P     num_logits (logit_positions) in the text graphs; patches per tile in the vision
+          graph (P_pad: padded to a multiple of 8), so I*T*P = image_tokens
+    N     new_tokens in the step graph; image_tokens in cross-attention K/V (Nx in the step
+          graph); B*I, the images flattened, inside the vision encoder
+    D     hidden size; L a vision layer's sequence (padded patches of a tile, or T*P_pad);
+          neither is an I/O dim
+"""
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-
-import numpy as np
 
 from mllama_export.errors import MllamaExportError
 
@@ -52,18 +65,6 @@ def static_dims(config: MllamaConfig) -> dict[str, int]:
         "vocab": t.vocab_size,
         "one": 1,  # the one-token decode graph of artifacts from before the step graph
     }
-
-
-def logit_positions(length: int, last: int | None = 1) -> np.ndarray:
-    """The `logit_positions` input asking for the last `last` of `length` positions (every
-    position when `last` is None), in order. Left padding ends every row at length - 1, so
-    one vector serves the whole batch: [length - 1] when serving, arange(length) to judge."""
-    count = length if last is None else last
-    if not 1 <= count <= length:
-        raise MllamaExportError(
-            f"cannot ask for the logits of the last {count} of {length} positions"
-        )
-    return np.arange(length - count, length, dtype=np.int64)
 
 
 def _s(name: str, dtype: str, dims: str, doc: str) -> TensorSpec:

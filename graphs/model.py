@@ -8,9 +8,10 @@ from torch import nn
 from mllama_export.errors import MllamaExportError
 
 from . import contract
+from .choices import MASK_SEMANTICS
 from .config import MllamaConfig
 from .layers import causal_allowed, select_positions
-from .text import MASK_SEMANTICS, TextDecoder, cross_attention_masks
+from .text import TextDecoder, cross_attention_masks
 from .vision import VisionEncoder
 
 

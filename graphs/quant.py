@@ -35,10 +35,10 @@ from torch import nn
 
 from mllama_export.errors import MllamaExportError
 
+from .choices import WEIGHT_SCHEMES
+
 FP8_MAX = 448.0  # largest finite float8e4m3fn
 FP8_DTYPE = torch.float8_e4m3fn
-# how FP8 weights are scaled: one scale per tensor (TensorRT's fused FP8 GEMM), or per channel
-WEIGHT_SCHEMES = ("per-tensor", "per-channel")
 
 
 def to_fp8(x: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,6 @@ from torch import nn
 from .config import TextConfig
 from .layers import RMSNorm, Rotary, SwiGLU, apply_rope, grouped_attention, grouped_attention_step
 
-MASK_SEMANTICS = ("meta", "hf")
-
 
 class SelfAttention(nn.Module):
     def __init__(self, c: TextConfig):

@@ -10,7 +10,8 @@ import torch
 
 from mllama_export.engines.backend import TorchBackend
 from mllama_export.engines.inputs import prompt_feed
-from mllama_export.engines.runner import Images, Limits, Runner
+from mllama_export.engines.preprocess import PreprocessedImages
+from mllama_export.engines.runner import Limits, Runner
 from mllama_export.exporter.build import build
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.graphs.config import preset
@@ -99,7 +100,7 @@ def torch_runner(model: MllamaModel, limits: Limits | None = None) -> Runner:
     )
 
 
-def random_images(config, tiles_per_prompt: list[list[int]], seed: int = 0) -> Images:
+def random_images(config, tiles_per_prompt: list[list[int]], seed: int = 0) -> PreprocessedImages:
     """Random pixel tiles with the aspect-ratio ids and masks the processor would give."""
     v = config.vision
     rng = np.random.default_rng(seed)
@@ -120,7 +121,7 @@ def random_images(config, tiles_per_prompt: list[list[int]], seed: int = 0) -> I
         [int(np.prod(v.supported_aspect_ratios[r - 1])) for r in ratios]
         for ratios in tiles_per_prompt
     ]
-    return Images(pixels, ids, mask, tiles)
+    return PreprocessedImages(pixels, ids, mask, tiles)
 
 
 def hf_inputs(runner: Runner, prompts, images) -> dict:

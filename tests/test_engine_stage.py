@@ -11,7 +11,7 @@ import trt_standin as standin
 from click.testing import CliRunner
 
 from mllama_export.cli import main
-from mllama_export.exporter import engines as engines_stage
+from mllama_export.exporter import engine_stage
 from mllama_export.exporter.manifest import read_manifest, sha256, verify_files
 
 TRT_ERROR = (
@@ -138,7 +138,7 @@ def test_engines_require_without_tensorrt_exits_2_and_leaves_no_folder(tmp_path,
 
 
 def test_engines_require_refuses_fp8_below_compute_capability_8_9(trt11, tmp_path, monkeypatch):
-    monkeypatch.setattr(engines_stage, "cuda_device", lambda: ("NVIDIA A100", (8, 0)))
+    monkeypatch.setattr(engine_stage, "cuda_device", lambda: ("NVIDIA A100", (8, 0)))
     out = tmp_path / "art"
     args = ["build", "--model", "tiny", "--out", out, "--precision", "fp8", "--engines", "require"]
     line = one_line_error(invoke(*args))

@@ -52,7 +52,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def tensorrt_unavailable():
-    from mllama_export.exporter.engines import tensorrt_unavailable
+    from mllama_export.exporter.engine_stage import tensorrt_unavailable
 
     return tensorrt_unavailable(needs_fp8=False)
 

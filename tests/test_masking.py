@@ -16,9 +16,9 @@ from mllama_export.engines.backend import TorchBackend
 from mllama_export.engines.inputs import prompt_feed
 from mllama_export.engines.onnxrt import OnnxRuntimeBackend
 from mllama_export.engines.runner import Limits, Runner
+from mllama_export.engines.steps import logit_positions
 from mllama_export.exporter.onnx_export import export_graph
 from mllama_export.exporter.options import BuildOptions
-from mllama_export.graphs.contract import logit_positions
 from mllama_export.graphs.layers import MASKED_SCORE
 from mllama_export.graphs.model import PrefillGraph
 from mllama_export.graphs.weights import load_model

@@ -28,7 +28,7 @@ from mllama_export.engines.runner import Limits, Runner
 from mllama_export.engines.tensorrt import TensorRTBackend, tensorrt_backends
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.build import build, rebuild_engines
-from mllama_export.exporter.engines import (
+from mllama_export.exporter.engine_stage import (
     TIMING_CACHE,
     TRTEXEC_SCRIPT,
     _reuse_timing_cache,
@@ -692,7 +692,7 @@ def test_real_engines_build_strongly_typed(trt_built):
 @needs_tensorrt
 @pytest.mark.parametrize("name", list(GRAPHS))
 def test_real_engine_switches_profiles_at_bucket_edges_against_the_same_onnx(trt_built, name):
-    from mllama_export.engines.runner import numpy_dtype
+    from mllama_export.engines.store import numpy_dtype
 
     folder, manifest, precision = trt_built
     entry = manifest["tensorrt"]

@@ -283,11 +283,11 @@ def install_trt11(monkeypatch, failures: dict[str, str] | None = None):
     import sys
 
     from mllama_export.engines import tensorrt as trt_module
-    from mllama_export.exporter import engines as engines_stage
+    from mllama_export.exporter import engine_stage
 
     fake = fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(engines_stage, "cuda_device", lambda: ("Stand-in H100", (9, 0)))
+    monkeypatch.setattr(engine_stage, "cuda_device", lambda: ("Stand-in H100", (9, 0)))
     calls = install_build_standin(monkeypatch, failures)
     # the runtime on the CPU: artifacts' loaders make the CPU subclass of the real backend
     monkeypatch.setattr(trt_module, "TensorRTBackend", CpuTensorRTBackend)

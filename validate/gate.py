@@ -37,6 +37,7 @@ import numpy as np
 from mllama_export.engines.inputs import prompt_feed
 from mllama_export.engines.runner import Limits, Runner
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.choices import REFERENCES
 from mllama_export.graphs.config import PRESETS, MllamaConfig
 from mllama_export.graphs.progress import info, step
 
@@ -46,7 +47,6 @@ from .report import DriftReport
 from .thresholds import Thresholds, load_thresholds
 
 __all__ = [
-    "REFERENCES",
     "GraphsReference",
     "Trace",
     "TransformersReference",
@@ -55,8 +55,6 @@ __all__ = [
     "run_gate",
     "trace_runner",
 ]
-
-REFERENCES = ("graphs", "transformers")
 
 
 @dataclass
@@ -228,7 +226,10 @@ class TransformersReference:
 
 
 @dataclass
-class Checkpoint:
+class ReferenceWeights:
+    """Where the float32 reference weights come from: a checkpoint folder, or a preset
+    re-synthesized from its seed."""
+
     config: MllamaConfig
     folder: Path | None  # None: a preset, synthesized in memory
     preset: str | None = None
@@ -266,7 +267,7 @@ class Checkpoint:
         return write_checkpoint(self.config, tmp / self.preset, self.seed)
 
 
-def resolve_checkpoint(manifest: dict, checkpoint: str | Path | None = None) -> Checkpoint:
+def resolve_checkpoint(manifest: dict, checkpoint: str | Path | None = None) -> ReferenceWeights:
     """The float32 weights the artifacts were built from (see the comment above)."""
     from mllama_export.graphs.resolve import resolve_model
 
@@ -295,7 +296,7 @@ def resolve_checkpoint(manifest: dict, checkpoint: str | Path | None = None) -> 
             "exported graphs); pass --checkpoint PATH"
         )
     seed = int(manifest.get("build_options", {}).get("seed", 0))
-    result = Checkpoint(found.config, found.path, found.preset, seed if found.preset else 0)
+    result = ReferenceWeights(found.config, found.path, found.preset, seed if found.preset else 0)
     if result.config != built:
         raise MllamaExportError(
             f"{where} has a different config from the one the artifacts were built with; "
@@ -305,7 +306,7 @@ def resolve_checkpoint(manifest: dict, checkpoint: str | Path | None = None) -> 
 
 
 def make_reference(
-    kind: str, manifest: dict, checkpoint: Checkpoint, stack: ExitStack
+    kind: str, manifest: dict, checkpoint: ReferenceWeights, stack: ExitStack
 ) -> Reference:
     limits = Limits(**manifest["limits"])
     semantics = manifest["model"]["xattn_mask"]

@@ -69,10 +69,6 @@ class Metrics:
     kl_divergence: float | None = None
 
     @property
-    def is_logits(self) -> bool:
-        return self.top1_agreement is not None
-
-    @property
     def finite(self) -> bool:
         """True when ``actual`` held no NaN/inf."""
         return self.nonfinite == 0

@@ -15,18 +15,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .metrics import Metrics
-from .thresholds import Check, Thresholds, Violation, fmt_value
+from .thresholds import Check, Thresholds, fmt_value
 
 __all__ = [
     "DriftReport",
     "StageResult",
     "Worst",
-    "iter_stage_names",
     "plot_rel_l2",
     "stage_kind",
     "stage_order",
@@ -67,7 +65,7 @@ class StageResult:
     stage: str
     case: str
     metrics: Metrics
-    violations: tuple[Violation, ...] = ()
+    violations: tuple[Check, ...] = ()
     checks: tuple[Check, ...] = ()
 
     def __post_init__(self) -> None:
@@ -236,11 +234,7 @@ class DriftReport:
             candidates.extend((r, c) for c in pool)
         if not candidates:
             return None
-        best = candidates[0]
-        for cand in candidates[1:]:
-            if cand[1].ratio > best[1].ratio:
-                best = cand
-        return Worst(*best)
+        return Worst(*max(candidates, key=lambda rc: rc[1].ratio))  # max keeps the first of ties
 
     def summary_line(self) -> str:
         head = (
@@ -607,12 +601,3 @@ def _plot_budget(rep: DriftReport, ax_pre, ax_dec, jitter: float, ms: float) -> 
         )
     ax_dec.text(1.0, 1.0, " limit", color="red", transform=ax_dec.get_yaxis_transform(),
                 va="center", fontsize=9)  # fmt: skip
-
-
-def iter_stage_names(n_decode: int, vision: bool = True) -> Iterable[str]:
-    """``vision``, ``prefill``, ``decode[0]`` ... ``decode[n_decode-1]``."""
-    if vision:
-        yield "vision"
-    yield "prefill"
-    for i in range(n_decode):
-        yield f"decode[{i}]"

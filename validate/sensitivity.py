@@ -250,10 +250,10 @@ class _Session:
 
     def __init__(self, weights, manifest, cases, steps, thresholds, scheme, prefill_chunk):
         from mllama_export.exporter.layerwise import LazyModel
-        from mllama_export.exporter.options import PRECISIONS
+        from mllama_export.exporter.options import PRECISION_TORCH_DTYPES
 
         semantics, limits = manifest["model"]["xattn_mask"], Limits(**manifest["limits"])
-        self.weights, self.dtype = weights, PRECISIONS["fp8"]
+        self.weights, self.dtype = weights, PRECISION_TORCH_DTYPES["fp8"]
         self.lazy = {"float32": LazyModel(weights, semantics)}
         self.lazy["artifacts"] = LazyModel(weights, semantics, self.dtype)
         self.runners = {base: lazy.runner(limits) for base, lazy in self.lazy.items()}

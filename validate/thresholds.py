@@ -35,6 +35,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.choices import PRECISIONS
 
 from .metrics import Metrics
 
@@ -42,14 +43,11 @@ __all__ = [
     "Check",
     "KINDS",
     "LIMITS",
-    "PRECISIONS",
     "Thresholds",
-    "Violation",
     "fmt_value",
     "load_thresholds",
 ]
 
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 KINDS = ("vision", "logits")
 
 # limit key -> (Metrics attribute, bound); bound "max": value <= limit, "min": value >= limit.
@@ -144,10 +142,6 @@ class Check:
         }
 
 
-# A violation is a check that failed.
-Violation = Check
-
-
 def fmt_value(x: float) -> str:
     """A short, human-readable number that still tells 0.99999 from 1."""
     x = float(x)
@@ -222,7 +216,7 @@ class Thresholds:
             "tie_margin": limits.get("top1_tie_margin", 0.0),
         }
 
-    def judge(self, metrics: Metrics, precision: str, kind: str) -> list[Violation]:
+    def judge(self, metrics: Metrics, precision: str, kind: str) -> list[Check]:
         """The limits ``metrics`` break; empty when the stage passes."""
         return [c for c in self.checks(metrics, precision, kind) if not c.passed]
 

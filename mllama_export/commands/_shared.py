@@ -6,13 +6,14 @@ from pathlib import Path
 
 import click
 
+from mllama_export.graphs.choices import BACKENDS, DEFAULT_BACKEND, DEVICES
+
 
 def backend_option(help: str):
     return click.option(
         "--backend",
-        # onnx-reference: slow, CPU only, runs bfloat16 (engines/onnxref.py)
-        type=click.Choice(["onnxruntime", "onnx-reference", "tensorrt"]),
-        default="onnxruntime",
+        type=click.Choice(BACKENDS),
+        default=DEFAULT_BACKEND,
         show_default=True,
         help=help,
     )
@@ -20,7 +21,7 @@ def backend_option(help: str):
 
 device_option = click.option(
     "--device",
-    type=click.Choice(["cpu", "cuda"]),
+    type=click.Choice(DEVICES),
     default="cpu",
     show_default=True,
     help="cpu or cuda: ONNX Runtime's provider (TensorRT always runs on the GPU).",

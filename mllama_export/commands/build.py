@@ -4,7 +4,16 @@ from pathlib import Path
 
 import click
 
-from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
+from mllama_export.graphs.choices import (
+    CHECK_DEPTHS,
+    DEFAULT_TEXT_ENGINE,
+    ENGINE_MODES,
+    MASK_SEMANTICS,
+    PRECISIONS,
+    PRESET_NAMES,
+    TEXT_ENGINES,
+    WEIGHT_SCHEMES,
+)
 
 
 @click.command("build")
@@ -12,7 +21,7 @@ from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
     "--model",
     required=True,
     help="Checkpoint folder (config.json + safetensors), a Hugging Face Hub id (found in, or "
-    "downloaded into, the Hugging Face cache), or a preset: tiny, 11b, 90b (a synthetic "
+    f"downloaded into, the Hugging Face cache), or a preset: {', '.join(PRESET_NAMES)} (a synthetic "
     "checkpoint with random weights).",
 )
 @click.option(
@@ -20,7 +29,7 @@ from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "bf16", "fp8"]),
+    type=click.Choice(PRECISIONS),
     default="fp32",
     show_default=True,
     help="Precision of the graphs' weights and activations. fp8: the text decoder's linear "
@@ -42,7 +51,7 @@ from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
 )
 @click.option(
     "--xattn-mask",
-    type=click.Choice(["meta", "hf"]),
+    type=click.Choice(MASK_SEMANTICS),
     default="meta",
     show_default=True,
     help="meta: Meta's reference (text before any image ignores images; the trained "
@@ -79,7 +88,7 @@ from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
 )
 @click.option(
     "--fp8-weights",
-    type=click.Choice(["per-tensor", "per-channel"]),
+    type=click.Choice(WEIGHT_SCHEMES),
     default="per-tensor",
     show_default=True,
     help="With --precision fp8: one FP8 weight scale per tensor (the layout TensorRT's FP8 GEMM "
@@ -87,7 +96,7 @@ from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
 )
 @click.option(
     "--check-depth",
-    type=click.Choice(["auto", "full", "reduced"]),
+    type=click.Choice(CHECK_DEPTHS),
     default="auto",
     show_default=True,
     help="The check of each graph against PyTorch: on the whole model, or on a reduced copy "
@@ -97,7 +106,7 @@ from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
 )
 @click.option(
     "--engines",
-    type=click.Choice(["auto", "skip", "require"]),
+    type=click.Choice(ENGINE_MODES),
     default="auto",
     show_default=True,
     help="TensorRT engines, built after the ONNX artifacts are complete. auto: where "

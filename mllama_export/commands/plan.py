@@ -4,7 +4,13 @@ import sys
 
 import click
 
-from mllama_export.engines.profiles import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
+from mllama_export.graphs.choices import (
+    DEFAULT_TEXT_ENGINE,
+    GPU_NAMES,
+    PRECISIONS,
+    PRESET_NAMES,
+    TEXT_ENGINES,
+)
 
 # build's defaults (exporter/fits.py DEFAULTS reads them from BuildOptions; a test keeps
 # these in step), named here so that --help needs no import of the planner
@@ -15,12 +21,12 @@ _BUILD = "build's default"
 @click.option(
     "--model",
     required=True,
-    help="A preset (tiny, 11b, 90b), a checkpoint folder or its config.json, a Hugging Face "
+    help=f"A preset ({', '.join(PRESET_NAMES)}), a checkpoint folder or its config.json, a Hugging Face "
     "Hub id, or an artifact folder (its manifest's precision and limits are the defaults).",
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "bf16", "fp8"]),
+    type=click.Choice(PRECISIONS),
     default=None,
     help="As build's --precision; fp8: the text decoder's linear layers in FP8, the rest in "
     f"16 bits  [default: the artifacts', else {_BUILD} fp32]",
@@ -45,7 +51,7 @@ _BUILD = "build's default"
 )
 @click.option(
     "--gpu",
-    type=click.Choice(["h100", "h200"]),
+    type=click.Choice(GPU_NAMES),
     default="h100",
     show_default=True,
     help="GPU whose memory and roofline to plan against.",

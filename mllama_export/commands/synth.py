@@ -7,6 +7,12 @@ from typing import TYPE_CHECKING
 import click
 
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.choices import (
+    PRECISION_DTYPES,
+    PRESET_NAMES,
+    STORAGE_PRECISIONS,
+    spelled,
+)
 
 if TYPE_CHECKING:
     from mllama_export.graphs.config import MllamaConfig
@@ -20,7 +26,7 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
     "name",
     default="tiny",
     show_default=True,
-    help="Model geometry to write: tiny, 11b or 90b, or a checkpoint folder or Hugging Face "
+    help=f"Model geometry to write: {spelled(PRESET_NAMES)}, or a checkpoint folder or Hugging Face "
     "Hub id whose config.json to copy (its weights are not read).",
 )
 @click.option(
@@ -45,7 +51,7 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
+    type=click.Choice(STORAGE_PRECISIONS),
     default="fp32",
     show_default=True,
     help="Storage dtype of the tensors.",
@@ -115,7 +121,7 @@ def command(
     cross = None if cross_layers is None else _parse_indices(cross_layers)
     config = _config(name, (text_layers, vision_layers, global_layers), cross)
     _check_out(out)
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    torch_dtype = getattr(torch, PRECISION_DTYPES[dtype])
     write_checkpoint(config, out, seed, shards, torch_dtype, max_shard_bytes=max_bytes)
     params = sum(s.numel() for s in parameter_shapes(config).values())
     files = len(list(out.glob("*.safetensors")))

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from mllama_export.graphs.choices import REFERENCES
+
 from ._shared import backend_option, device_option, gate_options
 
 
@@ -13,7 +15,7 @@ from ._shared import backend_option, device_option, gate_options
 @backend_option("What runs the graphs being judged.")
 @click.option(
     "--reference",
-    type=click.Choice(["graphs", "transformers"]),
+    type=click.Choice(REFERENCES),
     default="graphs",
     show_default=True,
     help="graphs: our PyTorch graphs in float32. transformers: MllamaForConditionalGeneration "

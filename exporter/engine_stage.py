@@ -35,6 +35,7 @@ from mllama_export.engines.profiles import (
     tensor_volume_problems,
 )
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.choices import ENGINE_MODES, PRECISIONS
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import GRAPH_NAMES
 from mllama_export.graphs.progress import info
@@ -44,14 +45,12 @@ from .manifest import MANIFEST, read_manifest, write_manifest
 ENGINE_DIR = "engines"
 TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"
 TRTEXEC_SCRIPT = f"{ENGINE_DIR}/trtexec.sh"
-ENGINE_MODES = ("auto", "skip", "require")
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 # FP8 tensor-core GEMMs: Ada (8.9) and Hopper (9.0) on; an A100 (8.0) has none
 FP8_CAPABILITY = (8, 9)
 
 
 @dataclass(frozen=True)
-class EnginePlan:
+class EngineBuild:
     """How one graph becomes one engine: the same facts drive Polygraphy and trtexec."""
 
     graph: str
@@ -70,7 +69,7 @@ def plan_engines(
     profiles: dict[str, list[ShapeProfile]],
     precision: str,
     engines: tuple[str, ...] | None = None,
-) -> list[EnginePlan]:
+) -> list[EngineBuild]:
     """One plan per graph of `graphs` ({name: {"file": "onnx/<name>.onnx", ...}}) that gets
     an engine (`engines`, default all: a shared text engine has none for prefill), in the
     vision, prefill, decode order; a graph's own "precision" entry, where present, overrides
@@ -88,14 +87,14 @@ def plan_engines(
             )
         engine = f"{ENGINE_DIR}/{name}.engine"
         plans.append(
-            EnginePlan(
+            EngineBuild(
                 name, str(graphs[name]["file"]), engine, graph_precision, tuple(profiles[name])
             )
         )
     return plans
 
 
-def trtexec_args(plan: EnginePlan, optimization_level: int | None = None) -> list[str]:
+def trtexec_args(plan: EngineBuild, optimization_level: int | None = None) -> list[str]:
     """trtexec's arguments for one engine, paths relative to the artifact folder. No precision
     flag: trtexec 11 no longer parses --fp16/--bf16 (samples/common/sampleOptions.cpp at
     11.1) and exits on them; --stronglyTyped parses on 10.0 through 11.1 (a no-op on 11)."""
@@ -120,7 +119,7 @@ def trtexec_args(plan: EnginePlan, optimization_level: int | None = None) -> lis
     return args + ["--skipInference"]
 
 
-def trtexec_script(plans: list[EnginePlan], optimization_level: int | None = None) -> str:
+def trtexec_script(plans: list[EngineBuild], optimization_level: int | None = None) -> str:
     lines = [
         "#!/bin/sh",
         "# Builds this folder's TensorRT engines by hand with trtexec (TensorRT 10 or 11):",
@@ -374,7 +373,7 @@ def build_engines(folder: Path, names: list[str]) -> dict[str, Any]:
     return manifest["tensorrt"]
 
 
-def _plans_from_manifest(manifest: dict) -> list[EnginePlan]:
+def _plans_from_manifest(manifest: dict) -> list[EngineBuild]:
     """The plans the manifest recorded when the ONNX was built: the very same profiles."""
     entry = manifest["tensorrt"]
     profiles = {
