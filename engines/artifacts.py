@@ -11,12 +11,12 @@ from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.manifest import check_external_data, read_manifest, verify_files
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import TensorSpec
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.model import DecodeGraph, PrefillGraph, VisionGraph
 
 from .onnxrt import OnnxRuntimeBackend
 from .pipeline import TextRunner
 from .preprocess import ImageProcessorConfig
-from .runner import Limits
 from .steps import OneTokenDecode
 from .text import Tokenizer
 

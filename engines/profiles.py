@@ -38,6 +38,7 @@ from mllama_export.errors import MllamaExportError
 from mllama_export.graphs import contract
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import TensorSpec, static_dims
+from mllama_export.graphs.limits import Limits
 
 GRAPH_INPUTS: dict[str, tuple[TensorSpec, ...]] = {
     "vision": contract.VISION_INPUTS,
@@ -411,15 +412,6 @@ LIMIT_OF_DIM = {
     "new_tokens": "max_seq_len",
     "total_sequence": "max_seq_len",
 }
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Plain build limits (the runner's Limits and BuildOptions have the same three fields)."""
-
-    max_batch: int
-    max_seq_len: int
-    max_images: int
 
 
 @dataclass(frozen=True)

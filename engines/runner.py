@@ -12,6 +12,7 @@ import numpy as np
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import logit_positions
+from mllama_export.graphs.limits import Limits
 
 from .backend import Backend
 from .preprocess import PreprocessedImages as Images
@@ -22,15 +23,6 @@ from .text import cross_attention_mask_from_ids
 
 if TYPE_CHECKING:
     from .pipeline import TextRunner
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the graphs or engines were built for; calls outside these are refused."""
-
-    max_batch: int
-    max_seq_len: int  # prompt plus generated tokens
-    max_images: int
 
 
 @dataclass

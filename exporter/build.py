@@ -6,10 +6,10 @@ import shutil
 import time
 from pathlib import Path
 
-from mllama_export.engines.profiles import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import TensorSpec
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import info, step
 from mllama_export.graphs.resolve import ResolvedModel, resolve_model
 from mllama_export.graphs.synth import write_checkpoint

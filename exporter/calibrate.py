@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from mllama_export.engines.backend import TorchBackend
-from mllama_export.engines.runner import Limits, Runner
+from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, VisionGraph
 from mllama_export.graphs.progress import bar
 from mllama_export.graphs.weights import Checkpoint

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mllama_export.engines.runner import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, VisionGraph
 from mllama_export.graphs.progress import step
 from mllama_export.graphs.quant import (

@@ -39,9 +39,10 @@ import onnx
 import torch
 
 from mllama_export.engines.backend import TorchBackend
-from mllama_export.engines.runner import Limits, Runner
+from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.quant import FP8Linear, fp8_qdq
 
 from .fp8_graph import Graph, QuantizedMatMul, check_fp8_graph, fp8_engine_layers

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from mllama_export.engines.preprocess import PreprocessedImages
-from mllama_export.engines.runner import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.limits import Limits
 
 __all__ = ["EvalCase", "build_evalset", "load_evalset", "read_cases", "EVALSET_FILE"]
 

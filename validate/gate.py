@@ -34,9 +34,10 @@ from typing import Protocol
 
 import numpy as np
 
-from mllama_export.engines.runner import Limits, Runner
+from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import PRESETS, MllamaConfig
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import info, step
 
 from .evalset import EvalCase, build_evalset

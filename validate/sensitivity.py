@@ -30,8 +30,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllama_export.engines.runner import Limits
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import bar, step
 
 from .evalset import EvalCase, build_evalset
