@@ -7,8 +7,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from mllama_export.engines.manifest_read import check_external_data, read_manifest, verify_files
 from mllama_export.errors import MllamaExportError
-from mllama_export.exporter.manifest import check_external_data, read_manifest, verify_files
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import TensorSpec
 from mllama_export.graphs.limits import Limits

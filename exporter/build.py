@@ -6,6 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
+from mllama_export.engines.manifest_read import INCOMPLETE_MARKER, read_manifest, verify_files
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import TensorSpec
@@ -38,7 +39,7 @@ from .fp8 import (
     load_fp8_model,
     quantize_fp8,
 )
-from .manifest import INCOMPLETE_MARKER, read_manifest, verify_files, versions, write_manifest
+from .manifest import versions, write_manifest
 from .options import BuildOptions
 from .outdir import (
     INCOMPLETE_TEXT,

@@ -174,7 +174,7 @@ def load_evalset(folder: str | Path, artifacts: str | Path) -> list[EvalCase]:
     Text is tokenized with the tokenizer of the artifact folder and images are preprocessed
     with its ``preprocessor_config.json``; every malformed line is an error naming the line.
     """
-    from mllama_export.exporter.manifest import read_manifest
+    from mllama_export.engines.manifest_read import read_manifest
 
     config = MllamaConfig.from_hf_dict(read_manifest(artifacts)["model"]["config"])
     return read_cases(folder, config, artifacts)

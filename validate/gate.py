@@ -440,7 +440,7 @@ def run_gate(
     artifacts are checked against their manifest's sha256 first: tampered files are refused.
     """
     from mllama_export.engines.artifacts import load_runner
-    from mllama_export.exporter.manifest import read_manifest
+    from mllama_export.engines.manifest_read import read_manifest
 
     start = time.perf_counter()
     artifacts = Path(artifacts)

@@ -370,7 +370,7 @@ def run_sensitivity(
     layers, marked incomplete until the last run, so that an interrupted run keeps its
     finished rows. ``prefill_chunk``: the quantized side prefills through the step graph in
     chunks."""
-    from mllama_export.exporter.manifest import read_manifest
+    from mllama_export.engines.manifest_read import read_manifest
     from mllama_export.graphs.weights import Checkpoint
 
     start = time.perf_counter()
