@@ -40,7 +40,7 @@ def calibrate(
     steps: int = CALIBRATION_STEPS,
 ) -> dict[str, float]:
     """{layer name: max |input|} over every call of each named Linear while ``cases``
-    (``validate.evalset.EvalCase``: prompts and preprocessed images) are generated greedily
+    (``engines.evalset.EvalCase``: prompts and preprocessed images) are generated greedily
     for ``steps`` + 1 tokens, case after case, on ``model`` (in memory, float32)."""
     runner = Runner(
         model.config,

@@ -85,7 +85,7 @@ def fp8_layers(config: MllamaConfig, options: BuildOptions) -> list[str]:
 def calibration_cases(config: MllamaConfig, options: BuildOptions, checkpoint: Path) -> list:
     """The user's calibration folder (prompts.jsonl, tokenized and preprocessed with the
     checkpoint's own tokenizer and preprocessor config), else the built-in evaluation set."""
-    from mllama_export.validate.evalset import build_evalset, read_cases
+    from mllama_export.engines.evalset import build_evalset, read_cases
 
     limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
     if options.calibration is None:

@@ -257,7 +257,7 @@ def check_cases(config: MllamaConfig, limits: Limits) -> list:
     one prompt with an image (batch 1), and a left-padded batch of up to 3 prompts (a text-only
     one, one with text before its image, one with the image first) whose images go to the
     vision graph one row at a time (11B's tiles make a batch of images heavy on a CPU)."""
-    from mllama_export.validate.evalset import _CaseMaker
+    from mllama_export.engines.evalset import _CaseMaker
 
     longest = max(4, min(20, limits.max_seq_len - 4))
     maker = _CaseMaker(config, seed=7, longest=longest)

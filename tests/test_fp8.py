@@ -23,6 +23,7 @@ from torch import nn
 
 from mllama_export.cli import main
 from mllama_export.engines import artifacts
+from mllama_export.engines.evalset import build_evalset
 from mllama_export.engines.manifest_read import read_manifest
 from mllama_export.engines.onnxrt import OnnxRuntimeBackend
 from mllama_export.engines.runner import Limits
@@ -44,7 +45,6 @@ from mllama_export.graphs.quant import (
     to_fp8,
 )
 from mllama_export.graphs.weights import load_model
-from mllama_export.validate.evalset import build_evalset
 from mllama_export.validate.gate import run_gate
 
 FP8 = onnx.TensorProto.FLOAT8E4M3FN

@@ -34,13 +34,13 @@ from typing import Protocol
 
 import numpy as np
 
+from mllama_export.engines.evalset import EvalCase, build_evalset
 from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import PRESETS, MllamaConfig
 from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import info, step
 
-from .evalset import EvalCase, build_evalset
 from .metrics import compare
 from .report import DriftReport
 from .thresholds import Thresholds, load_thresholds

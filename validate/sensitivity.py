@@ -30,11 +30,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mllama_export.engines.evalset import EvalCase, build_evalset
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import bar, step
 
-from .evalset import EvalCase, build_evalset
 from .gate import Trace, judge, resolve_checkpoint, trace_runner
 from .report import DriftReport, jsonable, stage_kind
 from .thresholds import fmt_value, load_thresholds

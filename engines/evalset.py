@@ -1,4 +1,5 @@
-"""The evaluation set the accuracy gate runs: fixed and deterministic, or a user's own.
+"""The evaluation set the accuracy gate runs and the FP8 build calibrates on: fixed and
+deterministic, or a user's own.
 
 ``build_evalset(config)`` derives a small set of cases from the model config alone (token ids
 from its vocabulary, random image tiles from seeded numpy), so the same artifacts are always
@@ -30,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mllama_export.engines.preprocess import PreprocessedImages
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.limits import Limits
+
+from .preprocess import PreprocessedImages
 
 __all__ = ["EvalCase", "build_evalset", "load_evalset", "read_cases", "EVALSET_FILE"]
 
@@ -174,7 +176,7 @@ def load_evalset(folder: str | Path, artifacts: str | Path) -> list[EvalCase]:
     Text is tokenized with the tokenizer of the artifact folder and images are preprocessed
     with its ``preprocessor_config.json``; every malformed line is an error naming the line.
     """
-    from mllama_export.engines.manifest_read import read_manifest
+    from .manifest_read import read_manifest
 
     config = MllamaConfig.from_hf_dict(read_manifest(artifacts)["model"]["config"])
     return read_cases(folder, config, artifacts)
@@ -287,7 +289,7 @@ class _UserCases:
         if not isinstance(prompt, str) or not prompt:
             raise self._error(n, f'"prompt" must be a non-empty string, got {prompt!r:.80}')
         if self._tokenizer is None:
-            from mllama_export.engines.text import Tokenizer
+            from .text import Tokenizer
 
             if not (self.artifacts / "tokenizer.json").is_file():
                 raise self._error(
@@ -297,13 +299,13 @@ class _UserCases:
                 )
             self._tokenizer = Tokenizer.from_dir(self.artifacts)
         tok = self._tokenizer
-        from mllama_export.engines.pipeline import with_image_tokens
+        from .pipeline import with_image_tokens
 
         # The same ids `mllama-export run` and transformers' processor give this prompt.
         return tok.processor_encode(with_image_tokens(prompt, num_images))
 
     def _preprocess(self, n: int, images: Sequence[Path]) -> PreprocessedImages:
-        from mllama_export.engines.preprocess import ImageProcessorConfig, preprocess
+        from .preprocess import ImageProcessorConfig, preprocess
 
         if self._image_config is None:
             path = self.artifacts / "preprocessor_config.json"
