@@ -221,6 +221,27 @@ def test_graphs_imports_nothing_above_it():
     assert not above, "\n".join(f"{e.where}: {e.source} imports {e.target}" for e in above)
 
 
+def test_no_folder_imports_the_cli():
+    # The CLI (mllama_export/: cli, commands, console) sits on top; errors.py is shared by all.
+    found = []
+    for path in (p for folder in FOLDERS for p in sorted((ROOT / folder).glob("*.py"))):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                # `from mllama_export import cli` names the module in the alias
+                bare = node.module == "mllama_export"
+                names = [f"mllama_export.{a.name}" for a in node.names] if bare else [node.module]
+            else:
+                continue
+            found += [
+                f"{path.relative_to(ROOT)}:{node.lineno}: {n}"
+                for n in names
+                if n.startswith("mllama_export.") and n.split(".")[1] not in (*FOLDERS, "errors")
+            ]
+    assert not found, "the four folders must not import the CLI:\n" + "\n".join(found)
+
+
 def _inside_folder_edges() -> list[Edge]:
     return [e for e in _graph() if _folder(e.source) == _folder(e.target)]
 
