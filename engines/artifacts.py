@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from mllama_export.engines.manifest_read import check_external_data, read_manifest, verify_files
 from mllama_export.errors import MllamaExportError
-from mllama_export.exporter.manifest import check_external_data, read_manifest, verify_files
 from mllama_export.graphs.choices import BACKENDS, DEVICES
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import GRAPHS, TensorSpec

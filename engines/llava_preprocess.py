@@ -24,10 +24,9 @@ from PIL import Image
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.llava_config import LlavaConfig
 from mllama_export.graphs.llava_layout import select_best_resolution
+from mllama_export.graphs.synth_files import CLIP_MEAN, CLIP_STD
 
 from .preprocess import (
-    CLIP_MEAN,
-    CLIP_STD,
     ImageSource,
     _bool,
     _config_error,

@@ -15,9 +15,9 @@ from tokenizers import processors
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.llava_config import LlavaConfig
 from mllama_export.graphs.llava_synth import write_llava_weights
+from mllama_export.graphs.synth_files import _added_token, _train_bpe
 
 from .llava_preprocess import default_image_config
-from .text import _added_token, _train_bpe
 
 # After the regular vocabulary, in id order; the model's rows past them stay unused, as
 # llava-hf's 32064 embeddings outnumber its 32002 tokens.

@@ -29,9 +29,6 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 # who disabled Pillow's guard (Image.MAX_IMAGE_PIXELS = None) is still protected.
 MAX_IMAGE_PIXELS = 2 * 89_478_485
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 REQUIRED_KEYS = (
     "do_convert_rgb",
     "do_resize",
@@ -167,25 +164,6 @@ class ImageProcessorConfig:
                 f"preprocessor config '{path}' is not valid JSON: {exc} (expected a JSON object)"
             ) from exc
         return cls.from_dict(config)
-
-
-def default_preprocessor_config(image_size: int, max_image_tiles: int) -> dict[str, Any]:
-    """The ``preprocessor_config.json`` a Llama 3.2 Vision checkpoint ships, for this tile size."""
-    return {
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_pad": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": list(CLIP_MEAN),
-        "image_processor_type": "MllamaImageProcessor",
-        "image_std": list(CLIP_STD),
-        "max_image_tiles": max_image_tiles,
-        "processor_class": "MllamaProcessor",
-        "resample": 2,
-        "rescale_factor": 1 / 255,
-        "size": {"height": image_size, "width": image_size},
-    }
 
 
 def _config_error(key: str, value: Any, expected: str) -> MllamaExportError:

@@ -39,6 +39,7 @@ from mllama_export.graphs import contract
 from mllama_export.graphs.choices import TEXT_ENGINES
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import GRAPHS, TensorSpec, graph_spec, static_dims
+from mllama_export.graphs.limits import Limits
 
 # TensorRT's limit on the elements of one tensor (kernels address tensors with 32-bit offsets)
 MAX_TENSOR_VOLUME = 2**31 - 1
@@ -396,15 +397,6 @@ LIMIT_OF_DIM = {
     "new_tokens": "max_seq_len",
     "total_sequence": "max_seq_len",
 }
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Plain build limits (the runner's Limits and BuildOptions have the same three fields)."""
-
-    max_batch: int
-    max_seq_len: int
-    max_images: int
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import numpy as np
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.limits import Limits
 
 from .backend import Backend
 from .inputs import InputProcessor, Prompt, check_request, prompt_feed
@@ -19,15 +20,6 @@ from .sampling import Sampling, TokenPicker
 from .steps import KVCache, chunk_feed, decode_feed, logit_positions, one_slot_feed
 from .store import NumpyStore, numpy_dtype
 from .text import Tokenizer
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the graphs or engines were built for; calls outside these are refused."""
-
-    max_batch: int
-    max_seq_len: int  # prompt plus generated tokens
-    max_images: int
 
 
 @dataclass

@@ -6,10 +6,11 @@ import shutil
 import time
 from pathlib import Path
 
-from mllama_export.engines.profiles import Limits
+from mllama_export.engines.manifest_read import INCOMPLETE_MARKER, read_manifest, verify_files
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import GRAPHS, TensorSpec
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import info, step
 from mllama_export.graphs.resolve import ResolvedModel, resolve_model
 from mllama_export.graphs.synth import write_checkpoint
@@ -38,7 +39,7 @@ from .fp8 import (
     load_fp8_model,
     quantize_fp8,
 )
-from .manifest import INCOMPLETE_MARKER, read_manifest, verify_files, versions, write_manifest
+from .manifest import versions, write_manifest
 from .options import BuildOptions
 from .outdir import (
     INCOMPLETE_TEXT,

@@ -19,8 +19,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from mllama_export.engines.runner import Limits, Runner
+from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.model import MllamaModel
 from mllama_export.graphs.progress import bar
 from mllama_export.graphs.weights import Checkpoint
@@ -38,7 +39,7 @@ def calibrate(
     steps: int = CALIBRATION_STEPS,
 ) -> dict[str, float]:
     """{layer name: max |input|} over every call of each named Linear while ``cases``
-    (``validate.evalset.EvalCase``: prompts and preprocessed images) are generated greedily
+    (``engines.evalset.EvalCase``: prompts and preprocessed images) are generated greedily
     for ``steps`` + 1 tokens, case after case, on ``model`` (in memory, float32)."""
     runner = Runner.from_model(model, limits)
     with _recording(model, names, cases) as amax, torch.inference_mode():

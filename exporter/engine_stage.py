@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mllama_export.engines.manifest_read import MANIFEST, read_manifest
 from mllama_export.engines.profiles import (
     DEFAULT_SCHEME,
     ProfileScheme,
@@ -40,7 +41,7 @@ from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import GRAPH_NAMES
 from mllama_export.graphs.progress import info
 
-from .manifest import MANIFEST, read_manifest, write_manifest
+from .manifest import write_manifest
 
 ENGINE_DIR = "engines"
 TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"

@@ -65,7 +65,7 @@ def request(
     """``model``: a preset, a checkpoint folder (or its config.json), a Hub id, or an artifact
     folder, whose manifest supplies the precision and limits it was built with; ``given``
     holds the options the user set (anything else takes the artifacts' or build's value)."""
-    from .manifest import MANIFEST, read_manifest
+    from mllama_export.engines.manifest_read import MANIFEST, read_manifest
 
     if (Path(model) / MANIFEST).is_file():
         manifest = read_manifest(model)

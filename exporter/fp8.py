@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mllama_export.engines.runner import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.model import GRAPH_MODULES, MllamaModel
 from mllama_export.graphs.progress import step
 from mllama_export.graphs.quant import (
@@ -84,7 +84,7 @@ def fp8_layers(config: MllamaConfig, options: BuildOptions) -> list[str]:
 def calibration_cases(config: MllamaConfig, options: BuildOptions, checkpoint: Path) -> list:
     """The user's calibration folder (prompts.jsonl, tokenized and preprocessed with the
     checkpoint's own tokenizer and preprocessor config), else the built-in evaluation set."""
-    from mllama_export.validate.evalset import build_evalset, read_cases
+    from mllama_export.engines.evalset import build_evalset, read_cases
 
     limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
     if options.calibration is None:

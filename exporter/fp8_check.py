@@ -39,9 +39,10 @@ import onnx
 import torch
 
 from mllama_export.engines.backend import TorchBackend
-from mllama_export.engines.runner import Limits, Runner
+from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.quant import FP8Linear, fp8_qdq
 
 from .fp8_graph import Graph, QuantizedMatMul, check_fp8_graph, fp8_engine_layers
@@ -256,7 +257,7 @@ def check_cases(config: MllamaConfig, limits: Limits) -> list:
     one prompt with an image (batch 1), and a left-padded batch of up to 3 prompts (a text-only
     one, one with text before its image, one with the image first) whose images go to the
     vision graph one row at a time (11B's tiles make a batch of images heavy on a CPU)."""
-    from mllama_export.validate.evalset import _CaseMaker
+    from mllama_export.engines.evalset import _CaseMaker
 
     longest = max(4, min(20, limits.max_seq_len - 4))
     maker = _CaseMaker(config, seed=7, longest=longest)

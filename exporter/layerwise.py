@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from mllama_export.engines.backend import TorchBackend
-from mllama_export.engines.runner import Limits, Runner
+from mllama_export.engines.runner import Runner
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.layers import grouped_attention
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, VisionGraph
 from mllama_export.graphs.progress import info
 from mllama_export.graphs.vision import VisionAttention

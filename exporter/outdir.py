@@ -24,9 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from mllama_export.engines.manifest_read import FORMAT, INCOMPLETE_MARKER, MANIFEST
 from mllama_export.errors import MllamaExportError
-
-from .manifest import FORMAT, INCOMPLETE_MARKER, MANIFEST
 
 # Files our own commands add to a finished artifact folder after the build.
 REPORT_FILES = {

@@ -17,6 +17,7 @@ from mllama_export.errors import MllamaExportError
 from .config import MllamaConfig
 from .model import MllamaModel
 from .progress import bar
+from .synth_files import default_preprocessor_config, write_synthetic_tokenizer
 from .weights import checkpoint_name
 
 
@@ -175,9 +176,6 @@ def _write_index(files: dict[str, list[str]], total_bytes: int, out: Path) -> No
 
 
 def write_side_files(config: MllamaConfig, out: Path) -> None:
-    from mllama_export.engines.preprocess import default_preprocessor_config
-    from mllama_export.engines.text import write_synthetic_tokenizer
-
     t, v = config.text, config.vision
     generation = {"bos_token_id": t.bos_token_id, "eos_token_id": list(t.eos_token_ids)}
     generation["pad_token_id"] = t.pad_token_id

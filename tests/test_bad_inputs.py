@@ -30,6 +30,7 @@ from imagefiles import bomb_png, png_bytes
 from safetensors.torch import load_file, save_file
 
 from mllama_export.cli import main
+from mllama_export.engines.evalset import EvalCase
 from mllama_export.engines.preprocess import ImageProcessorConfig, preprocess
 from mllama_export.engines.runner import Runner
 from mllama_export.engines.sampling import Sampling
@@ -40,7 +41,6 @@ from mllama_export.exporter.manifest import write_manifest
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.weights import load_model
-from mllama_export.validate.evalset import EvalCase
 from mllama_export.validate.gate import run_gate
 
 IMG = "<|image|>"

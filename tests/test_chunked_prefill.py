@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from conftest import hf_generate, random_images, torch_runner
 
 from mllama_export.cli import main
+from mllama_export.engines.evalset import EvalCase
 from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
-from mllama_export.validate.evalset import EvalCase
 from mllama_export.validate.gate import run_gate
 
 IMG = 512

@@ -17,9 +17,9 @@ def test_serving_prefill_returns_the_last_position_and_the_gate_every_one(tiny_m
     import pytest
     from conftest import torch_runner
 
+    from mllama_export.engines.evalset import EvalCase
     from mllama_export.engines.steps import logit_positions
     from mllama_export.errors import MllamaExportError
-    from mllama_export.validate.evalset import EvalCase
     from mllama_export.validate.gate import trace_runner
 
     runner = torch_runner(tiny_model)

@@ -11,8 +11,8 @@ import trt_standin as standin
 from click.testing import CliRunner
 
 from mllama_export.cli import main
+from mllama_export.engines.manifest_read import read_manifest, sha256, verify_files
 from mllama_export.exporter import engine_stage
-from mllama_export.exporter.manifest import read_manifest, sha256, verify_files
 
 TRT_ERROR = (
     "[TRT] 2: [myelinBuilderUtils.cpp::operator()::371] Error Code 2: Internal Error (stand-in)"

@@ -87,8 +87,8 @@ def test_a_tampered_artifact_is_refused_naming_the_file(tmp_path, ort_artifacts,
 def test_external_data_outside_the_folder_is_refused(tmp_path, ort_artifacts):
     import onnx
 
+    from mllama_export.engines.manifest_read import check_external_data
     from mllama_export.errors import MllamaExportError
-    from mllama_export.exporter.manifest import check_external_data
 
     out = tmp_path / "art"
     shutil.copytree(ort_artifacts, out)

@@ -22,13 +22,14 @@ from conftest import load_script, write_evalset
 from torch import nn
 
 from mllama_export.cli import main
+from mllama_export.engines.evalset import build_evalset
+from mllama_export.engines.manifest_read import read_manifest
 from mllama_export.engines.onnxrt import OnnxRuntimeBackend
 from mllama_export.engines.runner import Limits, Runner
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.build import build
 from mllama_export.exporter.fp8 import check_fp8_graph, onnx_weight_names
 from mllama_export.exporter.fp8_check import GEMM_LIMITS, OUTPUT_LIMITS
-from mllama_export.exporter.manifest import read_manifest
 from mllama_export.exporter.onnx_export import example_inputs, export_graph
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.graphs.config import preset
@@ -43,7 +44,6 @@ from mllama_export.graphs.quant import (
     to_fp8,
 )
 from mllama_export.graphs.weights import load_model
-from mllama_export.validate.evalset import build_evalset
 from mllama_export.validate.gate import run_gate
 
 FP8 = onnx.TensorProto.FLOAT8E4M3FN

@@ -21,6 +21,7 @@ import torch
 from conftest import load_script
 from onnx import helper, numpy_helper
 
+from mllama_export.engines.manifest_read import read_manifest
 from mllama_export.engines.runner import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.build import build
@@ -38,7 +39,6 @@ from mllama_export.exporter.fp8_check import (
     check_fp8_numerics,
     fp8_engine_layers,
 )
-from mllama_export.exporter.manifest import read_manifest
 from mllama_export.exporter.onnx_export import example_inputs
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.graphs.config import MllamaConfig, preset

@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 
+from mllama_export.engines.evalset import build_evalset
 from mllama_export.engines.runner import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.calibrate import calibrate, calibrate_streamed
@@ -26,7 +27,6 @@ from mllama_export.graphs.config import preset
 from mllama_export.graphs.quant import quantizable_linears
 from mllama_export.graphs.vision import VisionAttention
 from mllama_export.graphs.weights import Checkpoint, load_model
-from mllama_export.validate.evalset import build_evalset
 
 LIMITS = Limits(4, 512, 2)
 

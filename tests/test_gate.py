@@ -25,14 +25,15 @@ from conftest import write_evalset
 
 from mllama_export.cli import main
 from mllama_export.engines.backend import TorchBackend
+from mllama_export.engines.evalset import build_evalset, load_evalset
+from mllama_export.engines.manifest_read import read_manifest
 from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.build import build
-from mllama_export.exporter.manifest import read_manifest, write_manifest
+from mllama_export.exporter.manifest import write_manifest
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.graphs.model import DecodeGraph, PrefillGraph, VisionGraph
 from mllama_export.graphs.weights import load_model
-from mllama_export.validate.evalset import build_evalset, load_evalset
 from mllama_export.validate.gate import GraphsReference, judge, resolve_checkpoint, run_gate
 from mllama_export.validate.thresholds import load_thresholds
 

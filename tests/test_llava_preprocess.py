@@ -19,9 +19,10 @@ from mllama_export.engines.llava_text import (
     expand_image_tokens,
     processor_token_count,
 )
-from mllama_export.engines.text import Tokenizer, _train_bpe
+from mllama_export.engines.text import Tokenizer
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.llava_presets import llava_preset
+from mllama_export.graphs.synth_files import _train_bpe
 
 transformers = pytest.importorskip("transformers")
 

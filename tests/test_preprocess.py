@@ -16,13 +16,14 @@ from PIL import Image, ImageOps
 
 from mllama_export.engines import preprocess as pp
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.synth_files import CLIP_MEAN, CLIP_STD, default_preprocessor_config
 
 SEED = 20240925
 ORIENTATION = 0x0112
 
 
 def _config(tile: int, tiles: int, **overrides: Any) -> dict[str, Any]:
-    return {**pp.default_preprocessor_config(tile, tiles), **overrides}
+    return {**default_preprocessor_config(tile, tiles), **overrides}
 
 
 # Index 0 is the real checkpoint's setting; the small tiles keep the many small cases fast and the
@@ -273,10 +274,10 @@ def test_canvas_choice_matches_reference() -> None:
 
 
 def test_default_config_round_trips() -> None:
-    raw = pp.default_preprocessor_config(560, 4)
+    raw = default_preprocessor_config(560, 4)
     config = pp.ImageProcessorConfig.from_dict(raw)
     assert config.size == {"height": 560, "width": 560} and config.tile_size == 560
-    assert config.image_mean == pp.CLIP_MEAN and config.image_std == pp.CLIP_STD
+    assert config.image_mean == CLIP_MEAN and config.image_std == CLIP_STD
     assert (config.resample, config.rescale_factor, config.max_image_tiles) == (2, 1 / 255, 4)
     assert config.do_convert_rgb and config.do_rescale and config.do_normalize
     assert config.supported_aspect_ratios[:5] == ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1))

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from mllama_export.cli import main
+from mllama_export.engines.manifest_read import read_manifest
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.build import build
-from mllama_export.exporter.manifest import read_manifest
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.validate.gate import run_gate
 from mllama_export.validate.sensitivity import run_sensitivity

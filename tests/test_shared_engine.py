@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from conftest import random_images
 
 from mllama_export.cli import main
+from mllama_export.engines.manifest_read import read_manifest, verify_files
 from mllama_export.engines.profiles import ShapeProfile, graph_profiles
 from mllama_export.engines.runner import Limits, Runner
 from mllama_export.errors import MllamaExportError
-from mllama_export.exporter.manifest import read_manifest, verify_files
 from mllama_export.exporter.options import BuildOptions
 
 IMG = 512

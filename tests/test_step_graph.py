@@ -14,11 +14,12 @@ import torch
 from legacy_decode import LegacyDecodeGraph
 
 from mllama_export.engines.inputs import prompt_feed
+from mllama_export.engines.manifest_read import read_manifest
 from mllama_export.engines.onnxrt import OnnxRuntimeBackend
 from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.build import _spec_json
-from mllama_export.exporter.manifest import read_manifest, write_manifest
+from mllama_export.exporter.manifest import write_manifest
 from mllama_export.exporter.onnx_export import example_inputs, export_graph
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.graphs.model import DecodeGraph, PrefillGraph

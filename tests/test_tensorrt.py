@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from mllama_export.cli import main
 from mllama_export.engines import tensorrt as trt_module
+from mllama_export.engines.manifest_read import read_manifest, verify_files
 from mllama_export.engines.onnxrt import OnnxRuntimeBackend
 from mllama_export.engines.profiles import ShapeProfile, all_profiles, graph_profiles
 from mllama_export.engines.runner import Limits, Runner
@@ -35,7 +36,6 @@ from mllama_export.exporter.engine_stage import (
     plan_engines,
     prepare_engines,
 )
-from mllama_export.exporter.manifest import read_manifest, verify_files
 from mllama_export.exporter.onnx_export import example_inputs
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.exporter.tensorrt_build import summarize_layers

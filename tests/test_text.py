@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mllama_export.engines import text
 from mllama_export.engines.inputs import cross_attention_mask_from_ids
 from mllama_export.engines.text import (
     StreamDecoder,
     Tokenizer,
-    write_synthetic_tokenizer,
 )
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.synth_files import SPECIAL_TOKENS, write_synthetic_tokenizer
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.mllama.processing_mllama import (  # noqa: E402
@@ -65,7 +64,7 @@ def test_round_trip_and_single_bos(tok: Tokenizer, s: str) -> None:
 
 
 def test_special_tokens_at_documented_ids(tok: Tokenizer) -> None:
-    expected = {t: 500 + i for i, t in enumerate(text.SPECIAL_TOKENS)} | {"<|image|>": 512}
+    expected = {t: 500 + i for i, t in enumerate(SPECIAL_TOKENS)} | {"<|image|>": 512}
     assert expected["<|finetune_right_pad_id|>"] == 504 and expected["<|eot_id|>"] == 505
     for token, token_id in expected.items():
         assert tok.token_id(token) == token_id

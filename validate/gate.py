@@ -34,14 +34,15 @@ from typing import Protocol
 
 import numpy as np
 
+from mllama_export.engines.evalset import EvalCase, build_evalset
 from mllama_export.engines.inputs import prompt_feed
-from mllama_export.engines.runner import Limits, Runner
+from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.choices import REFERENCES
 from mllama_export.graphs.config import PRESETS, MllamaConfig
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import info, step
 
-from .evalset import EvalCase, build_evalset
 from .metrics import compare
 from .report import DriftReport
 from .thresholds import Thresholds, load_thresholds
@@ -428,7 +429,7 @@ def run_gate(
     ``cases`` defaults to :func:`build_evalset` for the artifacts' config and limits. The
     artifacts are checked against their manifest's sha256 first: tampered files are refused.
     """
-    from mllama_export.exporter.manifest import read_manifest
+    from mllama_export.engines.manifest_read import read_manifest
 
     start = time.perf_counter()
     artifacts = Path(artifacts)

@@ -30,11 +30,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllama_export.engines.runner import Limits
+from mllama_export.engines.evalset import EvalCase, build_evalset
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import bar, step
 
-from .evalset import EvalCase, build_evalset
 from .gate import Trace, judge, resolve_checkpoint, trace_runner
 from .report import DriftReport, jsonable, stage_kind
 from .thresholds import fmt_value, load_thresholds
@@ -370,7 +370,7 @@ def run_sensitivity(
     layers, marked incomplete until the last run, so that an interrupted run keeps its
     finished rows. ``prefill_chunk``: the quantized side prefills through the step graph in
     chunks."""
-    from mllama_export.exporter.manifest import read_manifest
+    from mllama_export.engines.manifest_read import read_manifest
     from mllama_export.graphs.weights import Checkpoint
 
     start = time.perf_counter()

@@ -134,8 +134,9 @@ def command(**options):
       mllama-export build --model ckpt/tiny --out out/tiny-fp16 --precision fp16 --check-depth reduced
       mllama-export build --model ckpt/tiny --out out/tiny-fp8 --precision fp8 --fp8-exclude 'text.layers.0.*'
     """
+    from mllama_export.engines.manifest_read import read_manifest
     from mllama_export.exporter.build import build
-    from mllama_export.exporter.manifest import read_manifest, summarize_check
+    from mllama_export.exporter.manifest import summarize_check
     from mllama_export.exporter.options import BuildOptions
 
     # Every option is named after its BuildOptions field.

@@ -25,7 +25,7 @@ def command(folder: Path, no_verify: bool) -> None:
       mllama-export inspect out/tiny
       mllama-export inspect out/tiny --no-verify
     """
-    from mllama_export.exporter.manifest import file_problems, read_manifest
+    from mllama_export.engines.manifest_read import file_problems, read_manifest
 
     _leftovers(folder)
     m = read_manifest(folder)

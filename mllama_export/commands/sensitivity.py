@@ -44,7 +44,7 @@ def command(folder, layers, thresholds, report_dir, evalset, steps, checkpoint, 
       mllama-export sensitivity out/tiny-fp8 --layers 'text.layers.4.*'
       mllama-export sensitivity out/tiny-fp8 --layers 'text.layers.1.*' --steps 2 --top 5
     """
-    from mllama_export.validate.evalset import load_evalset
+    from mllama_export.engines.evalset import load_evalset
     from mllama_export.validate.sensitivity import run_sensitivity
 
     out = report_dir if report_dir is not None else folder / "sensitivity"

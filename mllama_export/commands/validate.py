@@ -54,7 +54,7 @@ def command(
       mllama-export validate out/tiny
       mllama-export validate out/tiny --steps 2 --report out/tiny-drift
     """
-    from mllama_export.validate.evalset import load_evalset
+    from mllama_export.engines.evalset import load_evalset
     from mllama_export.validate.gate import run_gate
 
     cases = load_evalset(evalset, folder) if evalset is not None else None

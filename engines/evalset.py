@@ -1,4 +1,5 @@
-"""The evaluation set the accuracy gate runs: fixed and deterministic, or a user's own.
+"""The evaluation set the accuracy gate runs and the FP8 build calibrates on: fixed and
+deterministic, or a user's own.
 
 ``build_evalset(config)`` derives a small set of cases from the model config alone (token ids
 from its vocabulary, random image tiles from seeded numpy), so the same artifacts are always
@@ -29,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mllama_export.engines.inputs import InputProcessor
-from mllama_export.engines.preprocess import PreprocessedImages
-from mllama_export.engines.runner import Limits
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.limits import Limits
+
+from .inputs import InputProcessor
+from .preprocess import PreprocessedImages
 
 __all__ = ["EvalCase", "build_evalset", "load_evalset", "read_cases", "EVALSET_FILE"]
 
@@ -175,7 +177,7 @@ def load_evalset(folder: str | Path, artifacts: str | Path) -> list[EvalCase]:
     Text is tokenized with the tokenizer of the artifact folder and images are preprocessed
     with its ``preprocessor_config.json``; every malformed line is an error naming the line.
     """
-    from mllama_export.exporter.manifest import read_manifest
+    from .manifest_read import read_manifest
 
     config = MllamaConfig.from_hf_dict(read_manifest(artifacts)["model"]["config"])
     return read_cases(folder, config, artifacts)
