@@ -311,11 +311,34 @@ def reduced_copy(config: MllamaConfig) -> ReducedCopy:
             supported_aspect_ratios=tuple(ratios),
         ),
         text=replace(
-            t, num_layers=2, cross_attention_layers=(layers.index(cross),), vocab_size=vocab
+            t,
+            num_layers=2,
+            cross_attention_layers=(layers.index(cross),),
+            vocab_size=vocab,
+            **_special_ids(t, vocab),
         ),
         image_token_id=config.image_token_id - t.vocab_size + vocab,
     )
     return ReducedCopy(small, layers, config)
+
+
+def _special_ids(text, vocab: int) -> dict:
+    """BOS, EOS and pad ids for a copy that keeps the first ``vocab`` rows. Llama 3 puts them
+    at the top of its vocabulary (128000 and up), past the kept rows, where the check's
+    prompts would index rows the copy lacks: they move, in order, to the copy's top rows.
+    Those rows hold other tokens' embeddings, which is all the check needs: it compares the
+    graphs with PyTorch on the same copy, not with the full model."""
+    ids = {text.bos_token_id, *text.eos_token_ids}
+    if text.pad_token_id is not None:
+        ids.add(text.pad_token_id)
+    moved = sorted(i for i in ids if vocab <= i < text.vocab_size)
+    new = dict(zip(moved, range(vocab - len(moved), vocab), strict=True))
+    pad = text.pad_token_id
+    return {
+        "bos_token_id": new.get(text.bos_token_id, text.bos_token_id),
+        "eos_token_ids": tuple(new.get(i, i) for i in text.eos_token_ids),
+        "pad_token_id": None if pad is None else new.get(pad, pad),
+    }
 
 
 def write_reduced_checkpoint(checkpoint, copy: ReducedCopy, out: Path) -> Path:

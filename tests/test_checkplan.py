@@ -26,8 +26,10 @@ from mllama_export.exporter.checkplan import (
     reduced_copy,
     write_reduced_checkpoint,
 )
+from mllama_export.exporter.fp8_check import check_cases
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.graphs.config import MllamaConfig, preset
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.synth import write_checkpoint
 from mllama_export.graphs.weights import Checkpoint, load_model
 
@@ -164,6 +166,40 @@ def test_a_copy_with_fewer_vocabulary_rows_keeps_the_image_rows(tmp_path):
     embed, original = small.text.embed_tokens.weight, full.text.embed_tokens.weight
     assert torch.equal(embed[:520], original[:520]) and torch.equal(embed[520:], original[600:])
     assert torch.equal(small.text.lm_head.weight, full.text.lm_head.weight[:520])
+
+
+@pytest.mark.parametrize("name", ["11b", "90b"])
+def test_the_copys_special_tokens_and_check_prompts_stay_inside_its_rows(name):
+    # Llama 3's BOS, EOS and pad ids (128000 and up) lie past the copy's 4,096 rows: the FP8
+    # check's prompts start with BOS, so at full size the copy must move them (a 2-layer 11B
+    # FP8 build failed its check with "token ids outside 0..4103" before it did).
+    full = preset(name).text
+    copy = reduced_copy(preset(name)).config
+    t = copy.text
+    specials = [t.bos_token_id, *t.eos_token_ids, t.pad_token_id]
+    assert all(0 <= i < t.vocab_size for i in specials)
+    assert len(set(specials)) == len({full.bos_token_id, *full.eos_token_ids, full.pad_token_id})
+    assert MllamaConfig.from_hf_dict(copy.to_hf_dict()) == copy
+    for case in check_cases(copy, Limits(4, 512, 2)):
+        assert all(0 <= i < t.embedding_rows for p in case.prompts for i in p)
+        assert all(p[0] == t.bos_token_id for p in case.prompts)
+
+
+def test_an_fp8_build_checks_a_copy_whose_vocabulary_lost_the_special_tokens(tmp_path, monkeypatch):
+    # The full-size case in small: the copy keeps 300 of 600 rows, and tiny's BOS, EOS and pad
+    # ids (500 and up) are not among them.
+    config = preset("tiny")
+    config = replace(config, text=replace(config.text, vocab_size=600),
+                     image_token_id=600)  # fmt: skip
+    ckpt = write_checkpoint(config, tmp_path / "ckpt")
+    monkeypatch.setattr(checkplan, "REDUCED_VOCAB", 300)
+    out = build(BuildOptions(model=str(ckpt), out=tmp_path / "art", precision="fp8",
+                             check_depth="reduced"))  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    for graph in manifest["graphs"].values():
+        assert (
+            graph["check"]["ran"] and "first 300 of 600 vocabulary rows" in graph["check"]["depth"]
+        )
 
 
 def test_a_reduced_check_runs_on_the_copy_and_the_artifacts_are_the_whole_model(tiny_dir, tmp_path):
