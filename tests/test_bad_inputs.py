@@ -879,13 +879,13 @@ ROWS = [
     cli(
         "config-unknown-key",
         _plan_config(lambda r: r["text_config"].update(sliding_window=4096)),
-        "text_config has unknown keys ['sliding_window']",
-        "this version understands",
+        "text_config has unknown key(s) ['sliding_window']",
+        "expected only",
     ),
     cli(
         "config-missing-key",
         _plan_config(lambda r: r["vision_config"].pop("patch_size")),
-        "vision_config is missing the key 'patch_size'",
+        "vision_config is missing required key(s) ['patch_size']",
         "keys present",
     ),
     cli(
