@@ -182,14 +182,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def integer(minimum: int | None = None) -> Check:
-    """An integer; a float with no fraction (64.0) is one, a boolean is not."""
+def integer(minimum: int | None = None, floats: bool = True) -> Check:
+    """An integer; a boolean is not one, a float with no fraction (64.0) is unless `floats` is
+    False."""
     expected = {None: "an integer", 1: "a positive integer"}.get(
         minimum, f"an integer >= {minimum}"
     )
 
     def check(value: Any) -> int:
         if not _is_number(value) or not float(value).is_integer():
+            raise Wrong(expected)
+        if not floats and not isinstance(value, int):
             raise Wrong(expected)
         if minimum is not None and value < minimum:
             raise Wrong(expected)
