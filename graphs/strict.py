@@ -41,6 +41,7 @@ __all__ = [
     "read",
     "require_object",
     "string",
+    "text",
     "wrong",
     "write",
 ]
@@ -77,6 +78,7 @@ class Key:
     attr: str | None = None
     dump: Callable[[Any], Any] | None = None
     written: bool = True
+    about: str = ""  # what the key holds, for the message when it is missing
 
     @property
     def required(self) -> bool:
@@ -93,10 +95,16 @@ def wrong(label: str, value: Any, expected: str) -> MllamaExportError:
     return MllamaExportError(f"{label} is {_show(value)}; expected {expected}")
 
 
-def missing(where: str, raw: dict[str, Any], names: list[str]) -> MllamaExportError:
+def missing(
+    where: str, raw: dict[str, Any], names: list[str], about: dict[str, str] | None = None
+) -> MllamaExportError:
     """The one message for required keys an object lacks."""
+    described = [f"{n}: {about[n]}" for n in names if about and about.get(n)]
+    said = f" ({'; '.join(described)})" if described else ""
     present = ", ".join(sorted(raw)) or "none"
-    return MllamaExportError(f"{where} is missing required key(s) {names}; keys present: {present}")
+    return MllamaExportError(
+        f"{where} is missing required key(s) {names}{said}; keys present: {present}"
+    )
 
 
 def require_object(where: str, raw: Any) -> dict[str, Any]:
@@ -134,7 +142,7 @@ def read(
             )
     absent = [k.name for k in keys if k.required and k.name not in raw]
     if absent:
-        raise missing(where, raw, absent)
+        raise missing(where, raw, absent, {k.name: k.about for k in keys})
     label = f"{where}." if prefix is None else prefix
     values = {}
     for key in keys:
@@ -236,8 +244,15 @@ def boolean(value: Any) -> bool:
     return value
 
 
+def text(value: Any) -> str:
+    """Any string."""
+    if not isinstance(value, str):
+        raise Wrong("a string")
+    return value
+
+
 def string(value: Any) -> str:
-    """A non-empty string."""
+    """A non-empty string (not only blanks)."""
     if not isinstance(value, str) or not value.strip():
         raise Wrong("a non-empty string")
     return value

@@ -940,7 +940,7 @@ ROWS = [
     cli(
         "plan-artifacts-with-a-broken-manifest",
         lambda c: ["plan", "--model", c.manifest(lambda m: m.pop("limits"))],
-        "missing key(s) ['limits']",
+        "missing required key(s) ['limits']",
         "rebuild the artifacts",
     ),
     cli(
@@ -1026,14 +1026,14 @@ ROWS = [
     cli(
         "art-manifest-missing-key",
         _run_on_manifest(lambda m: m.pop("limits")),
-        "missing key(s) ['limits']",
+        "missing required key(s) ['limits']",
         "rebuild the artifacts",
     ),
     cli(
         "art-manifest-bad-limits",
         _run_on_manifest(lambda m: m["limits"].update(max_batch="4")),
-        "limits {",
-        "each an integer",
+        "limits.max_batch is '4'",
+        "expected an integer",
     ),
     cli(
         "art-incomplete-build",
@@ -1100,8 +1100,8 @@ ROWS = [
     cli(
         "inspect-manifest-without-graph-file",
         lambda c: ["inspect", c.manifest(lambda m: m["graphs"]["decode"].pop("file"))],
-        "graphs.decode.file is missing",
-        "expected a path like onnx/",
+        "graphs.decode is missing required key(s) ['file']",
+        "a path like onnx/",
     ),
     cli(
         "inspect-manifest-without-source",
