@@ -1455,16 +1455,16 @@ ROWS = [
     cli(
         "validate-thresholds-unknown-metric",
         _validate_thresholds(lambda d: d["precisions"]["fp32"]["logits"].update(max_foo=1)),
-        "unknown limit 'max_foo'",
-        "limits for logits: max_rel_l2",
+        "logits has unknown key(s) ['max_foo']",
+        "expected only ['max_rel_l2'",
     ),
     cli(
         "validate-thresholds-wrong-type",
         _validate_thresholds(
             lambda d: d["precisions"]["fp32"]["vision"].update(max_rel_l2="small")
         ),
-        "max_rel_l2 must be a number",
-        "got str 'small'",
+        "vision.max_rel_l2 is 'small'",
+        "expected a finite number >= 0",
     ),
     cli(
         "validate-thresholds-missing",
