@@ -531,7 +531,7 @@ def _check_cross_layers(cross_layers: tuple[int, ...], text_layers: int) -> None
         )
 
 
-_11B_HF: dict[str, Any] = MllamaConfig(
+_11B = MllamaConfig(
     vision=VisionConfig(
         hidden_size=1280,
         num_layers=32,
@@ -563,48 +563,53 @@ _11B_HF: dict[str, Any] = MllamaConfig(
         pad_token_id=128004,
     ),
     image_token_id=128256,
-).to_hf_dict()
+)
 
-
-def _preset_dicts() -> dict[str, dict[str, Any]]:
-    b90 = copy.deepcopy(_11B_HF)
-    b90["text_config"].update(
-        hidden_size=8192,
-        num_hidden_layers=100,
-        num_attention_heads=64,
-        intermediate_size=28672,
-        cross_attention_layers=list(range(3, 100, 5)),
-    )
-    tiny = copy.deepcopy(_11B_HF)
-    # Small enough for tests in seconds, yet every mechanism of the real model is exercised: GQA,
-    # all 8 aspect ratios, padded patches (17 -> 24), two intermediate taps, all three rope bands.
-    tiny["image_token_index"] = 512
-    tiny["vision_config"].update(
+# Small enough for tests in seconds, yet every mechanism of the real model is exercised: GQA, all 8
+# aspect ratios, padded patches (17 -> 24), two intermediate taps, all three rope bands.
+_TINY = MllamaConfig(
+    vision=replace(
+        _11B.vision,
         hidden_size=32,
-        num_hidden_layers=4,
+        num_layers=4,
         num_global_layers=2,
-        attention_heads=2,
+        num_heads=2,
         intermediate_size=64,
-        vision_output_dim=96,
+        output_dim=96,
         image_size=56,
-        intermediate_layers_indices=[1, 3],
-    )
-    tiny["text_config"].update(
+        intermediate_layers=(1, 3),
+    ),
+    text=replace(
+        _11B.text,
         vocab_size=512,
         hidden_size=64,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_layers=6,
+        num_heads=4,
+        num_kv_heads=2,
         intermediate_size=128,
-        cross_attention_layers=[1, 4],
+        cross_attention_layers=(1, 4),
         bos_token_id=500,
-        eos_token_id=[501, 505, 506],
+        eos_token_ids=(501, 505, 506),
         pad_token_id=504,
-    )
-    return {"tiny": tiny, "11b": copy.deepcopy(_11B_HF), "90b": b90}
+    ),
+    image_token_id=512,
+)
+_90B = replace(
+    _11B,
+    text=replace(
+        _11B.text,
+        hidden_size=8192,
+        num_layers=100,
+        num_heads=64,
+        intermediate_size=28672,
+        cross_attention_layers=tuple(range(3, 100, 5)),
+    ),
+)
 
-
-PRESETS: dict[str, dict[str, Any]] = _preset_dicts()
+# The config.json of each preset, as a checkpoint of it carries.
+PRESETS: dict[str, dict[str, Any]] = {
+    name: config.to_hf_dict() for name, config in (("tiny", _TINY), ("11b", _11B), ("90b", _90B))
+}
 
 
 def preset(name: str) -> MllamaConfig:
