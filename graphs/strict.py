@@ -132,14 +132,8 @@ def read(
     Values are labelled `prefix + key`, `where.` by default.
     """
     raw = require_object(where, raw)
-    names = [k.name for k in keys]
     if not others:
-        skip = set(names) | set(ignore)
-        unknown = sorted(k for k in raw if k not in skip)
-        if unknown:
-            raise MllamaExportError(
-                f"{where} has unknown key(s) {unknown}; expected only {names}{note}"
-            )
+        _refuse_unknown(where, raw, [k.name for k in keys], ignore, note)
     absent = [k.name for k in keys if k.required and k.name not in raw]
     if absent:
         raise missing(where, raw, absent, {k.name: k.about for k in keys})
@@ -154,6 +148,17 @@ def read(
         except Wrong as err:
             raise wrong(label + key.name, raw[key.name], str(err)) from None
     return values
+
+
+def _refuse_unknown(
+    where: str, raw: dict[str, Any], names: list[str], ignore: Iterable[str], note: str
+) -> None:
+    skip = set(names) | set(ignore)
+    unknown = sorted(k for k in raw if k not in skip)
+    if unknown:
+        raise MllamaExportError(
+            f"{where} has unknown key(s) {unknown}; expected only {names}{note}"
+        )
 
 
 def fields(keys: Sequence[Key], values: dict[str, Any]) -> dict[str, Any]:
