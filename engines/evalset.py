@@ -25,12 +25,14 @@ no ``<|image|>`` gets the image tokens in front, as ``mllama-export run`` does) 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs import strict
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.limits import Limits
 
@@ -40,7 +42,6 @@ from .preprocess import PreprocessedImages
 __all__ = ["EvalCase", "build_evalset", "load_evalset", "read_cases", "EVALSET_FILE"]
 
 EVALSET_FILE = "prompts.jsonl"
-_KEYS = ("prompt", "token_ids", "images", "name")
 _IDS = '"token_ids"'  # how errors name a line's token ids
 
 
@@ -229,12 +230,10 @@ class _UserCases:
 
     def case(self, n: int, line: str) -> EvalCase:
         entry = self._entry(n, line)
-        name = entry.get("name", f"line-{n}")
-        if not isinstance(name, str) or not name.strip():
-            raise self._error(n, f'"name" must be a non-empty string, got {name!r}')
-        images = self._image_paths(n, entry.get("images", []))
-        prompt = self._prompt(n, entry["prompt"]) if "prompt" in entry else None
-        token_ids = self._token_ids(n, entry["token_ids"]) if prompt is None else None
+        name = entry["name"] or f"line-{n}"
+        images = self._image_paths(n, entry["images"])
+        prompt = self._prompt(n, entry["prompt"]) if entry["prompt"] is not None else None
+        token_ids = entry["token_ids"]
         if images and self.inputs.image_config is None:
             path = self.artifacts / "preprocessor_config.json"
             raise self._error(n, f"images need {path.name}, which {self.artifacts} lacks")
@@ -258,18 +257,13 @@ class _UserCases:
             raise self._error(
                 n, f'expected a JSON object such as {{"prompt": "..."}}, got {type(entry).__name__}'
             )
-        unknown = sorted(set(entry) - set(_KEYS))
-        if unknown:
-            raise self._error(n, f"unknown key(s) {unknown}; allowed: {', '.join(_KEYS)}")
+        where = f"{self.file} line {n}"
+        values = strict.read(where, entry, _LINE_KEYS, prefix=f"{where}: ")
         if ("prompt" in entry) == ("token_ids" in entry):
             raise self._error(n, 'expected exactly one of "prompt" (text) and "token_ids"')
-        return entry
+        return values
 
-    def _image_paths(self, n: int, images: object) -> list[Path]:
-        if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
-            raise self._error(
-                n, f'"images" must be a list of file names, got {json.dumps(images)[:80]}'
-            )
+    def _image_paths(self, n: int, images: Sequence[str]) -> list[Path]:
         paths = [self.file.parent / i for i in images]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
@@ -280,21 +274,7 @@ class _UserCases:
             )
         return paths
 
-    def _token_ids(self, n: int, ids: object) -> list[int]:
-        """The JSON's shape; the ids' range is the input processor's check."""
-        if (
-            not isinstance(ids, list)
-            or not ids
-            or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
-        ):
-            raise self._error(
-                n, f'"token_ids" must be a non-empty list of integers, got {json.dumps(ids)[:80]}'
-            )
-        return ids
-
-    def _prompt(self, n: int, prompt: object) -> str:
-        if not isinstance(prompt, str) or not prompt:
-            raise self._error(n, f'"prompt" must be a non-empty string, got {prompt!r:.80}')
+    def _prompt(self, n: int, prompt: str) -> str:
         if self.inputs.tokenizer is None:
             raise self._error(
                 n,
@@ -302,3 +282,35 @@ class _UserCases:
                 'tokenizer.json; give "token_ids" instead',
             )
         return prompt
+
+
+def _file_names(images: object) -> list[str]:
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        raise strict.Wrong("a list of file names")
+    return images
+
+
+def _token_ids(ids: object) -> list[int]:
+    """The JSON's shape; the ids' range is the input processor's check."""
+    if not isinstance(ids, list) or not ids:
+        raise strict.Wrong("a non-empty list of integers")
+    whole = strict.integer(floats=False)
+    try:
+        return [whole(t) for t in ids]
+    except strict.Wrong:
+        raise strict.Wrong("a non-empty list of integers") from None
+
+
+def _text(prompt: object) -> str:
+    if not isinstance(prompt, str) or not prompt:
+        raise strict.Wrong("a non-empty string")
+    return prompt
+
+
+# One line of prompts.jsonl: exactly one of prompt and token_ids (checked after).
+_LINE_KEYS = (
+    strict.Key("prompt", _text, default=None),
+    strict.Key("token_ids", _token_ids, default=None),
+    strict.Key("images", _file_names, default=()),
+    strict.Key("name", strict.string, default=None),
+)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs import strict
 from mllama_export.graphs.contract import GRAPH_NAMES
 from mllama_export.graphs.progress import bar
 
@@ -89,55 +90,46 @@ def _check_format(file: Path, manifest: dict[str, Any]) -> None:
     )
 
 
-# Top-level keys every reader relies on, and the type each must have.
-_REQUIRED = {
-    "model": dict,
-    "precision": str,
-    "io_dtype": str,
-    "limits": dict,
-    "graphs": dict,
-    "files": dict,
-}
+def _sha256s(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise strict.Wrong("an object mapping file names to sha256 strings")
+    return value
+
+
+_LIMIT_INT = strict.integer(floats=False)
 _LIMIT_KEYS = ("max_batch", "max_seq_len", "max_images")
+# The keys and types the runner and inspect read; other keys are the build's record, not checked.
+_TOP = (
+    strict.Key("model", strict.obj),
+    strict.Key("precision", strict.text),
+    strict.Key("io_dtype", strict.text),
+    strict.Key("limits", strict.obj),
+    strict.Key("graphs", strict.obj),
+    strict.Key("files", _sha256s),
+)
+_MODEL = (strict.Key("config", strict.obj, about="the checkpoint's config.json"),)
+_LIMITS = tuple(strict.Key(k, _LIMIT_INT) for k in _LIMIT_KEYS)
+_GRAPHS = tuple(strict.Key(name, strict.obj) for name in GRAPH_NAMES)
+_GRAPH = (strict.Key("file", strict.text, about="a path like onnx/vision.onnx"),)
 
 
 def _check_shape(file: Path, m: dict[str, Any]) -> None:
     """The keys and types the runner and inspect read, so a hand-edited manifest fails here
     with a message instead of a KeyError deep inside."""
-    problems = []
-    missing = [k for k in _REQUIRED if k not in m]
-    if missing:
-        problems.append(f"missing key(s) {missing} (it has {sorted(m)})")
-    problems += [
-        f"{k!r} is {type(m[k]).__name__}, expected {t.__name__}"
-        for k, t in _REQUIRED.items()
-        if k in m and not isinstance(m[k], t)
-    ]
-    if not problems:
-        model, limits, graphs = m["model"], m["limits"], m["graphs"]
-        if not isinstance(model.get("config"), dict):
-            problems.append("model.config is missing (expected the checkpoint's config.json)")
-        bad = [
-            k
-            for k in _LIMIT_KEYS
-            if isinstance(limits.get(k), bool) or not isinstance(limits.get(k), int)
-        ]
-        if bad or set(limits) != set(_LIMIT_KEYS):
-            problems.append(
-                f"limits {limits} (expected exactly {list(_LIMIT_KEYS)}, each an integer)"
-            )
+    try:
+        top = strict.read("it", m, _TOP, others=True, prefix="")
+        strict.read("model", top["model"], _MODEL, others=True)
+        strict.read("limits", top["limits"], _LIMITS)
+        graphs = strict.read("graphs", top["graphs"], _GRAPHS, others=True)
         for name in GRAPH_NAMES:
-            if not isinstance(graphs.get(name), dict) or not isinstance(
-                graphs[name].get("file"), str
-            ):
-                problems.append(f"graphs.{name}.file is missing (expected a path like onnx/...)")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in m["files"].items()):
-            problems.append("files must map file names to sha256 strings")
-    if problems:
+            strict.read(f"graphs.{name}", graphs[name], _GRAPH, others=True)
+    except MllamaExportError as err:
         raise MllamaExportError(
-            f"{file} is not a valid mllama-export manifest: {'; '.join(problems)}; rebuild "
+            f"{file} is not a valid mllama-export manifest: {err}; rebuild "
             "the artifacts with `mllama-export build`"
-        )
+        ) from None
 
 
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs import strict
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 
@@ -127,25 +128,9 @@ class ImageProcessorConfig:
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> ImageProcessorConfig:
         """Validate a ``preprocessor_config.json`` dict; unknown or missing keys are errors."""
-        if not isinstance(config, Mapping):
-            raise MllamaExportError(
-                f"preprocessor config is a {type(config).__name__} (expected a JSON object)"
-            )
-        _check_keys(config)
-        tile = _tile_size(config["size"])
-        return cls(
-            do_convert_rgb=_bool(config, "do_convert_rgb"),
-            do_resize=_must_be_true(config, "do_resize"),
-            size={"height": tile, "width": tile},
-            resample=_resample(config["resample"]),
-            do_rescale=_bool(config, "do_rescale"),
-            rescale_factor=_positive_float(config, "rescale_factor"),
-            do_normalize=_bool(config, "do_normalize"),
-            image_mean=_triple(config, "image_mean", allow_zero=True),
-            image_std=_triple(config, "image_std", allow_zero=False),
-            do_pad=_must_be_true(config, "do_pad"),
-            max_image_tiles=_positive_int(config, "max_image_tiles"),
-        )
+        raw = dict(config) if isinstance(config, Mapping) else config
+        values = strict.read(_WHERE, raw, _KEYS, note=_HARMLESS_NOTE, prefix=f"{_WHERE}: ")
+        return cls(**strict.fields(_KEYS, values))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> ImageProcessorConfig:
@@ -166,80 +151,110 @@ class ImageProcessorConfig:
         return cls.from_dict(config)
 
 
+_WHERE = "preprocessor config"
+
+
 def _config_error(key: str, value: Any, expected: str) -> MllamaExportError:
-    return MllamaExportError(f"preprocessor config {key!r} is {value!r} (expected {expected})")
+    return strict.wrong(f"{_WHERE}: {key}", value, expected)
 
 
-def _check_keys(config: Mapping[str, Any]) -> None:
-    unknown = sorted(set(config) - set(REQUIRED_KEYS) - set(HARMLESS_KEYS))
-    if unknown:
-        raise MllamaExportError(
-            f"preprocessor config has unknown key(s) {unknown} (expected only "
-            f"{list(REQUIRED_KEYS)} plus the harmless {list(HARMLESS_KEYS)})"
-        )
-    missing = [key for key in REQUIRED_KEYS if key not in config]
-    if missing:
-        raise MllamaExportError(
-            f"preprocessor config is missing required key(s) {missing} (expected all of "
-            f"{list(REQUIRED_KEYS)}; it has {sorted(config)})"
-        )
-    kind = config.get("image_processor_type", "MllamaImageProcessor")
+def _processor_type(kind: Any) -> str:
     if not (isinstance(kind, str) and kind.startswith("MllamaImageProcessor")):
-        raise _config_error("image_processor_type", kind, "'MllamaImageProcessor'")
+        raise strict.Wrong("'MllamaImageProcessor'")
+    return kind
 
 
-def _bool(config: Mapping[str, Any], key: str) -> bool:
-    value = config[key]
-    if not isinstance(value, bool):
-        raise _config_error(key, value, "true or false")
-    return value
-
-
-def _must_be_true(config: Mapping[str, Any], key: str) -> bool:
+def _true(value: Any) -> bool:
     # The reference refuses do_resize/do_pad = false: tiles need a fixed-size padded canvas.
-    if _bool(config, key) is not True:
-        raise _config_error(key, False, "true; MllamaImageProcessor supports no other mode")
+    if strict.boolean(value) is not True:
+        raise strict.Wrong("true; MllamaImageProcessor supports no other mode")
     return True
 
 
+def _triple_check(allow_zero: bool) -> strict.Check:
+    expected = "3 numbers, one per RGB channel" + ("" if allow_zero else ", none zero")
+
+    def check(value: Any) -> tuple[float, float, float]:
+        ok = isinstance(value, list | tuple) and len(value) == 3
+        ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        if not ok or (not allow_zero and any(v == 0 for v in value)):
+            raise strict.Wrong(expected)
+        return (float(value[0]), float(value[1]), float(value[2]))
+
+    return check
+
+
+def _tile_size(size: Any) -> dict[str, int]:
+    expected = 'a square {"height": N, "width": N} with N a positive integer'
+    if not isinstance(size, Mapping) or set(size) != {"height", "width"}:
+        raise strict.Wrong(expected)
+    height, width = size["height"], size["width"]
+    if height != width or isinstance(height, bool) or not isinstance(height, int) or height <= 0:
+        raise strict.Wrong(expected)
+    return {"height": height, "width": height}
+
+
+def _resample_check(value: Any) -> int:
+    if isinstance(value, bool) or value not in RESAMPLE_NAMES:
+        raise strict.Wrong(f"a PIL resampling filter, one of {RESAMPLE_NAMES}")
+    return int(value)
+
+
+_POSITIVE_INT = strict.integer(minimum=1, floats=False)
+_POSITIVE = strict.number(positive=True)
+_MEAN, _STD = _triple_check(allow_zero=True), _triple_check(allow_zero=False)
+
+_CHECKS: dict[str, strict.Check] = {
+    "do_convert_rgb": strict.boolean,
+    "do_resize": _true,
+    "size": _tile_size,
+    "resample": _resample_check,
+    "do_rescale": strict.boolean,
+    "rescale_factor": _POSITIVE,
+    "do_normalize": strict.boolean,
+    "image_mean": _MEAN,
+    "image_std": _STD,
+    "do_pad": _true,
+    "max_image_tiles": _POSITIVE_INT,
+}
+_KEYS = (
+    strict.Key("image_processor_type", _processor_type, default=None),
+    *(strict.Key(key, _CHECKS[key], attr=key) for key in REQUIRED_KEYS),
+    *(
+        strict.Key(key, strict.anything, default=None)
+        for key in HARMLESS_KEYS
+        if key != "image_processor_type"
+    ),
+)
+_HARMLESS_NOTE = f" ({', '.join(HARMLESS_KEYS)} are the harmless optional ones)"
+
+
+# Per-key readers that LLaVA's preprocessing (engines/llava_preprocess.py) shares.
+def _value(config: Mapping[str, Any], key: str, check: strict.Check) -> Any:
+    try:
+        return check(config[key])
+    except strict.Wrong as err:
+        raise _config_error(key, config[key], str(err)) from None
+
+
+def _bool(config: Mapping[str, Any], key: str) -> bool:
+    return _value(config, key, strict.boolean)
+
+
 def _positive_int(config: Mapping[str, Any], key: str) -> int:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise _config_error(key, value, "a positive integer")
-    return value
+    return _value(config, key, _POSITIVE_INT)
 
 
 def _positive_float(config: Mapping[str, Any], key: str) -> float:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise _config_error(key, value, "a positive number")
-    return float(value)
+    return _value(config, key, _POSITIVE)
 
 
 def _triple(config: Mapping[str, Any], key: str, allow_zero: bool) -> tuple[float, float, float]:
-    value = config[key]
-    ok = isinstance(value, list | tuple) and len(value) == 3
-    ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-    if not ok or (not allow_zero and any(v == 0 for v in value)):
-        expected = "3 numbers, one per RGB channel" + ("" if allow_zero else ", none zero")
-        raise _config_error(key, value, expected)
-    return (float(value[0]), float(value[1]), float(value[2]))
-
-
-def _tile_size(size: Any) -> int:
-    expected = 'a square {"height": N, "width": N} with N a positive integer'
-    if not isinstance(size, Mapping) or set(size) != {"height", "width"}:
-        raise _config_error("size", size, expected)
-    height, width = size["height"], size["width"]
-    if height != width or isinstance(height, bool) or not isinstance(height, int) or height <= 0:
-        raise _config_error("size", size, expected)
-    return height
+    return _value(config, key, _MEAN if allow_zero else _STD)
 
 
 def _resample(value: Any) -> int:
-    if isinstance(value, bool) or value not in RESAMPLE_NAMES:
-        raise _config_error("resample", value, f"a PIL resampling filter, one of {RESAMPLE_NAMES}")
-    return int(value)
+    return _value({"resample": value}, "resample", _resample_check)
 
 
 def load_image(source: ImageSource, convert_rgb: bool = True) -> Image.Image:

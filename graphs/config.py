@@ -10,6 +10,8 @@ from typing import Any
 
 from mllama_export.errors import MllamaExportError
 
+from . import strict
+
 # PretrainedConfig's serialization and generation defaults. transformers 4.x writes all of them into
 # every sub-config of a checkpoint (the published Llama 3.2 Vision config.json has them); none of
 # them changes the architecture, so they are accepted and ignored. Anything not listed is an error.
@@ -158,18 +160,18 @@ class MllamaConfig:
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> MllamaConfig:
-        top = _Section("config.json", raw)
-        if top.take("model_type") != "mllama":
+        raw = strict.require_object("config.json", raw)
+        if "model_type" in raw and raw["model_type"] != "mllama":
             raise MllamaExportError(
                 f"config.json has model_type {raw.get('model_type')!r}; expected 'mllama' "
                 "(a Llama 3.2 Vision checkpoint such as meta-llama/Llama-3.2-11B-Vision)"
             )
-        vision = _vision_from_hf(_Section("vision_config", top.take("vision_config")))
-        text = _text_from_hf(_Section("text_config", top.take("text_config")))
-        image_token_id = top.take_int("image_token_index")
-        top.take_optional("tie_word_embeddings", False, expect=False)
-        top.finish()
-        config = cls(vision=vision, text=text, image_token_id=image_token_id)
+        top = _read("config.json", raw, _TOP_KEYS)
+        config = cls(
+            vision=_vision_from_hf(top["vision_config"]),
+            text=_text_from_hf(top["text_config"]),
+            image_token_id=top["image_token_index"],
+        )
         _validate(config)
         return config
 
@@ -195,61 +197,18 @@ class MllamaConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json a published checkpoint carries for this model."""
-        v, t = self.vision, self.text
-        rope: dict[str, Any] = {"rope_type": t.rope.kind}
-        if t.rope.kind == "llama3":
-            rope.update(
-                factor=t.rope.factor,
-                low_freq_factor=t.rope.low_freq_factor,
-                high_freq_factor=t.rope.high_freq_factor,
-                original_max_position_embeddings=t.rope.original_max_position_embeddings,
-            )
-        eos = t.eos_token_ids[0] if len(t.eos_token_ids) == 1 else list(t.eos_token_ids)
         return {
             "architectures": ["MllamaForConditionalGeneration"],
             "model_type": "mllama",
             "image_token_index": self.image_token_id,
             "torch_dtype": "bfloat16",
-            "vision_config": {
-                "model_type": "mllama_vision_model",
-                "hidden_size": v.hidden_size,
-                "hidden_act": "gelu",
-                "num_hidden_layers": v.num_layers,
-                "num_global_layers": v.num_global_layers,
-                "attention_heads": v.num_heads,
-                "num_channels": v.num_channels,
-                "intermediate_size": v.intermediate_size,
-                "vision_output_dim": v.output_dim,
-                "image_size": v.image_size,
-                "patch_size": v.patch_size,
-                "norm_eps": v.norm_eps,
-                "max_num_tiles": v.max_num_tiles,
-                "intermediate_layers_indices": list(v.intermediate_layers),
-                "supported_aspect_ratios": [list(r) for r in v.supported_aspect_ratios],
-            },
-            "text_config": {
-                "model_type": "mllama_text_model",
-                "vocab_size": t.vocab_size,
-                "hidden_size": t.hidden_size,
-                "hidden_act": "silu",
-                "num_hidden_layers": t.num_layers,
-                "num_attention_heads": t.num_heads,
-                "num_key_value_heads": t.num_kv_heads,
-                "intermediate_size": t.intermediate_size,
-                "rope_theta": t.rope.theta,
-                "rope_scaling": rope,
-                "rms_norm_eps": t.rms_norm_eps,
-                "max_position_embeddings": t.max_position_embeddings,
-                "tie_word_embeddings": False,
-                "cross_attention_layers": list(t.cross_attention_layers),
-                "dropout": 0.0,
-                "bos_token_id": t.bos_token_id,
-                "eos_token_id": eos,
-                "pad_token_id": t.pad_token_id,
-            },
+            "vision_config": strict.write(_VISION_KEYS, self.vision),
+            "text_config": strict.write(_TEXT_KEYS, self.text),
         }
 
 
+# graphs/llava_config.py still reads its config.json key by key through `_Section` and `_number`
+# (its tests assert their wording); Mllama's sections are the declared tables below.
 class _Section:
     """One JSON object read key by key, so that keys nobody took can be reported."""
 
@@ -308,109 +267,156 @@ def _number(section: str, key: str, value: Any, kind: type) -> Any:
     return kind(value)
 
 
-def _aspect_ratios_from(s: _Section) -> tuple[tuple[int, int], ...]:
-    ratios = s.take("supported_aspect_ratios")
+def _read(where: str, raw: Any, keys: tuple[strict.Key, ...]) -> dict[str, Any]:
+    note = " (and PretrainedConfig's generic keys, which this version ignores)"
+    return strict.read(where, raw, keys, ignore=GENERIC_HF_KEYS, note=note)
+
+
+def _only(value: Any) -> strict.Check:
+    """A key with one supported value: accepted when absent, refused when different."""
+    return strict.one_of(value, why=", the only value mllama-export supports")
+
+
+def _aspect_ratios(ratios: Any) -> tuple[tuple[int, int], ...]:
     ok = isinstance(ratios, list) and all(
         isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) for r in ratios
     )
     if not ok:
-        raise MllamaExportError(
-            f"{s.name}.supported_aspect_ratios is {json.dumps(ratios)[:80]}; expected a list "
-            "of [tiles high, tiles wide] pairs of integers, e.g. [[1, 1], [1, 2]]"
+        raise strict.Wrong(
+            "a list of [tiles high, tiles wide] pairs of integers, e.g. [[1, 1], [1, 2]]"
         )
     return tuple((int(h), int(w)) for h, w in ratios)
 
 
-def _vision_from_hf(s: _Section) -> VisionConfig:
-    s.take_optional("model_type", "mllama_vision_model", expect="mllama_vision_model")
-    s.take_optional("hidden_act", "gelu", expect="gelu")
-    ratios = _aspect_ratios_from(s)
-    config = VisionConfig(
-        hidden_size=s.take_int("hidden_size"),
-        num_layers=s.take_int("num_hidden_layers"),
-        num_global_layers=s.take_int("num_global_layers"),
-        num_heads=s.take_int("attention_heads"),
-        intermediate_size=s.take_int("intermediate_size"),
-        output_dim=s.take_int("vision_output_dim"),
-        image_size=s.take_int("image_size"),
-        patch_size=s.take_int("patch_size"),
-        num_channels=s.take_int("num_channels"),
-        max_num_tiles=s.take_int("max_num_tiles"),
-        intermediate_layers=s.take_ints("intermediate_layers_indices"),
-        supported_aspect_ratios=ratios,
-        norm_eps=s.take_float("norm_eps"),
-    )
-    s.finish()
-    return config
+def _token_ids(value: Any) -> tuple[int, ...]:
+    """HF writes one eos id as an integer, several as a list."""
+    items = value if isinstance(value, list) else [value]
+    try:
+        return tuple(strict.integer()(v) for v in items)
+    except strict.Wrong:
+        raise strict.Wrong("an integer or a list of integers") from None
 
 
-def _rope_from_hf(s: _Section) -> RopeConfig:
+def _eos_json(ids: tuple[int, ...]) -> int | list[int]:
+    return ids[0] if len(ids) == 1 else list(ids)
+
+
+_INT, _FLOAT, Key = strict.integer(), strict.number(), strict.Key
+
+_TOP_KEYS = (
+    Key("model_type", _only("mllama")),
+    Key("vision_config", strict.obj),
+    Key("text_config", strict.obj),
+    Key("image_token_index", _INT),
+    Key("tie_word_embeddings", _only(False), default=False),
+)
+
+# Each section's HF key <-> field table, read by from_hf_dict and written by to_hf_dict in this
+# order (the order published config.json files have). Keys without a field are constants.
+_VISION_KEYS = (
+    Key("model_type", _only("mllama_vision_model"), default="mllama_vision_model"),
+    Key("hidden_size", _INT, attr="hidden_size"),
+    Key("hidden_act", _only("gelu"), default="gelu"),
+    Key("num_hidden_layers", _INT, attr="num_layers"),
+    Key("num_global_layers", _INT, attr="num_global_layers"),
+    Key("attention_heads", _INT, attr="num_heads"),
+    Key("num_channels", _INT, attr="num_channels"),
+    Key("intermediate_size", _INT, attr="intermediate_size"),
+    Key("vision_output_dim", _INT, attr="output_dim"),
+    Key("image_size", _INT, attr="image_size"),
+    Key("patch_size", _INT, attr="patch_size"),
+    Key("norm_eps", _FLOAT, attr="norm_eps"),
+    Key("max_num_tiles", _INT, attr="max_num_tiles"),
+    Key("intermediate_layers_indices", strict.integers, attr="intermediate_layers"),
+    Key("supported_aspect_ratios", _aspect_ratios, attr="supported_aspect_ratios"),
+)
+
+_LLAMA3_ROPE_KEYS = (
+    Key("factor", _FLOAT, attr="factor"),
+    Key("low_freq_factor", _FLOAT, attr="low_freq_factor"),
+    Key("high_freq_factor", _FLOAT, attr="high_freq_factor"),
+    Key("original_max_position_embeddings", _INT, attr="original_max_position_embeddings"),
+)
+
+
+def _rope_json(rope: RopeConfig) -> dict[str, Any]:
+    extra = strict.write(_LLAMA3_ROPE_KEYS, rope) if rope.kind == "llama3" else {}
+    return {"rope_type": rope.kind, **extra}
+
+
+_TEXT_KEYS = (
+    Key("model_type", _only("mllama_text_model"), default="mllama_text_model"),
+    Key("vocab_size", _INT, attr="vocab_size"),
+    Key("hidden_size", _INT, attr="hidden_size"),
+    Key("hidden_act", _only("silu"), default="silu"),
+    Key("num_hidden_layers", _INT, attr="num_layers"),
+    Key("num_attention_heads", _INT, attr="num_heads"),
+    Key("num_key_value_heads", _INT, attr="num_kv_heads"),
+    Key("intermediate_size", _INT, attr="intermediate_size"),
+    # The rope keys are read together by _rope_from_hf: either may hold the theta.
+    Key("rope_theta", strict.anything, default=None, attr="rope", dump=lambda r: r.theta),
+    Key("rope_scaling", strict.anything, default=None, attr="rope", dump=_rope_json),
+    Key("rope_parameters", strict.anything, default=None, written=False),
+    Key("rms_norm_eps", _FLOAT, attr="rms_norm_eps"),
+    Key("max_position_embeddings", _INT, attr="max_position_embeddings"),
+    Key("tie_word_embeddings", _only(False), default=False),
+    Key("cross_attention_layers", strict.integers, attr="cross_attention_layers"),
+    Key("dropout", strict.anything, default=0.0),  # training only
+    Key("bos_token_id", _INT, attr="bos_token_id"),
+    Key("eos_token_id", _token_ids, attr="eos_token_ids", dump=_eos_json),
+    Key("pad_token_id", strict.nullable(_INT), attr="pad_token_id"),
+)
+
+
+def _vision_from_hf(raw: Any) -> VisionConfig:
+    return VisionConfig(**strict.fields(_VISION_KEYS, _read("vision_config", raw, _VISION_KEYS)))
+
+
+def _text_from_hf(raw: Any) -> TextConfig:
+    values = _read("text_config", raw, _TEXT_KEYS)
+    return TextConfig(**{**strict.fields(_TEXT_KEYS, values), "rope": _rope_from_hf(raw)})
+
+
+def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
     # transformers 5.x writes `rope_parameters` (theta inside); published checkpoints carry the
     # 4.x pair `rope_theta` + `rope_scaling`, and 5.x in memory may add the theta to the latter.
-    key = "rope_parameters" if "rope_parameters" in s.raw else "rope_scaling"
-    params = s.take(key) or {"rope_type": "default"}
-    if not isinstance(params, dict):
+    key = "rope_parameters" if "rope_parameters" in raw else "rope_scaling"
+    if key == "rope_parameters" and "rope_scaling" in raw:
         raise MllamaExportError(
-            f"text_config.{key} is {params!r}; expected an object such as "
-            '{"rope_type": "llama3", "factor": 8.0, ...}'
+            "text_config has both rope_parameters and rope_scaling; expected one of them"
         )
-    params = dict(params)
-    theta = params.pop("rope_theta", None)
-    if theta is not None:
-        theta = _number(f"text_config.{key}", "rope_theta", theta, float)
-    if theta is None or "rope_theta" in s.raw:
-        outer = s.take_float("rope_theta")
-        if theta is not None and float(theta) != float(outer):
-            raise MllamaExportError(f"text_config has two rope thetas, {outer} and {theta}")
-        theta = outer
-    rope = _Section(f"text_config.{key}", params)
-    kind = rope.take_optional("rope_type", None) or rope.take("type")
-    if kind == "default":
-        rope.finish()
-        return RopeConfig(theta=float(theta), kind="default")
-    if kind != "llama3":
+    if key not in raw:
+        raise strict.missing("text_config", raw, [key])
+    params = raw[key] or {"rope_type": "default"}
+    if not isinstance(params, dict):
+        example = '{"rope_type": "llama3", "factor": 8.0, ...}'
+        raise strict.wrong(f"text_config.{key}", params, f"an object such as {example}")
+    theta = _rope_theta(raw, key, params)
+    where = f"text_config.{key}"
+    names = [Key("rope_type", strict.anything, default=None)]
+    if not params.get("rope_type"):
+        names.append(Key("type", strict.anything))  # the older spelling
+    named = strict.read(where, params, names, others=True)
+    kind = named["rope_type"] or named.get("type")
+    if kind not in ("default", "llama3"):
         raise MllamaExportError(
             f"rope type {kind!r} is not supported; expected 'llama3' or 'default'"
         )
-    config = RopeConfig(
-        theta=float(theta),
-        kind="llama3",
-        factor=rope.take_float("factor"),
-        low_freq_factor=rope.take_float("low_freq_factor"),
-        high_freq_factor=rope.take_float("high_freq_factor"),
-        original_max_position_embeddings=rope.take_int("original_max_position_embeddings"),
-    )
-    rope.finish()
-    return config
+    extra = _LLAMA3_ROPE_KEYS if kind == "llama3" else ()
+    keys = (*names, Key("rope_theta", strict.anything, default=None), *extra)
+    values = _read(where, params, keys)
+    return RopeConfig(theta=theta, kind=kind, **strict.fields(extra, values))
 
 
-def _text_from_hf(s: _Section) -> TextConfig:
-    s.take_optional("model_type", "mllama_text_model", expect="mllama_text_model")
-    s.take_optional("hidden_act", "silu", expect="silu")
-    s.take_optional("tie_word_embeddings", False, expect=False)
-    s.take_optional("dropout", 0.0)  # training only
-    eos = s.take("eos_token_id")
-    pad = s.take("pad_token_id")
-    config = TextConfig(
-        vocab_size=s.take_int("vocab_size"),
-        hidden_size=s.take_int("hidden_size"),
-        num_layers=s.take_int("num_hidden_layers"),
-        num_heads=s.take_int("num_attention_heads"),
-        num_kv_heads=s.take_int("num_key_value_heads"),
-        intermediate_size=s.take_int("intermediate_size"),
-        cross_attention_layers=s.take_ints("cross_attention_layers"),
-        rms_norm_eps=s.take_float("rms_norm_eps"),
-        rope=_rope_from_hf(s),
-        max_position_embeddings=s.take_int("max_position_embeddings"),
-        bos_token_id=s.take_int("bos_token_id"),
-        eos_token_ids=tuple(
-            _number(s.name, "eos_token_id", e, int)
-            for e in (eos if isinstance(eos, list) else [eos])
-        ),
-        pad_token_id=None if pad is None else _number(s.name, "pad_token_id", pad, int),
-    )
-    s.finish()
-    return config
+def _rope_theta(raw: dict[str, Any], key: str, params: dict[str, Any]) -> float:
+    optional = Key("rope_theta", strict.nullable(_FLOAT), default=None)
+    inner = strict.read(f"text_config.{key}", params, (optional,), others=True)["rope_theta"]
+    if inner is not None and "rope_theta" not in raw:
+        return inner
+    outer = strict.read("text_config", raw, (Key("rope_theta", _FLOAT),), others=True)["rope_theta"]
+    if inner is not None and inner != outer:
+        raise MllamaExportError(f"text_config has two rope thetas, {outer} and {inner}")
+    return outer
 
 
 def _validate(c: MllamaConfig) -> None:
@@ -525,7 +531,7 @@ def _check_cross_layers(cross_layers: tuple[int, ...], text_layers: int) -> None
         )
 
 
-_11B_HF: dict[str, Any] = MllamaConfig(
+_11B = MllamaConfig(
     vision=VisionConfig(
         hidden_size=1280,
         num_layers=32,
@@ -557,48 +563,53 @@ _11B_HF: dict[str, Any] = MllamaConfig(
         pad_token_id=128004,
     ),
     image_token_id=128256,
-).to_hf_dict()
+)
 
-
-def _preset_dicts() -> dict[str, dict[str, Any]]:
-    b90 = copy.deepcopy(_11B_HF)
-    b90["text_config"].update(
-        hidden_size=8192,
-        num_hidden_layers=100,
-        num_attention_heads=64,
-        intermediate_size=28672,
-        cross_attention_layers=list(range(3, 100, 5)),
-    )
-    tiny = copy.deepcopy(_11B_HF)
-    # Small enough for tests in seconds, yet every mechanism of the real model is exercised: GQA,
-    # all 8 aspect ratios, padded patches (17 -> 24), two intermediate taps, all three rope bands.
-    tiny["image_token_index"] = 512
-    tiny["vision_config"].update(
+# Small enough for tests in seconds, yet every mechanism of the real model is exercised: GQA, all 8
+# aspect ratios, padded patches (17 -> 24), two intermediate taps, all three rope bands.
+_TINY = MllamaConfig(
+    vision=replace(
+        _11B.vision,
         hidden_size=32,
-        num_hidden_layers=4,
+        num_layers=4,
         num_global_layers=2,
-        attention_heads=2,
+        num_heads=2,
         intermediate_size=64,
-        vision_output_dim=96,
+        output_dim=96,
         image_size=56,
-        intermediate_layers_indices=[1, 3],
-    )
-    tiny["text_config"].update(
+        intermediate_layers=(1, 3),
+    ),
+    text=replace(
+        _11B.text,
         vocab_size=512,
         hidden_size=64,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_layers=6,
+        num_heads=4,
+        num_kv_heads=2,
         intermediate_size=128,
-        cross_attention_layers=[1, 4],
+        cross_attention_layers=(1, 4),
         bos_token_id=500,
-        eos_token_id=[501, 505, 506],
+        eos_token_ids=(501, 505, 506),
         pad_token_id=504,
-    )
-    return {"tiny": tiny, "11b": copy.deepcopy(_11B_HF), "90b": b90}
+    ),
+    image_token_id=512,
+)
+_90B = replace(
+    _11B,
+    text=replace(
+        _11B.text,
+        hidden_size=8192,
+        num_layers=100,
+        num_heads=64,
+        intermediate_size=28672,
+        cross_attention_layers=tuple(range(3, 100, 5)),
+    ),
+)
 
-
-PRESETS: dict[str, dict[str, Any]] = _preset_dicts()
+# The config.json of each preset, as a checkpoint of it carries.
+PRESETS: dict[str, dict[str, Any]] = {
+    name: config.to_hf_dict() for name, config in (("tiny", _TINY), ("11b", _11B), ("90b", _90B))
+}
 
 
 def preset(name: str) -> MllamaConfig:

@@ -879,13 +879,13 @@ ROWS = [
     cli(
         "config-unknown-key",
         _plan_config(lambda r: r["text_config"].update(sliding_window=4096)),
-        "text_config has unknown keys ['sliding_window']",
-        "this version understands",
+        "text_config has unknown key(s) ['sliding_window']",
+        "expected only",
     ),
     cli(
         "config-missing-key",
         _plan_config(lambda r: r["vision_config"].pop("patch_size")),
-        "vision_config is missing the key 'patch_size'",
+        "vision_config is missing required key(s) ['patch_size']",
         "keys present",
     ),
     cli(
@@ -940,7 +940,7 @@ ROWS = [
     cli(
         "plan-artifacts-with-a-broken-manifest",
         lambda c: ["plan", "--model", c.manifest(lambda m: m.pop("limits"))],
-        "missing key(s) ['limits']",
+        "missing required key(s) ['limits']",
         "rebuild the artifacts",
     ),
     cli(
@@ -1026,14 +1026,14 @@ ROWS = [
     cli(
         "art-manifest-missing-key",
         _run_on_manifest(lambda m: m.pop("limits")),
-        "missing key(s) ['limits']",
+        "missing required key(s) ['limits']",
         "rebuild the artifacts",
     ),
     cli(
         "art-manifest-bad-limits",
         _run_on_manifest(lambda m: m["limits"].update(max_batch="4")),
-        "limits {",
-        "each an integer",
+        "limits.max_batch is '4'",
+        "expected an integer",
     ),
     cli(
         "art-incomplete-build",
@@ -1100,8 +1100,8 @@ ROWS = [
     cli(
         "inspect-manifest-without-graph-file",
         lambda c: ["inspect", c.manifest(lambda m: m["graphs"]["decode"].pop("file"))],
-        "graphs.decode.file is missing",
-        "expected a path like onnx/",
+        "graphs.decode is missing required key(s) ['file']",
+        "a path like onnx/",
     ),
     cli(
         "inspect-manifest-without-source",
@@ -1455,16 +1455,16 @@ ROWS = [
     cli(
         "validate-thresholds-unknown-metric",
         _validate_thresholds(lambda d: d["precisions"]["fp32"]["logits"].update(max_foo=1)),
-        "unknown limit 'max_foo'",
-        "limits for logits: max_rel_l2",
+        "logits has unknown key(s) ['max_foo']",
+        "expected only ['max_rel_l2'",
     ),
     cli(
         "validate-thresholds-wrong-type",
         _validate_thresholds(
             lambda d: d["precisions"]["fp32"]["vision"].update(max_rel_l2="small")
         ),
-        "max_rel_l2 must be a number",
-        "got str 'small'",
+        "vision.max_rel_l2 is 'small'",
+        "expected a finite number >= 0",
     ),
     cli(
         "validate-thresholds-missing",

@@ -220,48 +220,51 @@ def _mutated(path: tuple, value) -> dict:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (_mutated(("version",), KeyError), r"no 'version' field.*'precisions'"),
-        (_mutated(("version",), 3), "'version' must be a non-empty string"),
-        (_mutated(("precisions", "fp4"), {}), "unknown precision 'fp4'.*fp32, fp16, bf16, fp8"),
+        (_mutated(("version",), KeyError), r"missing required key\(s\) \['version'\].*precisions"),
+        (_mutated(("version",), 3), "version is 3; expected a non-empty string"),
+        (
+            _mutated(("precisions", "fp4"), {}),
+            r"precisions has unknown key\(s\) \['fp4'\].*'fp32', 'fp16', 'bf16', 'fp8'",
+        ),
         (
             _mutated(("precisions", "fp32", "text"), {}),
-            "unknown stage kind 'text'.*vision, logits",
+            r"fp32 has unknown key\(s\) \['text'\].*'vision', 'logits'",
         ),
         (
             _mutated(("precisions", "fp32", "vision", "min_top1_agreement"), 0.9),
-            "unknown limit 'min_top1_agreement'.*max_rel_l2, min_cosine, max_abs_error",
+            r"vision has unknown key\(s\) \['min_top1_agreement'\].*'max_rel_l2', 'min_cosine', 'max_abs_error'",
         ),
         (
             _mutated(("precisions", "fp32", "logits", "max_rel_l2"), "1e-4"),
-            r"fp32\.logits\.max_rel_l2 must be a number, got str",
+            r"fp32\.logits\.max_rel_l2 is '1e-4'; expected a finite number",
         ),
         (
             _mutated(("precisions", "fp32", "logits", "max_rel_l2"), True),
-            "must be a number, got bool",
+            "max_rel_l2 is True; expected a finite number",
         ),
         (
             _mutated(("precisions", "fp32", "logits", "min_cosine"), 1.5),
-            r"min_cosine must lie in \[0, 1\]",
+            r"min_cosine is 1.5; expected a number in \[0, 1\]",
         ),
         (
             _mutated(("precisions", "fp32", "logits", "max_kl_divergence"), KeyError),
-            "missing limit.*max_kl_divergence",
+            r"logits is missing required key\(s\) \['max_kl_divergence'\]",
         ),
         (
             _mutated(("precisions", "fp32", "vision", "top1_tie_margin"), 0.1),
-            "unknown limit 'top1_tie_margin'",
+            r"vision has unknown key\(s\) \['top1_tie_margin'\]",
         ),
         (
             _mutated(("precisions", "fp32", "logits", "top1_tie_margin"), -0.1),
-            r"top1_tie_margin must be a finite number >= 0",
+            r"top1_tie_margin is -0.1; expected a finite number >= 0",
         ),
-        (_mutated(("precisions",), []), "'precisions' must be a non-empty object"),
-        (_mutated(("comment",), "x"), "unknown top-level key.*'comment'"),
+        (_mutated(("precisions",), []), r"precisions is \[\]; expected a non-empty object"),
+        (_mutated(("comment",), "x"), r"has unknown key\(s\) \['comment'\]"),
         ('{"version": "1", "precisions": {NaN}}', "not valid JSON.*line 1"),
         (
             '{"version": "1", "precisions": {"fp32": {"vision": {"max_rel_l2": NaN, '
             '"min_cosine": 0.5}}}}',
-            "must be a finite number",
+            "max_rel_l2 is nan; expected a finite number",
         ),  # fmt: skip
     ],
 )

@@ -533,7 +533,7 @@ def test_fp8_options_are_refused_before_any_work(tiny_dir, tmp_path):
             BuildOptions(model="tiny", out=out, precision="fp8", calibration=tmp_path / "missing")
         )
     bad = write_evalset(tmp_path / "bad", ['{"prompt": "fine"}', '{"prompt": 3}'])
-    with pytest.raises(MllamaExportError, match='line 2: "prompt" must be a non-empty string'):
+    with pytest.raises(MllamaExportError, match="line 2: prompt is 3; expected a non-empty string"):
         build(BuildOptions(model=str(tiny_dir), out=out, precision="fp8", calibration=bad))
     assert not out.exists()
 

@@ -320,8 +320,8 @@ def test_a_users_evalset_is_tokenized_preprocessed_and_judged(fp32_dir, tmp_path
         ("not json", "line 2: not valid JSON"),
         ("[1, 2]", "line 2: expected a JSON object"),
         ('{"prompt": "a", "token_ids": [1]}', "line 2: expected exactly one of"),
-        ('{"text": "a"}', "line 2: unknown key"),
-        ('{"token_ids": []}', 'line 2: "token_ids" must be a non-empty list'),
+        ('{"text": "a"}', r"line 2 has unknown key\(s\) \['text'\]"),
+        ('{"token_ids": []}', r"line 2: token_ids is \[\]; expected a non-empty list"),
         (
             '{"token_ids": [1, 99999]}',
             'line 2: "token_ids" hold token id\\(s\\) \\[99999\\] outside',
@@ -331,7 +331,7 @@ def test_a_users_evalset_is_tokenized_preprocessed_and_judged(fp32_dir, tmp_path
             'line 2: "token_ids" hold 0 <\\|image\\|> token',
         ),
         ('{"prompt": "a", "images": ["missing.png"]}', "line 2: image file\\(s\\) not found"),
-        ('{"prompt": "a", "images": "wide.png"}', 'line 2: "images" must be a list'),
+        ('{"prompt": "a", "images": "wide.png"}', "line 2: images is 'wide.png'; expected a list"),
     ],
 )
 def test_malformed_evalset_lines_name_the_line(fp32_dir, tmp_path, line, message):

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs import strict
 from mllama_export.graphs.choices import PRECISIONS
 
 from .metrics import Metrics
@@ -78,7 +79,6 @@ _KEYS = {kind: LIMITS[kind] + _PARAMETERS[kind] for kind in KINDS}
 _UNIT_METRICS = {"cosine", "top1_agreement", "top5_agreement"}
 # Metrics that grow with the square of the error (1 - cos ~ rel_l2**2 / 2, KL ~ var / 2).
 _QUADRATIC_METRICS = {"cosine", "kl_divergence"}
-_TOP_KEYS = ("version", "description", "precisions")
 
 
 @dataclass(frozen=True)
@@ -252,91 +252,61 @@ def load_thresholds(path: str | Path | None = None) -> Thresholds:
     return _parse(data, source)
 
 
+def _nonempty(keyed_by: str) -> strict.Check:
+    def check(value: object) -> dict:
+        if not isinstance(value, dict) or not value:
+            raise strict.Wrong(f"a non-empty object keyed by {keyed_by}")
+        return value
+
+    return check
+
+
+_TOP = (
+    strict.Key("version", strict.string, about='a non-empty string such as "2025.1"'),
+    strict.Key("description", strict.text, default=""),
+    strict.Key("precisions", _nonempty(f"precision ({', '.join(PRECISIONS)})")),
+)
+_PRECISION = tuple(
+    strict.Key(p, _nonempty(f"stage kind ({', '.join(KINDS)})"), default=None) for p in PRECISIONS
+)
+_KIND = tuple(strict.Key(kind, strict.obj, default=None) for kind in KINDS)
+_KIND_NOTE = " (vision = cross-attention K/V, logits = prefill and decode logits)"
+_UNIT = strict.number(minimum=0, maximum=1)
+_NON_NEGATIVE = strict.number(finite=True, minimum=0)
+
+
+def _limit_key(key: str, kind: str) -> strict.Key:
+    metric = _LIMIT_METRIC[key][0] if key in _LIMIT_METRIC else key
+    check = _UNIT if metric in _UNIT_METRICS else _NON_NEGATIVE
+    return strict.Key(key, check, default=strict.REQUIRED if key in _REQUIRED[kind] else None)
+
+
+_LIMIT_KEYS = {kind: tuple(_limit_key(k, kind) for k in _KEYS[kind]) for kind in KINDS}
+
+
 def _parse(data: object, source: str) -> Thresholds:
     where = f"thresholds file {source}"
-    if not isinstance(data, dict):
-        raise MllamaExportError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(_TOP_KEYS))
-    if unknown:
-        raise MllamaExportError(
-            f"{where}: unknown top-level key(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(_TOP_KEYS)}"
-        )
-    if "version" not in data:
-        raise MllamaExportError(
-            f"{where} has no 'version' field (a non-empty string such as \"2025.1\"); "
-            f"its top-level keys: {', '.join(map(repr, data)) or 'none'}"
-        )
-    version = data["version"]
-    if not isinstance(version, str) or not version.strip():
-        raise MllamaExportError(
-            f"{where}: 'version' must be a non-empty string, got {type(version).__name__} "
-            f"{version!r}"
-        )
-    description = data.get("description", "")
-    if not isinstance(description, str):
-        raise MllamaExportError(f"{where}: 'description' must be a string")
-    precisions = data.get("precisions")
-    if not isinstance(precisions, dict) or not precisions:
-        raise MllamaExportError(
-            f"{where}: 'precisions' must be a non-empty object keyed by precision "
-            f"({', '.join(PRECISIONS)}), got {type(precisions).__name__}"
-        )
+    top = strict.read(where, data, _TOP, prefix=f"{where}: ")
+    precisions = top["precisions"]
+    strict.read(f"{where}: precisions", precisions, _PRECISION)
     limits: dict[str, Mapping[str, Mapping[str, float]]] = {}
-    for precision, kinds in precisions.items():
-        if precision not in PRECISIONS:
-            raise MllamaExportError(
-                f"{where}: unknown precision {precision!r}; known precisions: "
-                f"{', '.join(PRECISIONS)}"
-            )
+    for precision, kinds in precisions.items():  # the file's order
         at = f"{where}: precisions.{precision}"
-        if not isinstance(kinds, dict) or not kinds:
-            raise MllamaExportError(
-                f"{at} must be a non-empty object keyed by stage kind ({', '.join(KINDS)}), "
-                f"got {type(kinds).__name__}"
-            )
-        per_kind: dict[str, Mapping[str, float]] = {}
-        for kind, values in kinds.items():
-            if kind not in KINDS:
-                raise MllamaExportError(
-                    f"{at}: unknown stage kind {kind!r}; known kinds: {', '.join(KINDS)} "
-                    "(vision = cross-attention K/V, logits = prefill and decode logits)"
-                )
-            per_kind[kind] = MappingProxyType(_parse_limits(values, kind, f"{at}.{kind}"))
-        limits[precision] = MappingProxyType(per_kind)
+        strict.read(at, kinds, _KIND, note=_KIND_NOTE)
+        limits[precision] = MappingProxyType(
+            {
+                kind: MappingProxyType(_parse_limits(values, kind, f"{at}.{kind}"))
+                for kind, values in kinds.items()
+            }
+        )
     return Thresholds(
-        version=version, limits=MappingProxyType(limits), source=source, description=description
+        version=top["version"],
+        limits=MappingProxyType(limits),
+        source=source,
+        description=top["description"],
     )
 
 
 def _parse_limits(values: object, kind: str, at: str) -> dict[str, float]:
-    allowed = _KEYS[kind]
-    if not isinstance(values, dict):
-        raise MllamaExportError(
-            f"{at} must be an object of limits ({', '.join(allowed)}), got {type(values).__name__}"
-        )
-    out: dict[str, float] = {}
-    for key, value in values.items():
-        if key not in allowed:
-            raise MllamaExportError(
-                f"{at}: unknown limit {key!r}; limits for {kind}: {', '.join(allowed)}"
-            )
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MllamaExportError(
-                f"{at}.{key} must be a number, got {type(value).__name__} {value!r}"
-            )
-        value = float(value)
-        metric = _LIMIT_METRIC[key][0] if key in _LIMIT_METRIC else key
-        if not math.isfinite(value) or value < 0:
-            raise MllamaExportError(f"{at}.{key} must be a finite number >= 0, got {value!r}")
-        if metric in _UNIT_METRICS and value > 1:
-            raise MllamaExportError(f"{at}.{key} must lie in [0, 1], got {value!r}")
-        out[key] = value
-    missing = [k for k in _REQUIRED[kind] if k not in out]
-    if missing:
-        raise MllamaExportError(
-            f"{at} is missing limit(s) {', '.join(missing)}; it has: "
-            f"{', '.join(out) or 'none'} (optional: "
-            f"{', '.join(_OPTIONAL[kind] + _PARAMETERS[kind])})"
-        )
-    return out
+    checked = strict.read(at, values, _LIMIT_KEYS[kind])
+    return {key: checked[key] for key in strict.require_object(at, values)}  # the file's order
