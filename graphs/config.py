@@ -302,6 +302,7 @@ def _eos_json(ids: tuple[int, ...]) -> int | list[int]:
 
 
 _INT, _FLOAT, Key = strict.integer(), strict.number(), strict.Key
+_SIZE = strict.integer(minimum=1)  # a width, a head count or a divisor: 0 would divide by 0
 
 _TOP_KEYS = (
     Key("model_type", _only("mllama")),
@@ -315,18 +316,18 @@ _TOP_KEYS = (
 # order (the order published config.json files have). Keys without a field are constants.
 _VISION_KEYS = (
     Key("model_type", _only("mllama_vision_model"), default="mllama_vision_model"),
-    Key("hidden_size", _INT, attr="hidden_size"),
+    Key("hidden_size", _SIZE, attr="hidden_size"),
     Key("hidden_act", _only("gelu"), default="gelu"),
     Key("num_hidden_layers", _INT, attr="num_layers"),
     Key("num_global_layers", _INT, attr="num_global_layers"),
-    Key("attention_heads", _INT, attr="num_heads"),
-    Key("num_channels", _INT, attr="num_channels"),
-    Key("intermediate_size", _INT, attr="intermediate_size"),
+    Key("attention_heads", _SIZE, attr="num_heads"),
+    Key("num_channels", _SIZE, attr="num_channels"),
+    Key("intermediate_size", _SIZE, attr="intermediate_size"),
     Key("vision_output_dim", _INT, attr="output_dim"),
-    Key("image_size", _INT, attr="image_size"),
-    Key("patch_size", _INT, attr="patch_size"),
+    Key("image_size", _SIZE, attr="image_size"),
+    Key("patch_size", _SIZE, attr="patch_size"),
     Key("norm_eps", _FLOAT, attr="norm_eps"),
-    Key("max_num_tiles", _INT, attr="max_num_tiles"),
+    Key("max_num_tiles", _SIZE, attr="max_num_tiles"),
     Key("intermediate_layers_indices", strict.integers, attr="intermediate_layers"),
     Key("supported_aspect_ratios", _aspect_ratios, attr="supported_aspect_ratios"),
 )
@@ -346,13 +347,13 @@ def _rope_json(rope: RopeConfig) -> dict[str, Any]:
 
 _TEXT_KEYS = (
     Key("model_type", _only("mllama_text_model"), default="mllama_text_model"),
-    Key("vocab_size", _INT, attr="vocab_size"),
-    Key("hidden_size", _INT, attr="hidden_size"),
+    Key("vocab_size", _SIZE, attr="vocab_size"),
+    Key("hidden_size", _SIZE, attr="hidden_size"),
     Key("hidden_act", _only("silu"), default="silu"),
     Key("num_hidden_layers", _INT, attr="num_layers"),
-    Key("num_attention_heads", _INT, attr="num_heads"),
-    Key("num_key_value_heads", _INT, attr="num_kv_heads"),
-    Key("intermediate_size", _INT, attr="intermediate_size"),
+    Key("num_attention_heads", _SIZE, attr="num_heads"),
+    Key("num_key_value_heads", _SIZE, attr="num_kv_heads"),
+    Key("intermediate_size", _SIZE, attr="intermediate_size"),
     # The rope keys are read together by _rope_from_hf: either may hold the theta.
     Key("rope_theta", strict.anything, default=None, attr="rope", dump=lambda r: r.theta),
     Key("rope_scaling", strict.anything, default=None, attr="rope", dump=_rope_json),

@@ -196,3 +196,21 @@ def test_truncated_vision_keeps_its_output_width():
     pixels = torch.randn(1, v.max_num_tiles, v.num_channels, v.image_size, v.image_size)
     features = model.vision(pixels, torch.tensor([1]), torch.tensor([[1, 0, 0, 0]]))
     assert features.shape[-1] == v.output_dim
+
+
+@pytest.mark.parametrize(
+    "section, key",
+    [
+        ("text_config", "num_attention_heads"),
+        ("text_config", "num_key_value_heads"),
+        ("text_config", "hidden_size"),
+        ("vision_config", "attention_heads"),
+        ("vision_config", "patch_size"),
+    ],
+)
+def test_a_zero_size_or_head_count_is_refused_with_a_message(section, key):
+    # these divide other sizes; 0 raised ZeroDivisionError from the checks that follow
+    raw = copy.deepcopy(PRESETS["tiny"])
+    raw[section][key] = 0
+    with pytest.raises(MllamaExportError, match=rf"{section}\.{key} is 0; expected a positive"):
+        MllamaConfig.from_hf_dict(raw)
