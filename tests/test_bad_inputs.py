@@ -892,7 +892,7 @@ ROWS = [
         "config-wrong-type",
         _plan_config(lambda r: r["text_config"].update(hidden_size="sixty-four")),
         "text_config.hidden_size is 'sixty-four'",
-        "expected an integer",
+        "expected a positive integer",
     ),
     cli(
         "config-not-json",
