@@ -139,7 +139,7 @@ def _build_into(plan: BuildPlan, work: Path) -> None:
     weights = Checkpoint(checkpoint, config)  # strict: every tensor, shape and dtype
     # FP8 calibrates first, layer by layer (the model is never whole in memory)
     quantization = None
-    if options.precision == "fp8":
+    if plan.precision == "fp8":
         quantization = quantize_fp8(
             weights, options, plan.fp8_layers, _calibration(plan, checkpoint), plan.limits
         )
@@ -201,7 +201,7 @@ def _check(build: BuildPlan, weights: Checkpoint, work: Path, amax) -> dict[str,
         onnx_dir.mkdir()
         StreamingExport(checked, options, amax).export_all(onnx_dir)
     try:
-        if options.precision == "fp8":
+        if build.precision == "fp8":
             checks = _check_fp8(build, checked, onnx_dir, amax)
         else:
             checks = check_graphs(
@@ -263,7 +263,7 @@ def _graph_entry(name: str, export: dict) -> dict:
 
 def _manifest(plan: BuildPlan, graphs: dict, quantization: dict | None, tensorrt: dict) -> dict:
     options, source, config = plan.options, plan.source, plan.config
-    dtype = str(options.dtype).removeprefix("torch.")  # fp8: float16 outside the FP8 GEMMs
+    dtype = str(plan.dtype).removeprefix("torch.")  # fp8: float16 outside the FP8 GEMMs
     semantics = options.xattn_mask
     for name, graph in GRAPHS.items():
         graphs[name]["inputs"] = [_spec_json(s, dtype) for s in graph.inputs]
@@ -277,7 +277,7 @@ def _manifest(plan: BuildPlan, graphs: dict, quantization: dict | None, tensorrt
             "xattn_mask": semantics,
             "vision_tap": "layer output" if semantics == "hf" else "layer input",
         },
-        "precision": options.precision,
+        "precision": plan.precision,
         "io_dtype": dtype,
         "limits": asdict(plan.limits),
         "build_options": options.to_json(),
