@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from mllama_export.engines.manifest_read import INCOMPLETE_MARKER, read_manifest, verify_files
@@ -12,16 +13,16 @@ from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import GRAPHS, TensorSpec
 from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import info, step
-from mllama_export.graphs.resolve import ResolvedModel, resolve_model
+from mllama_export.graphs.resolve import ResolvedModel
 from mllama_export.graphs.synth import write_checkpoint
 from mllama_export.graphs.weights import Checkpoint, load_model
 
-from .checkplan import CheckPlan, plan_check, refuse_fp8_calibration, write_reduced_checkpoint
+from .buildplan import BuildPlan, plan_build
+from .checkplan import CheckPlan, write_reduced_checkpoint
 from .engine_stage import (
     ENGINE_DIR,
     TRTEXEC_SCRIPT,
     build_engines,
-    check_engines_before_work,
     check_tensor_volumes,
     limits_problem_hint,
     pending_engines,
@@ -33,8 +34,6 @@ from .fp8 import (
     calibration_cases,
     check_fp8_graph,
     check_fp8_graphs,
-    fp8_layers,
-    fp8_weight_names,
     input_amax,
     load_fp8_model,
     quantize_fp8,
@@ -44,7 +43,6 @@ from .options import BuildOptions
 from .outdir import (
     INCOMPLETE_TEXT,
     build_lock,
-    check_replaceable,
     partial_path,
     remove_leftovers,
     replace,
@@ -74,7 +72,7 @@ def build(options: BuildOptions) -> Path:
     itself, never the ONNX. Progress goes to the ``mllama_export`` logger.
     """
     out = Path(options.out)
-    source, plan = _check_before_work(options, out)
+    plan = plan_build(options, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with build_lock(out):
         for left in remove_leftovers(out):
@@ -85,7 +83,7 @@ def build(options: BuildOptions) -> Path:
         work.mkdir()
         (work / INCOMPLETE_MARKER).write_text(INCOMPLETE_TEXT)
         try:
-            _build_into(options, work, source, plan)
+            _build_into(plan, work)
             (work / INCOMPLETE_MARKER).unlink()
             replace(work, out)
         except BaseException:
@@ -134,66 +132,24 @@ def rebuild_engines(folder: Path, names=None, rebuild: bool = False) -> dict:
         return build_engines(folder, todo)
 
 
-def _check_before_work(options: BuildOptions, out: Path) -> tuple[ResolvedModel, CheckPlan]:
-    """Everything that can be refused is refused before a lock, a folder or a tensor exists."""
-    _check_out(out)
-    if Path(options.model).exists():  # before a Hub id could be fetched
-        _check_apart(out, Path(options.model), options.model)
-    check_replaceable(out, options.force)
-    source = resolve_model(options.model)
-    config = source.config
-    options.check(config)
-    check_engines_before_work(options, config)
-    if options.precision == "fp8":
-        fp8_layers(config, options)  # an --fp8-exclude that matches nothing
-        if options.calibration is not None and source.path is not None:
-            calibration_cases(config, options, source.path)  # a malformed calibration folder
-    refuse_fp8_calibration(options, config)
-    return source, plan_check(options, config)
-
-
-def _check_out(out: Path) -> None:
-    for parent in out.absolute().parents:
-        if parent.exists() and not parent.is_dir():
-            raise MllamaExportError(f"--out {out}: {parent} is a file, not a folder")
-    here, target = Path.cwd().resolve(), out.resolve()
-    if here == target or here.is_relative_to(target):
-        raise MllamaExportError(
-            f"--out {out} is {'the current folder' if here == target else 'a folder holding the current folder'} "
-            f"({here}); the build replaces --out as a whole. Choose a new folder, e.g. --out out/model"
-        )
-
-
-def _check_apart(out: Path, model: Path, given: str) -> None:
-    target, checkpoint = out.resolve(), model.resolve()
-    if target.is_relative_to(checkpoint):
-        raise MllamaExportError(
-            f"--out {out} is inside --model {given}; a --force rebuild would delete the "
-            "checkpoint. Choose an output folder outside it."
-        )
-    if checkpoint.is_relative_to(target):
-        raise MllamaExportError(
-            f"--out {out} holds --model {given}; replacing it would delete the checkpoint. "
-            "Choose an output folder outside it."
-        )
-
-
-def _build_into(options: BuildOptions, work: Path, source: ResolvedModel, plan: CheckPlan) -> None:
-    checkpoint = _checkpoint_folder(source, options, work)
-    config = MllamaConfig.from_hf_config(checkpoint)
+def _build_into(plan: BuildPlan, work: Path) -> None:
+    """Executes ``plan`` into the hidden folder ``work``: it decides nothing of its own."""
+    options, config = plan.options, plan.config
+    checkpoint = _checkpoint_folder(plan.source, options, work)
     weights = Checkpoint(checkpoint, config)  # strict: every tensor, shape and dtype
     # FP8 calibrates first, layer by layer (the model is never whole in memory)
     quantization = None
-    if options.precision == "fp8":
-        quantization = quantize_fp8(weights, options, checkpoint)
+    if plan.precision == "fp8":
+        quantization = quantize_fp8(
+            weights, options, plan.fp8_layers, _calibration(plan, checkpoint), plan.limits
+        )
     amax = input_amax(quantization)
     (work / "onnx").mkdir()
-    exporter = StreamingExport(weights, options, amax)
-    written = exporter.export_all(work / "onnx")
+    written = StreamingExport(weights, options, amax).export_all(work / "onnx")
     graphs = {name: _graph_entry(name, written[name]) for name in GRAPHS}
     if quantization is not None:
-        _record_fp8_layout(exporter, work / "onnx", options, graphs)
-    checks = _check(plan, options, weights, work, amax)
+        _record_fp8_layout(plan, work / "onnx", graphs)
+    checks = _check(plan, weights, work, amax)
     for name, check in checks.items():
         check.pop("quantized_layers", None)
         graphs[name]["check"] = check
@@ -203,27 +159,34 @@ def _build_into(options: BuildOptions, work: Path, source: ResolvedModel, plan: 
     if checkpoint.parent == work:
         shutil.rmtree(checkpoint)
     tensorrt = prepare_engines(work, graphs, config, options)
-    manifest = _manifest(options, source, config, graphs, quantization, tensorrt)
-    write_manifest(work, manifest)
+    write_manifest(work, _manifest(plan, graphs, quantization, tensorrt))
 
 
-def _record_fp8_layout(exporter: StreamingExport, folder: Path, options, graphs) -> None:
-    """The structure of each full-size FP8 graph (exporter/fp8_graph.py), checked on the
-    meta model the export traced: which layers each graph quantizes, and its precision."""
-    expected = fp8_weight_names(exporter.model, exporter.checkpoint.config, options.dtype)
+def _calibration(plan: BuildPlan, checkpoint: Path) -> tuple:
+    """The plan's calibration cases; a user folder for a preset is read only now, with the
+    tokenizer of the checkpoint just synthesized."""
+    if plan.calibration_cases is not None:
+        return plan.calibration_cases
+    return tuple(calibration_cases(plan.config, plan.options, checkpoint))
+
+
+def _record_fp8_layout(plan: BuildPlan, folder: Path, graphs) -> None:
+    """The structure of each full-size FP8 graph (exporter/fp8_graph.py), checked against the
+    layers the plan quantizes in each graph; its precision is the plan's."""
     for name in GRAPHS:
         path = folder / f"{name}.onnx"
-        layout = check_fp8_graph(path, expected[name], scheme=options.fp8_weights)
+        expected = plan.fp8_weight_names[name]
+        layout = check_fp8_graph(path, expected, scheme=plan.options.fp8_weights)
         graphs[name]["quantized_layers"] = layout["quantized_layers"]
-        # Q/DQ inside: a strongly typed engine; without: an ordinary float16 one
-        graphs[name]["precision"] = "fp8" if layout["quantized_layers"] else "fp16"
+        graphs[name]["precision"] = plan.graph_precisions[name]
 
 
-def _check(plan: CheckPlan, options, weights: Checkpoint, work: Path, amax) -> dict[str, dict]:
-    """The check against PyTorch that ``plan`` chose: on the whole model or on a reduced copy
-    of it, exported into a scratch folder that is removed after. FP8 (``amax``: the
-    calibrated input scales) runs the FP8 check, every FP8 GEMM output shared
+def _check(build: BuildPlan, weights: Checkpoint, work: Path, amax) -> dict[str, dict]:
+    """The check against PyTorch that the build plan chose: on the whole model or on a
+    reduced copy of it, exported into a scratch folder that is removed after. FP8 (``amax``:
+    the calibrated input scales) runs the FP8 check, every FP8 GEMM output shared
     (exporter/fp8_check.py), on the model quantized as the artifacts hold it."""
+    plan, options = build.check, build.options
     if plan.depth == "none":
         return {name: dict(BF16_UNCHECKED) for name in GRAPHS}
     info(plan.summary())
@@ -238,8 +201,8 @@ def _check(plan: CheckPlan, options, weights: Checkpoint, work: Path, amax) -> d
         onnx_dir.mkdir()
         StreamingExport(checked, options, amax).export_all(onnx_dir)
     try:
-        if options.precision == "fp8":
-            checks = _check_fp8(plan, options, checked, onnx_dir, amax)
+        if build.precision == "fp8":
+            checks = _check_fp8(build, checked, onnx_dir, amax)
         else:
             checks = check_graphs(
                 _reference(plan, options, checked), onnx_dir, plan.config, options, plan.cases
@@ -264,17 +227,18 @@ def _reference(plan: CheckPlan, options, checked: Checkpoint) -> Reference:
     return Reference(load)
 
 
-def _check_fp8(plan: CheckPlan, options, checked: Checkpoint, onnx_dir: Path, amax) -> dict:
-    what = "the model" if plan.depth == "full" else "the reduced copy"
+def _check_fp8(build: BuildPlan, checked: Checkpoint, onnx_dir: Path, amax) -> dict:
+    options = build.options
+    what = "the model" if build.check.depth == "full" else "the reduced copy"
     with step(f"loading {what} quantized as the artifacts hold it, tensor by tensor"):
         model = load_fp8_model(
             checked, options.xattn_mask, amax, options.dtype, options.fp8_weights
         )
-    return check_fp8_graphs(model, onnx_dir, options)
+    return check_fp8_graphs(model, onnx_dir, options, build.limits)
 
 
 def _checkpoint_folder(source: ResolvedModel, options: BuildOptions, work: Path) -> Path:
-    """The checkpoint folder (resolved in _check_before_work), or a preset synthesized now."""
+    """The checkpoint folder (resolved by plan_build), or a preset synthesized now."""
     if source.kind == "preset":
         with step(
             f"writing a synthetic {source.name} checkpoint (random weights, seed {options.seed})"
@@ -297,15 +261,9 @@ def _graph_entry(name: str, export: dict) -> dict:
     return {"file": f"onnx/{name}.onnx", "weights": f"onnx/{GRAPHS[name].data_file}", **export}
 
 
-def _manifest(
-    options: BuildOptions,
-    source: ResolvedModel,
-    config: MllamaConfig,
-    graphs: dict,
-    quantization: dict | None,
-    tensorrt: dict,
-) -> dict:
-    dtype = str(options.dtype).removeprefix("torch.")  # fp8: float16 outside the FP8 GEMMs
+def _manifest(plan: BuildPlan, graphs: dict, quantization: dict | None, tensorrt: dict) -> dict:
+    options, source, config = plan.options, plan.source, plan.config
+    dtype = str(plan.dtype).removeprefix("torch.")  # fp8: float16 outside the FP8 GEMMs
     semantics = options.xattn_mask
     for name, graph in GRAPHS.items():
         graphs[name]["inputs"] = [_spec_json(s, dtype) for s in graph.inputs]
@@ -319,13 +277,9 @@ def _manifest(
             "xattn_mask": semantics,
             "vision_tap": "layer output" if semantics == "hf" else "layer input",
         },
-        "precision": options.precision,
+        "precision": plan.precision,
         "io_dtype": dtype,
-        "limits": {
-            "max_batch": options.max_batch,
-            "max_seq_len": options.max_seq_len,
-            "max_images": options.max_images,
-        },
+        "limits": asdict(plan.limits),
         "build_options": options.to_json(),
         "versions": versions(),
         "graphs": graphs,

@@ -503,12 +503,16 @@ def calibration_memory(config: MllamaConfig) -> int:
     return 4 * max(embed, lm_head, text_layer, vision_layer) + CALIBRATION_HEADROOM
 
 
-def refuse_fp8_calibration(options: BuildOptions, config: MllamaConfig) -> None:
+def refuse_fp8_calibration(
+    options: BuildOptions, config: MllamaConfig, available: int | None = None
+) -> None:
     """FP8 calibration runs layer by layer, so what it needs does not grow with depth; it
-    is refused up front only where even one layer (and the headroom) does not fit."""
+    is refused up front only where even one layer (and the headroom) does not fit in
+    ``available`` bytes (default: what the machine has now)."""
     if options.precision != "fp8":
         return
-    needed, available = calibration_memory(config), available_memory()
+    needed = calibration_memory(config)
+    available = available_memory() if available is None else available
     if needed > available:
         raise MllamaExportError(
             f"--precision fp8 calibrates one layer at a time in float32, which needs "

@@ -11,6 +11,7 @@ that reject float8 inputs. The checks of the exported graphs are in exporter/fp8
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -70,8 +71,28 @@ def onnx_weight_names(graph: nn.Module, model: nn.Module, args: tuple) -> dict[s
 def fp8_layers(config: MllamaConfig, options: BuildOptions) -> list[str]:
     """The layers ``options`` quantize, from a model on the meta device (no weights): a
     --fp8-exclude pattern that matches nothing is refused before any work starts."""
+    return _fp8_layers(_meta_model(config, options), options)
+
+
+def fp8_layout(
+    config: MllamaConfig, options: BuildOptions
+) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The build plan's FP8 facts, from one model on the meta device: the layers ``options``
+    quantize (fp8_layers) and, per graph, {FP8 initializer name: layer name} of those it runs
+    (fp8_weight_names; an empty graph is an ordinary float16 one)."""
+    model = _meta_model(config, options)
+    names = _fp8_layers(model, options)
     with torch.device("meta"):
-        model = MllamaModel(config, options.xattn_mask)
+        quantize_model(model, dict.fromkeys(names, 1.0), options.dtype, options.fp8_weights)
+    return names, fp8_weight_names(model, config, options.dtype)
+
+
+def _meta_model(config: MllamaConfig, options: BuildOptions) -> MllamaModel:
+    with torch.device("meta"):
+        return MllamaModel(config, options.xattn_mask).eval()
+
+
+def _fp8_layers(model: MllamaModel, options: BuildOptions) -> list[str]:
     names = quantizable_linears(model, options.fp8_vision, options.fp8_exclude)
     if not names:
         raise MllamaExportError(
@@ -81,9 +102,10 @@ def fp8_layers(config: MllamaConfig, options: BuildOptions) -> list[str]:
     return names
 
 
-def calibration_cases(config: MllamaConfig, options: BuildOptions, checkpoint: Path) -> list:
+def calibration_cases(config: MllamaConfig, options: BuildOptions, checkpoint: Path | None) -> list:
     """The user's calibration folder (prompts.jsonl, tokenized and preprocessed with the
-    checkpoint's own tokenizer and preprocessor config), else the built-in evaluation set."""
+    checkpoint's own tokenizer and preprocessor config), else the built-in evaluation set
+    (which needs no ``checkpoint``)."""
     from mllama_export.engines.evalset import build_evalset, read_cases
 
     limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
@@ -95,15 +117,15 @@ def calibration_cases(config: MllamaConfig, options: BuildOptions, checkpoint: P
 def quantize_fp8(
     weights: Checkpoint,
     options: BuildOptions,
-    checkpoint: Path,
+    names: Sequence[str],
+    cases: Sequence,
+    limits: Limits,
 ) -> dict:
-    """Calibrates the FP8 layers' input scales on the calibration set, the float32 model run
-    layer by layer from ``weights`` (never whole in memory). Returns the manifest's
-    ``quantization`` entry; its ``layers`` hold each layer's calibrated input amax."""
-    config = weights.config
-    names = fp8_layers(config, options)
-    limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
-    cases = calibration_cases(config, options, checkpoint)
+    """Calibrates the input scales of the FP8 layers ``names`` on the calibration ``cases``
+    (both from the build plan), the float32 model run layer by layer from ``weights`` (never
+    whole in memory). Returns the manifest's ``quantization`` entry; its ``layers`` hold each
+    layer's calibrated input amax."""
+    names, cases = list(names), list(cases)
     where = "built-in evaluation set" if options.calibration is None else str(options.calibration)
     with step(
         f"calibrating FP8 scales of {len(names)} linear layers on the {where} "
@@ -230,13 +252,14 @@ def _meta_twin(model: MllamaModel) -> MllamaModel:
     return twin
 
 
-def check_fp8_graphs(model: MllamaModel, folder: Path, options: BuildOptions) -> dict[str, dict]:
+def check_fp8_graphs(
+    model: MllamaModel, folder: Path, options: BuildOptions, limits: Limits
+) -> dict[str, dict]:
     """Checks the three FP8 graphs in ``folder`` against ``model`` (load_fp8_model, the
     graphs' own weights): structure and values (check_fp8_graph), then the numbers on the
     inputs real prompts produce, every FP8 GEMM's output shared (check_fp8_numerics).
     Returns {graph: check entry} with the quantized layers of each."""
     config = model.config
-    limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
     for module in model.vision.modules():
         if isinstance(module, VisionAttention):
             # 11B's 6,432-token tiles: attention in chunks of rows, never 8 GB of scores
@@ -258,6 +281,7 @@ __all__ = [
     "ORT_OPTIMIZATION",
     "check_fp8_graph",
     "check_fp8_graphs",
+    "fp8_layout",
     "fp8_weight_names",
     "input_amax",
     "load_fp8_model",

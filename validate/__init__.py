@@ -2,5 +2,5 @@
 stage, with its metrics, thresholds, report, and per-layer FP8 sensitivity.
 
 The top folder below the CLI: imports graphs, engines and exporter. Start at gate.py, then
-thresholds.py and report.py.
+thresholds.py and report.py (plot.py draws the report's picture).
 """

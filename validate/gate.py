@@ -44,7 +44,7 @@ from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import info, step
 
 from .metrics import compare
-from .report import DriftReport
+from .report import DriftReport, Stage
 from .thresholds import Thresholds, load_thresholds
 
 __all__ = [
@@ -376,7 +376,7 @@ def judge(
             stages.append(("vision", compare(ours.cross_kv, ref.cross_kv, logits=False)))
         stages.append(("prefill", compare(ours.prefill, ref.prefill, True, **ties)))
         for i, (a, r) in enumerate(zip(ours.steps, ref.steps, strict=True)):
-            stages.append((f"decode[{i}]", compare(a, r, True, **ties)))
+            stages.append((str(Stage("decode", i)), compare(a, r, True, **ties)))
         results = [report.record(stage, case.name, m, thresholds) for stage, m in stages]
         tokens[case.name] = ref.tokens.T.tolist()
         if log_cases:

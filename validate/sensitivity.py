@@ -36,7 +36,7 @@ from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import bar, step
 
 from .gate import Trace, judge, resolve_checkpoint, trace_runner
-from .report import DriftReport, jsonable, stage_kind
+from .report import DriftReport, jsonable
 from .thresholds import fmt_value, load_thresholds
 
 __all__ = ["LayerSensitivity", "SensitivityReport", "fp8_advice", "run_sensitivity"]
@@ -76,9 +76,7 @@ class LayerSensitivity:
 
     def extreme(self, metric: str, kind: str, lowest: bool = False) -> float | None:
         """The largest (``lowest``: smallest) ``metric`` over the stages of ``kind``."""
-        values = [
-            getattr(r.metrics, metric) for r in self.report.results if stage_kind(r.stage) == kind
-        ]
+        values = [getattr(r.metrics, metric) for r in self.report.results if r.kind == kind]
         values = [v for v in values if v is not None]
         if not values:
             return None
