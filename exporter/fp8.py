@@ -162,7 +162,7 @@ def _quantization_entry(names, amax, cases, options: BuildOptions) -> dict:
     }
     if options.calibration is None:
         source = (
-            "built-in evaluation set (validate/evalset.py build_evalset, seed 0); "
+            "built-in evaluation set (engines/evalset.py build_evalset, seed 0); "
             "`mllama-export validate` judges the same cases by default"
         )
     else:
