@@ -141,7 +141,7 @@ def _build_into(plan: BuildPlan, work: Path) -> None:
     quantization = None
     if plan.precision == "fp8":
         quantization = quantize_fp8(
-            weights, options, plan.fp8_layers, _calibration(plan, checkpoint), plan.limits
+            weights, options, plan.fp8_layers, _calibration(plan, checkpoint)
         )
     amax = input_amax(quantization)
     (work / "onnx").mkdir()
@@ -234,7 +234,7 @@ def _check_fp8(build: BuildPlan, checked: Checkpoint, onnx_dir: Path, amax) -> d
         model = load_fp8_model(
             checked, options.xattn_mask, amax, options.dtype, options.fp8_weights
         )
-    return check_fp8_graphs(model, onnx_dir, options, build.limits)
+    return check_fp8_graphs(model, onnx_dir, options)
 
 
 def _checkpoint_folder(source: ResolvedModel, options: BuildOptions, work: Path) -> Path:

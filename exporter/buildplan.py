@@ -34,7 +34,6 @@ class BuildPlan:
 
     options: BuildOptions  # as the user gave them, checked
     source: ResolvedModel  # the model: preset, folder or Hub snapshot, and its config
-    limits: Limits
     # per graph: the precision of its types ("fp16" for an FP8 build's graph without FP8 layers)
     graph_precisions: dict[str, str]
     check: CheckPlan  # the check against PyTorch: depth, cases, memory estimate
@@ -54,6 +53,10 @@ class BuildPlan:
     def checkpoint(self) -> Path | None:
         """The checkpoint folder; None for a preset (synthesized by the build)."""
         return self.source.path
+
+    @property
+    def limits(self) -> Limits:
+        return self.options.limits
 
     @property
     def precision(self) -> str:
@@ -78,7 +81,6 @@ def plan_build(options: BuildOptions, out: Path) -> BuildPlan:
     config = source.config
     options.check(config)
     check_engines_before_work(options, config)
-    limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
     fp8: dict = {}
     if options.precision == "fp8":
         layers, names = fp8_layout(config, options)  # an --fp8-exclude that matches nothing
@@ -89,9 +91,7 @@ def plan_build(options: BuildOptions, out: Path) -> BuildPlan:
     available = checkplan.available_memory()
     refuse_fp8_calibration(options, config, available)
     check = plan_check(options, config, available)
-    return BuildPlan(
-        options, source, limits, _graph_precisions(options, fp8), check, available, **fp8
-    )
+    return BuildPlan(options, source, _graph_precisions(options, fp8), check, available, **fp8)
 
 
 def _graph_precisions(options: BuildOptions, fp8: dict) -> dict[str, str]:

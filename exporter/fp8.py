@@ -19,7 +19,6 @@ from torch import nn
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.model import GRAPH_MODULES, MllamaModel
 from mllama_export.graphs.progress import step
 from mllama_export.graphs.quant import (
@@ -108,9 +107,8 @@ def calibration_cases(config: MllamaConfig, options: BuildOptions, checkpoint: P
     (which needs no ``checkpoint``)."""
     from mllama_export.engines.evalset import build_evalset, read_cases
 
-    limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
     if options.calibration is None:
-        return build_evalset(config, limits, CALIBRATION_STEPS)
+        return build_evalset(config, options.limits, CALIBRATION_STEPS)
     return read_cases(options.calibration, config, checkpoint)
 
 
@@ -119,7 +117,6 @@ def quantize_fp8(
     options: BuildOptions,
     names: Sequence[str],
     cases: Sequence,
-    limits: Limits,
 ) -> dict:
     """Calibrates the input scales of the FP8 layers ``names`` on the calibration ``cases``
     (both from the build plan), the float32 model run layer by layer from ``weights`` (never
@@ -132,7 +129,7 @@ def quantize_fp8(
         f"({len(cases)} cases, float32, one layer at a time)"
     ):
         amax = calibrate_streamed(
-            weights, options.xattn_mask, names, cases, limits, CALIBRATION_STEPS
+            weights, options.xattn_mask, names, cases, options.limits, CALIBRATION_STEPS
         )
     return _quantization_entry(names, amax, cases, options)
 
@@ -252,9 +249,7 @@ def _meta_twin(model: MllamaModel) -> MllamaModel:
     return twin
 
 
-def check_fp8_graphs(
-    model: MllamaModel, folder: Path, options: BuildOptions, limits: Limits
-) -> dict[str, dict]:
+def check_fp8_graphs(model: MllamaModel, folder: Path, options: BuildOptions) -> dict[str, dict]:
     """Checks the three FP8 graphs in ``folder`` against ``model`` (load_fp8_model, the
     graphs' own weights): structure and values (check_fp8_graph), then the numbers on the
     inputs real prompts produce, every FP8 GEMM's output shared (check_fp8_numerics).
@@ -264,7 +259,7 @@ def check_fp8_graphs(
         if isinstance(module, VisionAttention):
             # 11B's 6,432-token tiles: attention in chunks of rows, never 8 GB of scores
             module.forward = functools.partial(chunked_vision_attention, module)
-    feeds = check_feeds(model, limits, options.dtype)
+    feeds = check_feeds(model, options.limits, options.dtype)
     expected = fp8_weight_names(model, config, options.dtype)
     checks = {}
     for graph, cls in GRAPH_MODULES.items():

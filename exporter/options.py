@@ -18,6 +18,7 @@ from mllama_export.graphs.choices import (
     WEIGHT_SCHEMES,
 )
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.limits import Limits
 
 # precision -> the torch dtype of the graphs' weights and activations (graphs/choices.py)
 PRECISION_TORCH_DTYPES = {p: getattr(torch, PRECISION_DTYPES[p]) for p in PRECISIONS}
@@ -52,6 +53,10 @@ class BuildOptions:
     @property
     def dtype(self) -> torch.dtype:
         return PRECISION_TORCH_DTYPES[self.precision]
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_batch, self.max_seq_len, self.max_images)
 
     def to_json(self) -> dict:
         d = asdict(self)
