@@ -156,6 +156,7 @@ import sys, torch
 from pathlib import Path
 from mllama_export.exporter.onnx_export import dims_for, example_inputs
 from mllama_export.exporter.options import BuildOptions
+from mllama_export.graphs.contract import DYNAMIC_DIMS
 from mllama_export.graphs.model import GRAPH_MODULES
 from mllama_export.graphs.weights import load_model
 ckpt, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -165,7 +166,7 @@ dims = dims_for(model.config, options)
 for name, cls in GRAPH_MODULES.items():
     graph = cls(model)
     args = example_inputs(graph.INPUTS, model.config, torch.bfloat16)
-    shapes = {s.name: {i: dims[d] for i, d in s.dynamic_axes().items()} for s in graph.INPUTS}
+    shapes = {s.name: {i: dims[d] for i, d in s.dynamic_axes(DYNAMIC_DIMS).items()} for s in graph.INPUTS}
     with torch.inference_mode():
         program = torch.onnx.export(graph, args, dynamic_shapes=shapes, dynamo=True,
             input_names=[s.name for s in graph.INPUTS], opset_version=19)

@@ -12,7 +12,8 @@ from mllama_export.engines.manifest_read import check_external_data, read_manife
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.choices import BACKENDS, DEVICES
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import GRAPHS, TensorSpec
+from mllama_export.graphs.contract import GRAPHS
+from mllama_export.graphs.spec import TensorSpec
 
 from .backend import Backend
 from .inputs import folder_resources

@@ -7,7 +7,7 @@ from typing import Protocol
 import numpy as np
 
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.contract import TensorSpec, check_forward
+from mllama_export.graphs.spec import TensorSpec, check_forward
 
 
 class Backend(Protocol):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.contract import TensorSpec
+from mllama_export.graphs.spec import TensorSpec
 
 from .backend import check_feed
 

@@ -38,8 +38,9 @@ from mllama_export.errors import MllamaExportError
 from mllama_export.graphs import contract
 from mllama_export.graphs.choices import TEXT_ENGINES
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import GRAPHS, TensorSpec, graph_spec, static_dims
+from mllama_export.graphs.contract import GRAPHS, graph_spec, static_dims
 from mllama_export.graphs.limits import Limits
+from mllama_export.graphs.spec import TensorSpec
 
 # TensorRT's limit on the elements of one tensor (kernels address tensors with 32-bit offsets)
 MAX_TENSOR_VOLUME = 2**31 - 1

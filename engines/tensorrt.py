@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.contract import TensorSpec
+from mllama_export.graphs.spec import TensorSpec
 
 from .backend import check_feed
 from .profiles import ShapeProfile, coverage, select_profile

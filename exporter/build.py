@@ -10,10 +10,11 @@ from pathlib import Path
 from mllama_export.engines.manifest_read import INCOMPLETE_MARKER, read_manifest, verify_files
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import GRAPHS, TensorSpec
+from mllama_export.graphs.contract import GRAPHS
 from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import info, step
 from mllama_export.graphs.resolve import ResolvedModel
+from mllama_export.graphs.spec import TensorSpec
 from mllama_export.graphs.synth import write_checkpoint
 from mllama_export.graphs.weights import Checkpoint, load_model
 

@@ -14,8 +14,9 @@ import torch
 from torch.export import Dim
 
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import DYNAMIC_DIMS, TensorSpec, check_forward, static_dims
+from mllama_export.graphs.contract import DYNAMIC_DIMS, static_dims
 from mllama_export.graphs.quant import ONNX_TRANSLATIONS
+from mllama_export.graphs.spec import TensorSpec, check_forward
 
 from .manifest import fault_point
 from .options import BuildOptions
@@ -128,7 +129,9 @@ def _trace(graph: torch.nn.Module, config: MllamaConfig, options: BuildOptions) 
     dims = dims_for(config, options)
     device = next(graph.parameters()).device
     args = tuple(a.to(device) for a in example_inputs(graph.INPUTS, config, options.dtype))
-    shapes = {s.name: {i: dims[d] for i, d in s.dynamic_axes().items()} for s in graph.INPUTS}
+    shapes = {
+        s.name: {i: dims[d] for i, d in s.dynamic_axes(DYNAMIC_DIMS).items()} for s in graph.INPUTS
+    }
     # torch.onnx logs a warning per missing torchvision op, which this model never uses.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.inference_mode():

@@ -19,9 +19,9 @@ import torch
 from mllama_export.engines.onnxrt import OnnxRuntimeBackend
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import check_forward
 from mllama_export.graphs.model import GRAPH_MODULES, MllamaModel
 from mllama_export.graphs.progress import bar, step
+from mllama_export.graphs.spec import check_forward
 
 from .onnx_export import example_inputs
 from .options import BuildOptions

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -178,22 +177,26 @@ class MllamaConfig:
     @classmethod
     def from_hf_config(cls, path: str | Path) -> MllamaConfig:
         """Reads `config.json` from a checkpoint folder (or the file itself)."""
-        path = Path(path)
-        if not path.exists():
-            raise MllamaExportError(
-                f"{path} does not exist; expected a Hugging Face checkpoint folder with "
-                "config.json (or the config.json itself)"
-            )
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise MllamaExportError(f"no config.json at {file}; expected a Hugging Face checkpoint")
-        try:
-            raw = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MllamaExportError(f"cannot read {file}: {err}; expected a JSON object") from err
-        if not isinstance(raw, dict):
-            raise MllamaExportError(f"{file} holds {type(raw).__name__}; expected a JSON object")
-        return cls.from_hf_dict(raw)
+        from .family import read_config_json
+
+        return cls.from_hf_dict(read_config_json(path))
+
+    # What every family's config answers (graphs/family.py FamilyConfig).
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.text.eos_token_ids
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.text.pad_token_id
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.text.bos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json a published checkpoint carries for this model."""

@@ -17,12 +17,10 @@ The shape comments at the top of each forward (graphs/*.py) abbreviate these dim
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
-
 from mllama_export.errors import MllamaExportError
 
 from .config import MllamaConfig
+from .spec import TEXT_DATA_FILE, GraphSpec, TensorSpec
 
 # Dims that the runner chooses per call. Everything else is fixed by the model.
 DYNAMIC_DIMS = (
@@ -35,20 +33,6 @@ DYNAMIC_DIMS = (
     "new_tokens",
     "total_sequence",
 )
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # "int64", "float32" or "model" (the graph's precision)
-    dims: tuple[str, ...]
-    doc: str
-
-    def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
-        return tuple(sizes[d] for d in self.dims)
-
-    def dynamic_axes(self) -> dict[int, str]:
-        return {i: d for i, d in enumerate(self.dims) if d in DYNAMIC_DIMS}
 
 
 def static_dims(config: MllamaConfig) -> dict[str, int]:
@@ -189,41 +173,6 @@ DECODE_OUTPUTS = (
 )
 
 
-@dataclass(frozen=True)
-class GraphSpec:
-    """One exported graph: the names its module's forward takes and returns, in order, and
-    where its weights go. graphs/model.py's module of each graph takes its INPUTS/OUTPUTS
-    from here, and every list of the graphs (export, manifest, artifacts, profiles, engines)
-    is read off `GRAPHS`."""
-
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    data_file: str  # its external weights, beside it in onnx/
-    # the graph whose engine also serves this one with `build --text-engine shared`
-    shared_engine: str | None = None
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.outputs)
-
-    @property
-    def dims(self) -> tuple[str, ...]:
-        """The named dims of its inputs and outputs, in order of first use."""
-        return tuple(dict.fromkeys(d for s in (*self.inputs, *self.outputs) for d in s.dims))
-
-    @property
-    def shares_text_weights(self) -> bool:
-        return self.data_file == TEXT_DATA_FILE
-
-
-# prefill and decode hold the same text weights: one copy on disk, at the same offsets
-TEXT_DATA_FILE = "text.onnx.data"
-
 # In the order they run, are exported and listed (manifest, engines, docs/graphs.md).
 GRAPHS: dict[str, GraphSpec] = {
     g.name: g
@@ -240,20 +189,6 @@ def graph_spec(name: str) -> GraphSpec:
     if name not in GRAPHS:
         raise MllamaExportError(f"unknown graph {name!r}; expected one of {list(GRAPHS)}")
     return GRAPHS[name]
-
-
-def check_forward(module: object, inputs: tuple[TensorSpec, ...]) -> None:
-    """A graph module's forward must take exactly its contract's inputs, in order: export
-    names the ONNX inputs by position, so a forward with two parameters swapped would
-    otherwise export, run and check as a graph whose inputs mean each other's."""
-    forward = type(module).forward
-    params = list(inspect.signature(forward).parameters)[1:]
-    expected = [s.name for s in inputs]
-    if params != expected:
-        raise MllamaExportError(
-            f"{type(module).__name__}.forward takes {params}; its contract declares the "
-            f"inputs {expected}, in that order"
-        )
 
 
 def contract_markdown() -> str:

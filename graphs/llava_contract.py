@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .contract import TensorSpec
 from .llava_config import LlavaConfig
+from .spec import TensorSpec
 
 # Dims the runner chooses per call; the others are fixed by the model.
 LLAVA_DYNAMIC_DIMS = ("batch", "num_tiles", "sequence", "past_sequence", "num_logits")

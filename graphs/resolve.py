@@ -9,6 +9,7 @@ pickled weights. ``build``, ``plan``, ``synth`` and the accuracy gate all resolv
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from mllama_export.errors import MllamaExportError
 
-from .config import PRESETS, MllamaConfig, preset
+from .family import Family, FamilyConfig, all_presets, family_of, load_config
 
 # What a build reads from a checkpoint: the weights (safetensors only) and the side files.
 HUB_FILES = [
@@ -39,10 +40,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 class ResolvedModel:
     kind: str  # "preset", "folder" or "hub"
     name: str  # as the user gave it
-    config: MllamaConfig
+    config: FamilyConfig  # its family's frozen config
     path: Path | None = None  # the checkpoint folder, absolute (None: a preset)
     hub_id: str | None = None
     revision: str | None = None  # the Hub commit the cached snapshot is
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.config)
 
     @property
     def preset(self) -> str | None:
@@ -80,19 +85,29 @@ def resolve_model(
         if path.is_file() and not (config_file and path.name.endswith(".json")):
             raise MllamaExportError(
                 f"{what} {text!r} is a file; expected a checkpoint folder (config.json and "
-                f"safetensors weights), a preset ({', '.join(PRESETS)}) or a Hugging Face Hub id"
+                f"safetensors weights), a preset ({', '.join(all_presets())}) or a Hugging Face Hub id"
             )
         folder = path if path.is_dir() else path.parent
-        config = MllamaConfig.from_hf_config(path)
+        config = load_config(path)
         return ResolvedModel("folder", text, config, folder.absolute())
-    if text in PRESETS:
-        return ResolvedModel("preset", text, preset(text))
+    presets = all_presets()
+    if text in presets:
+        return ResolvedModel("preset", text, preset_config(text))
     if is_hub_id(text):
         return _from_hub(text, what)
     raise MllamaExportError(
-        f"{what} {text!r} is neither a checkpoint folder, a preset ({', '.join(PRESETS)}) nor "
+        f"{what} {text!r} is neither a checkpoint folder, a preset ({', '.join(all_presets())}) nor "
         "a Hugging Face Hub id (owner/name)"
     )
+
+
+def preset_config(name: str) -> FamilyConfig:
+    """The frozen config of a preset of any family."""
+    presets = all_presets()
+    if name not in presets:
+        raise MllamaExportError(f"unknown preset {name!r}; available: {', '.join(presets)}")
+    family = presets[name]
+    return family.read_config(copy.deepcopy(family.presets[name]))
 
 
 def hub_cache() -> Path:
@@ -140,7 +155,7 @@ def _from_hub(repo_id: str, what: str) -> ResolvedModel:
             f"{what} {repo_id}: the cached snapshot {folder} has no config.json; expected a "
             f"complete download (huggingface-cli download {repo_id})"
         )
-    config = MllamaConfig.from_hf_config(folder)
+    config = load_config(folder)
     return ResolvedModel("hub", repo_id, config, folder, repo_id, folder.name)
 
 

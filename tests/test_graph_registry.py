@@ -16,14 +16,9 @@ from mllama_export.errors import MllamaExportError
 from mllama_export.exporter import verify
 from mllama_export.exporter.onnx_export import example_inputs, export_graph
 from mllama_export.exporter.options import BuildOptions
-from mllama_export.graphs.contract import (
-    DYNAMIC_DIMS,
-    GRAPH_NAMES,
-    GRAPHS,
-    check_forward,
-    static_dims,
-)
+from mllama_export.graphs.contract import DYNAMIC_DIMS, GRAPH_NAMES, GRAPHS, static_dims
 from mllama_export.graphs.model import GRAPH_MODULES, PrefillGraph
+from mllama_export.graphs.spec import check_forward
 
 SIZES = {"batch": 2, "num_images": 1, "sequence": 6, "num_logits": 2}
 
