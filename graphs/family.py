@@ -6,8 +6,10 @@ artifacts, backends, runner, sampling, the gate and its metrics, sensitivity, th
 stage, the CLI) reads what it needs through `Family.part` and imports no family's own module
 (tests/test_family.py holds both rules).
 
-A part is named "module" or "module:attribute" under `mllama_export` and imported on first use,
-so that this module, like the contracts, imports neither torch nor anything above graphs/. Each
+A built-in family names each part "module" or "module:attribute" under `mllama_export`, imported
+on first use, so that this module, like the contracts, imports neither torch nor anything above
+graphs/; a family registered from outside (a plugin, the tests' stand-in) may give its parts as
+the objects themselves. Each
 part belongs to a folder (`PARTS`): a caller in engines/ may ask for graphs' and engines' parts,
 never for exporter's, so the folder order of docs/architecture.md holds for parts as well.
 Parts a family lacks (a text-only family has no image preprocessing; not every family
@@ -68,7 +70,7 @@ class Family:
     name: str  # "mllama": recorded nowhere new; the manifest's config.json says it again
     title: str  # for messages: "Llama 3.2 Vision (mllama)"
     model_types: tuple[str, ...]  # the config.json model_type values it reads
-    parts: Mapping[str, str]  # part -> "module[:attribute]" under mllama_export
+    parts: Mapping[str, Any]  # part -> "module[:attribute]" under mllama_export, or the part
     # its own modules, under mllama_export ("graphs.config"); nothing outside a family's
     # modules may import one of them (tests/test_family.py)
     modules: tuple[str, ...] = ()
@@ -94,7 +96,8 @@ class Family:
                     f"the {self.title} family has no {part} ({PARTS[part][1]}); "
                     f"it has: {', '.join(self.parts)}"
                 )
-            self._loaded[part] = _load(self.parts[part])
+            target = self.parts[part]
+            self._loaded[part] = _load(target) if isinstance(target, str) else target
         return self._loaded[part]
 
     # The parts every command needs, by name.

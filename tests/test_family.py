@@ -33,6 +33,8 @@ def test_no_module_outside_a_family_imports_a_family_module():
 def test_each_part_lives_in_its_folder_and_loads():
     for family in families():
         for part, target in family.parts.items():
+            if not isinstance(target, str):
+                continue  # a part given as the object itself (a family registered from outside)
             folder = PARTS[part][0]
             assert target.split(".")[0] == folder, f"{family.name} {part}: {target}"
             assert family.part(part) is not None
