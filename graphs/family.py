@@ -33,8 +33,16 @@ PARTS: dict[str, tuple[str, str]] = {
     "contract": ("graphs", "GRAPHS, DYNAMIC_DIMS, static_dims(config), contract_markdown()"),
     "graph_modules": ("graphs", "graph name -> nn.Module class built from the family's model"),
     "model": ("graphs", "the nn.Module holding every weight, built from a config"),
+    "checkpoint_format": (
+        "graphs",
+        "its checkpoints' layout: a graphs.checkpoint.CheckpointFormat (weight-name table, "
+        "buffers a checkpoint lacks, side files of a synthetic one)",
+    ),
     "checkpoint": ("graphs", "the strict checkpoint reader: Checkpoint(folder, config)"),
-    "load_model": ("graphs", "load_model(folder, semantics, dtype) -> the model, strictly"),
+    "load_model": (
+        "graphs",
+        "load_model(folder, dtype=..., **model_options) -> the model, strictly",
+    ),
     "synth": ("graphs", "write_checkpoint(config, out, seed, shards, dtype, max_shard_bytes)"),
     "truncated": ("graphs", "truncated(config, text_layers, ...) -> a shallower config"),
     # engines/: running artifacts
