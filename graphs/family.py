@@ -51,6 +51,11 @@ PARTS: dict[str, tuple[str, str]] = {
     "evalset": ("engines", "the built-in evaluation set and the reader of a user's"),
     "profiles": ("engines", "the TensorRT optimization-profile scheme of the graphs"),
     # exporter/: building artifacts
+    "build": (
+        "exporter",
+        "the build's family hooks: traced dims and example inputs, model options, manifest "
+        "fields, option checks (optional: exporter/family_build.py has the defaults)",
+    ),
     "check": ("exporter", "what the build's check runs and what it costs in memory"),
     "fp8": ("exporter", "FP8: which linears, calibration, the quantized model for the check"),
     "plan": ("exporter", "the planner's geometry: parameters, engine memory, decode roofline"),
