@@ -9,17 +9,14 @@ from pathlib import Path
 
 from mllama_export.engines.manifest_read import INCOMPLETE_MARKER, read_manifest, verify_files
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import GRAPHS
+from mllama_export.graphs.checkpoint import Checkpoint
+from mllama_export.graphs.family import read_config
 from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import info, step
 from mllama_export.graphs.resolve import ResolvedModel
 from mllama_export.graphs.spec import TensorSpec
-from mllama_export.graphs.synth import write_checkpoint
-from mllama_export.graphs.weights import Checkpoint, load_model
 
 from .buildplan import BuildPlan, plan_build
-from .checkplan import CheckPlan, write_reduced_checkpoint
 from .engine_stage import (
     ENGINE_DIR,
     TRTEXEC_SCRIPT,
@@ -30,15 +27,7 @@ from .engine_stage import (
     prepare_engines,
     tensorrt_unavailable,
 )
-from .fp8 import (
-    ORT_OPTIMIZATION,
-    calibration_cases,
-    check_fp8_graph,
-    check_fp8_graphs,
-    input_amax,
-    load_fp8_model,
-    quantize_fp8,
-)
+from .family_build import hook
 from .manifest import versions, write_manifest
 from .options import BuildOptions
 from .outdir import (
@@ -115,7 +104,7 @@ def rebuild_engines(folder: Path, names=None, rebuild: bool = False) -> dict:
             f"{folder}'s manifest has no optimization profiles (written by an older "
             "mllama-export?); rebuild the artifacts with `mllama-export build`"
         )
-    config = MllamaConfig.from_hf_dict(manifest["model"]["config"])
+    config = read_config(manifest["model"]["config"], f"{folder}'s manifest")
     precisions = {g.get("precision", manifest["precision"]) for g in manifest["graphs"].values()}
     reason = tensorrt_unavailable(needs_fp8="fp8" in precisions)
     if reason is not None:
@@ -135,19 +124,20 @@ def rebuild_engines(folder: Path, names=None, rebuild: bool = False) -> dict:
 
 def _build_into(plan: BuildPlan, work: Path) -> None:
     """Executes ``plan`` into the hidden folder ``work``: it decides nothing of its own."""
-    options, config = plan.options, plan.config
+    options, config, family = plan.options, plan.config, plan.family
     checkpoint = _checkpoint_folder(plan.source, options, work)
-    weights = Checkpoint(checkpoint, config)  # strict: every tensor, shape and dtype
+    # strict: every tensor, shape and dtype
+    weights = family.part("checkpoint")(checkpoint, config)
     # FP8 calibrates first, layer by layer (the model is never whole in memory)
-    quantization = None
+    quantization, amax = None, {}
     if plan.precision == "fp8":
-        quantization = quantize_fp8(
-            weights, options, plan.fp8_layers, _calibration(plan, checkpoint)
-        )
-    amax = input_amax(quantization)
+        fp8 = family.part("fp8")
+        cases = _calibration(plan, checkpoint)
+        quantization = fp8.quantize_fp8(weights, options, plan.fp8_layers, cases)
+        amax = fp8.input_amax(quantization)
     (work / "onnx").mkdir()
     written = StreamingExport(weights, options, amax).export_all(work / "onnx")
-    graphs = {name: _graph_entry(name, written[name]) for name in GRAPHS}
+    graphs = {name: _graph_entry(plan, name, written[name]) for name in family.graphs}
     if quantization is not None:
         _record_fp8_layout(plan, work / "onnx", graphs)
     checks = _check(plan, weights, work, amax)
@@ -168,16 +158,17 @@ def _calibration(plan: BuildPlan, checkpoint: Path) -> tuple:
     tokenizer of the checkpoint just synthesized."""
     if plan.calibration_cases is not None:
         return plan.calibration_cases
-    return tuple(calibration_cases(plan.config, plan.options, checkpoint))
+    return tuple(plan.family.part("fp8").calibration_cases(plan.config, plan.options, checkpoint))
 
 
 def _record_fp8_layout(plan: BuildPlan, folder: Path, graphs) -> None:
     """The structure of each full-size FP8 graph (exporter/fp8_graph.py), checked against the
     layers the plan quantizes in each graph; its precision is the plan's."""
-    for name in GRAPHS:
+    fp8 = plan.family.part("fp8")
+    for name in plan.family.graphs:
         path = folder / f"{name}.onnx"
         expected = plan.fp8_weight_names[name]
-        layout = check_fp8_graph(path, expected, scheme=plan.options.fp8_weights)
+        layout = fp8.check_fp8_graph(path, expected, scheme=plan.options.fp8_weights)
         graphs[name]["quantized_layers"] = layout["quantized_layers"]
         graphs[name]["precision"] = plan.graph_precisions[name]
 
@@ -187,17 +178,18 @@ def _check(build: BuildPlan, weights: Checkpoint, work: Path, amax) -> dict[str,
     reduced copy of it, exported into a scratch folder that is removed after. FP8 (``amax``:
     the calibrated input scales) runs the FP8 check, every FP8 GEMM output shared
     (exporter/fp8_check.py), on the model quantized as the artifacts hold it."""
-    plan, options = build.check, build.options
+    plan, options, family = build.check, build.options, build.family
     if plan.depth == "none":
-        return {name: dict(BF16_UNCHECKED) for name in GRAPHS}
+        return {name: dict(BF16_UNCHECKED) for name in family.graphs}
     info(plan.summary())
     if plan.depth == "full":
         checked, onnx_dir = weights, work / "onnx"
     else:
         scratch = work / ".reduced-check"
         with step("writing the reduced copy of the checkpoint"):
-            folder = write_reduced_checkpoint(weights, plan.copy, scratch / "checkpoint")
-        checked, onnx_dir = Checkpoint(folder, plan.config), scratch / "onnx"
+            reduced = family.part("check").write_reduced_checkpoint
+            folder = reduced(weights, plan.copy, scratch / "checkpoint")
+        checked, onnx_dir = family.part("checkpoint")(folder, plan.config), scratch / "onnx"
         amax = plan.copy.kept_amax(amax) if amax else amax
         onnx_dir.mkdir()
         StreamingExport(checked, options, amax).export_all(onnx_dir)
@@ -205,37 +197,35 @@ def _check(build: BuildPlan, weights: Checkpoint, work: Path, amax) -> dict[str,
         if build.precision == "fp8":
             checks = _check_fp8(build, checked, onnx_dir, amax)
         else:
-            checks = check_graphs(
-                _reference(plan, options, checked), onnx_dir, plan.config, options, plan.cases
-            )
+            reference = _reference(build, checked)
+            checks = check_graphs(reference, onnx_dir, plan.config, options, plan.cases)
     finally:
         if plan.depth != "full":
             shutil.rmtree(work / ".reduced-check", ignore_errors=True)
     for check in checks.values():
         check["depth"] = plan.label()
-        check["memory_estimate_bytes"] = plan.estimate.peak
+        check["memory_estimate_bytes"] = plan.estimate.peak if plan.estimate else None
     return checks
 
 
-def _reference(plan: CheckPlan, options, checked: Checkpoint) -> Reference:
-    dtype = options.dtype
+def _reference(build: BuildPlan, checked: Checkpoint) -> Reference:
+    plan, dtype, family = build.check, build.options.dtype, build.family
+    model_options = hook(family, "model_options")(build.options)
 
     def load():
         what = "the model" if plan.depth == "full" else "the reduced copy"
         with step(f"loading {what} in {str(dtype).removeprefix('torch.')} for the check"):
-            return load_model(checked.folder, options.xattn_mask, dtype)
+            return family.part("load_model")(checked.folder, dtype=dtype, **model_options)
 
     return Reference(load)
 
 
 def _check_fp8(build: BuildPlan, checked: Checkpoint, onnx_dir: Path, amax) -> dict:
-    options = build.options
+    options, fp8 = build.options, build.family.part("fp8")
     what = "the model" if build.check.depth == "full" else "the reduced copy"
     with step(f"loading {what} quantized as the artifacts hold it, tensor by tensor"):
-        model = load_fp8_model(
-            checked, options.xattn_mask, amax, options.dtype, options.fp8_weights
-        )
-    return check_fp8_graphs(model, onnx_dir, options)
+        model = fp8.load_quantized(checked, options, amax)
+    return fp8.check_fp8_graphs(model, onnx_dir, options)
 
 
 def _checkpoint_folder(source: ResolvedModel, options: BuildOptions, work: Path) -> Path:
@@ -244,7 +234,8 @@ def _checkpoint_folder(source: ResolvedModel, options: BuildOptions, work: Path)
         with step(
             f"writing a synthetic {source.name} checkpoint (random weights, seed {options.seed})"
         ):
-            return write_checkpoint(source.config, work / "synthetic-checkpoint", options.seed)
+            write = source.family.part("synth")
+            return write(source.config, work / "synthetic-checkpoint", options.seed)
     return source.path
 
 
@@ -257,16 +248,23 @@ def _spec_json(spec: TensorSpec, dtype: str) -> dict:
     }
 
 
-def _graph_entry(name: str, export: dict) -> dict:
-    # weight_bytes_written: the decode graph points at the text weights prefill wrote
-    return {"file": f"onnx/{name}.onnx", "weights": f"onnx/{GRAPHS[name].data_file}", **export}
+def _graph_entry(plan: BuildPlan, name: str, export: dict) -> dict:
+    # weight_bytes_written: a graph sharing a data file points at the weights an earlier
+    # graph wrote (Mllama's decode: prefill's text weights)
+    data_file = plan.family.graphs[name].data_file
+    return {"file": f"onnx/{name}.onnx", "weights": f"onnx/{data_file}", **export}
+
+
+def _ort_optimization(plan: BuildPlan, quantization: dict | None) -> str:
+    if not quantization:
+        return "all"
+    return plan.family.part("fp8").ORT_OPTIMIZATION
 
 
 def _manifest(plan: BuildPlan, graphs: dict, quantization: dict | None, tensorrt: dict) -> dict:
     options, source, config = plan.options, plan.source, plan.config
     dtype = str(plan.dtype).removeprefix("torch.")  # fp8: float16 outside the FP8 GEMMs
-    semantics = options.xattn_mask
-    for name, graph in GRAPHS.items():
+    for name, graph in plan.family.graphs.items():
         graphs[name]["inputs"] = [_spec_json(s, dtype) for s in graph.inputs]
         graphs[name]["outputs"] = [_spec_json(s, dtype) for s in graph.outputs]
     return {
@@ -275,8 +273,8 @@ def _manifest(plan: BuildPlan, graphs: dict, quantization: dict | None, tensorrt
             # validate finds the weights from any working directory
             **source.to_json(),
             "config": config.to_hf_dict(),
-            "xattn_mask": semantics,
-            "vision_tap": "layer output" if semantics == "hf" else "layer input",
+            # the family's own fields (Mllama: the xattn mask semantics and the vision tap)
+            **hook(plan.family, "manifest_model")(options),
         },
         "precision": plan.precision,
         "io_dtype": dtype,
@@ -286,7 +284,7 @@ def _manifest(plan: BuildPlan, graphs: dict, quantization: dict | None, tensorrt
         "graphs": graphs,
         **({"quantization": quantization} if quantization is not None else {}),
         # the ONNX Runtime graph optimization level the graphs need (FP8 Q/DQ: basic)
-        "onnxruntime": {"graph_optimization": ORT_OPTIMIZATION if quantization else "all"},
+        "onnxruntime": {"graph_optimization": _ort_optimization(plan, quantization)},
         "tensorrt": tensorrt,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -11,19 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import GRAPH_NAMES
+from mllama_export.graphs.family import Family
 from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.resolve import ResolvedModel, resolve_model
 
-from . import checkplan
-from .checkplan import CheckPlan, plan_check, refuse_fp8_calibration
+from .check import CheckPlan, whole_model_check
 from .engine_stage import check_engines_before_work
-from .fp8 import calibration_cases, fp8_layout
 from .options import BuildOptions
 from .outdir import check_replaceable
 
@@ -46,8 +44,12 @@ class BuildPlan:
     calibration_cases: tuple | None = None
 
     @property
-    def config(self) -> MllamaConfig:
+    def config(self) -> Any:
         return self.source.config
+
+    @property
+    def family(self) -> Family:
+        return self.source.family
 
     @property
     def checkpoint(self) -> Path | None:
@@ -78,28 +80,43 @@ def plan_build(options: BuildOptions, out: Path) -> BuildPlan:
         _check_apart(out, Path(options.model), options.model)
     check_replaceable(out, options.force)
     source = resolve_model(options.model)
-    config = source.config
+    config, family = source.config, source.family
     options.check(config)
     check_engines_before_work(options, config)
-    fp8: dict = {}
-    if options.precision == "fp8":
-        layers, names = fp8_layout(config, options)  # an --fp8-exclude that matches nothing
-        fp8 = {"fp8_layers": tuple(layers), "fp8_weight_names": names}
-        if options.calibration is None or source.path is not None:
-            # the built-in set, or the user's folder (a malformed one is refused here)
-            fp8["calibration_cases"] = tuple(calibration_cases(config, options, source.path))
-    available = checkplan.available_memory()
-    refuse_fp8_calibration(options, config, available)
-    check = plan_check(options, config, available)
-    return BuildPlan(options, source, _graph_precisions(options, fp8), check, available, **fp8)
+    fp8 = _fp8_plan(family, options, source) if options.precision == "fp8" else {}
+    checks = family.part("check") if family.has("check") else None
+    if checks is None:
+        available, check = 0, whole_model_check(family, options, config)
+    else:
+        available = checks.available_memory()
+        checks.refuse_fp8_calibration(options, config, available)
+        check = checks.plan_check(options, config, available)
+    graphs = _graph_precisions(family, options, fp8)
+    return BuildPlan(options, source, graphs, check, available, **fp8)
 
 
-def _graph_precisions(options: BuildOptions, fp8: dict) -> dict[str, str]:
+def _fp8_plan(family: Family, options: BuildOptions, source: ResolvedModel) -> dict:
+    if not family.has("fp8"):
+        raise MllamaExportError(
+            f"--precision fp8: the {family.title} family has no FP8 build; "
+            "use --precision fp32, fp16 or bf16"
+        )
+    quantize, config = family.part("fp8"), source.config
+    layers, names = quantize.fp8_layout(config, options)  # an --fp8-exclude matching nothing
+    fp8 = {"fp8_layers": tuple(layers), "fp8_weight_names": names}
+    if options.calibration is None or source.path is not None:
+        # the built-in set, or the user's folder (a malformed one is refused here)
+        cases = quantize.calibration_cases(config, options, source.path)
+        fp8["calibration_cases"] = tuple(cases)
+    return fp8
+
+
+def _graph_precisions(family: Family, options: BuildOptions, fp8: dict) -> dict[str, str]:
     if options.precision != "fp8":
-        return dict.fromkeys(GRAPH_NAMES, options.precision)
+        return dict.fromkeys(family.graphs, options.precision)
     # Q/DQ inside: a strongly typed FP8 engine; without: an ordinary float16 one
     names = fp8["fp8_weight_names"]
-    return {g: "fp8" if names[g] else "fp16" for g in GRAPH_NAMES}
+    return {g: "fp8" if names[g] else "fp16" for g in family.graphs}
 
 
 def _check_out(out: Path) -> None:

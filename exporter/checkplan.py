@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,10 +27,11 @@ from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import GRAPH_NAMES
 from mllama_export.graphs.model import GRAPH_MODULES, MllamaModel
 
+from .check import GB, CheckPlan
 from .options import BuildOptions
 from .weightfile import graph_names
 
-# Shapes unlike the traced ones (onnx_export.EXAMPLE_SIZES), so that a dim frozen by mistake
+# Shapes unlike the traced ones (mllama_build.EXAMPLE_SIZES), so that a dim frozen by mistake
 # shows up; the first case differs from them in every dynamic dim and always runs, the
 # second runs where it fits (six images of vision attention at the 11B width do not).
 CHECK_CASES = (
@@ -38,7 +39,6 @@ CHECK_CASES = (
     {"batch": 3, "num_images": 2, "sequence": 4, "num_logits": 4, "past_sequence": 6},
 )
 REDUCED_VOCAB = 4096
-GB = 1e9
 
 # -- memory ----------------------------------------------------------------------------------
 #
@@ -382,31 +382,6 @@ def _copy_tensors(checkpoint, copy: ReducedCopy, names: list[str]) -> Iterator:
 
 
 # -- the decision ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CheckPlan:
-    depth: str  # "full", "reduced" or "none"
-    reason: str  # why this depth, in words
-    config: MllamaConfig | None  # what the check runs on: the model's, or the copy's
-    cases: dict[str, tuple[tuple[int, dict[str, int]], ...]] = field(default_factory=dict)
-    estimate: MemoryEstimate | None = None
-    available: int = 0
-    copy: ReducedCopy | None = None
-
-    def label(self) -> str:
-        """The manifest's ``depth`` of each graph's check."""
-        return "full" if self.depth == "full" else f"{self.copy.describe()} ({self.reason})"
-
-    def summary(self) -> str:
-        if self.depth == "none":
-            return f"no numeric check: {self.reason}"
-        runs = ", ".join(f"{g} {len(c)}" for g, c in self.cases.items())
-        what = "the whole model" if self.depth == "full" else "a " + self.copy.describe()
-        return (
-            f"checking against PyTorch on {what}; {runs} case(s); memory estimate "
-            f"{self.estimate.describe()}; {self.available / GB:.1f} GB available"
-        )
 
 
 def _fit_cases(config, precision, budget):

@@ -6,6 +6,13 @@ built strongly typed (no precision flags; the graph's types are obeyed as writte
 every other op runs in float16. The same Q/DQ graph runs on ONNX Runtime (CPU included) with
 graph optimization at BASIC: higher levels fuse Q/DQ + MatMul into integer-only kernels
 that reject float8 inputs. The checks of the exported graphs are in exporter/fp8_check.py.
+
+This module is Mllama's "fp8" part. What the build calls on it (exporter/buildplan.py,
+exporter/build.py): ``fp8_layout(config, options) -> (layers, {graph: {initializer: layer}})``,
+``calibration_cases(config, options, checkpoint_folder)``, ``quantize_fp8(checkpoint, options,
+layers, cases) -> the manifest's quantization entry``, ``input_amax(quantization)``,
+``check_fp8_graph(path, expected, scheme)``, ``load_quantized(checkpoint, options, amax)``,
+``check_fp8_graphs(model, folder, options)`` and ``ORT_OPTIMIZATION``.
 """
 
 from __future__ import annotations
@@ -186,6 +193,11 @@ def _quantization_entry(names, amax, cases, options: BuildOptions) -> dict:
     }
 
 
+def load_quantized(weights: Checkpoint, options: BuildOptions, amax: dict[str, float]):
+    """`load_fp8_model` as the build's options ask for it."""
+    return load_fp8_model(weights, options.xattn_mask, amax, options.dtype, options.fp8_weights)
+
+
 def load_fp8_model(
     weights: Checkpoint,
     semantics: str,
@@ -280,6 +292,7 @@ __all__ = [
     "fp8_weight_names",
     "input_amax",
     "load_fp8_model",
+    "load_quantized",
     "onnx_weight_names",
     "quantize_fp8",
 ]

@@ -1,4 +1,7 @@
-"""One graph module -> one ONNX file with external weights, named dims and a passing checker."""
+"""One graph module -> one ONNX file with external weights, named dims and a passing checker.
+
+The config's family says the dims (its contract) and the example inputs traced
+(exporter/family_build.py); `dims_for` and `example_inputs` are importable from here too."""
 
 from __future__ import annotations
 
@@ -6,18 +9,18 @@ import logging
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
 import torch
-from torch.export import Dim
 
-from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import DYNAMIC_DIMS, static_dims
+from mllama_export.graphs.family import family_of
 from mllama_export.graphs.quant import ONNX_TRANSLATIONS
 from mllama_export.graphs.spec import TensorSpec, check_forward
 
+from .family_build import dims_for, example_inputs
 from .manifest import fault_point
 from .options import BuildOptions
 from .weightfile import (
@@ -28,66 +31,10 @@ from .weightfile import (
     tensor_sources,
 )
 
-# Sizes of the example inputs traced at export: all >= 2 and distinct, so that no dynamic dim
-# is specialized to 0 or 1, or confused with another.
-EXAMPLE_SIZES = {
-    "batch": 2,
-    "num_images": 2,
-    "sequence": 7,
-    "num_logits": 3,
-    "past_sequence": 11,
-    "new_tokens": 5,
-}
-
-
-def dims_for(config: MllamaConfig, options: BuildOptions) -> dict[str, Dim]:
-    v = config.vision
-    batch = Dim("batch", min=1, max=max(2, options.max_batch))
-    images = Dim("num_images", min=1, max=max(2, options.max_images))
-    return {
-        "batch": batch,
-        "num_images": images,
-        "image_tokens": images * (v.max_num_tiles * v.num_patches),
-        "sequence": Dim("sequence", min=1, max=max(8, options.max_seq_len)),
-        "num_logits": Dim("num_logits", min=1, max=max(8, options.max_seq_len)),
-        "past_sequence": Dim("past_sequence", min=1, max=max(12, options.max_seq_len)),
-        "new_tokens": Dim("new_tokens", min=1, max=max(8, options.max_seq_len)),
-        # past_sequence + new_tokens: the exporter derives it from the graph's own slicing
-        "total_sequence": Dim("total_sequence", min=2, max=2 * max(12, options.max_seq_len)),
-    }
-
-
-def example_inputs(
-    specs: tuple[TensorSpec, ...], config: MllamaConfig, dtype, sizes=None, seed: int = 0
-) -> tuple:
-    """Random inputs of the right shapes and dtypes; values only need to be valid."""
-    sizes = {**static_dims(config), **(sizes or EXAMPLE_SIZES)}
-    sizes["image_tokens"] = sizes["num_images"] * sizes["tiles"] * config.vision.num_patches
-    sizes.setdefault("num_logits", 1)  # what serving asks for
-    sizes.setdefault("new_tokens", 1)
-    sizes["total_sequence"] = sizes.get("past_sequence", 1) + sizes["new_tokens"]
-    # logit_positions index the prompt (prefill) or the new tokens (the decode step)
-    positions = "new_tokens" if any("new_tokens" in s.dims for s in specs) else "sequence"
-    gen = torch.Generator().manual_seed(seed)
-    tensors = []
-    for spec in specs:
-        shape = spec.shape(sizes)
-        if spec.dtype == "int64":
-            high = {
-                "input_ids": config.text.vocab_size,
-                "position_ids": 64,
-                "logit_positions": sizes.get(positions, 1),
-                "aspect_ratio_ids": config.vision.max_aspect_ratio_id + 1,
-            }.get(spec.name, 2)
-            tensors.append(torch.randint(0, high, shape, generator=gen))
-        else:
-            tensors.append(torch.randn(shape, generator=gen).to(dtype))
-    return tuple(tensors)
-
 
 def export_graph(
     graph: torch.nn.Module,
-    config: MllamaConfig,
+    config: Any,
     options: BuildOptions,
     path: Path,
     sources: Mapping[str, Source] | None = None,
@@ -121,16 +68,17 @@ def export_graph(
     onnx.checker.check_model(str(path))
 
 
-def _trace(graph: torch.nn.Module, config: MllamaConfig, options: BuildOptions) -> ir.Model:
+def _trace(graph: torch.nn.Module, config: Any, options: BuildOptions) -> ir.Model:
     """torch.export (dynamo) to ONNX, unoptimized: on the meta device if the graph is."""
     # the inputs go in by position and are named after the contract: only a forward that
     # takes exactly the contract's inputs, in order, makes those names true
     check_forward(graph, graph.INPUTS)
     dims = dims_for(config, options)
+    dynamic = family_of(config).part("contract").DYNAMIC_DIMS
     device = next(graph.parameters()).device
     args = tuple(a.to(device) for a in example_inputs(graph.INPUTS, config, options.dtype))
     shapes = {
-        s.name: {i: dims[d] for i, d in s.dynamic_axes(DYNAMIC_DIMS).items()} for s in graph.INPUTS
+        s.name: {i: dims[d] for i, d in s.dynamic_axes(dynamic).items()} for s in graph.INPUTS
     }
     # torch.onnx logs a warning per missing torchvision op, which this model never uses.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -152,16 +100,17 @@ def _trace(graph: torch.nn.Module, config: MllamaConfig, options: BuildOptions) 
     return program.model
 
 
-def _name_dims(path: Path, specs: tuple[TensorSpec, ...], config: MllamaConfig) -> None:
+def _name_dims(path: Path, specs: tuple[TensorSpec, ...], config: Any) -> None:
     """The exporter names derived dims after their formula (`68*num_images`); the contract's
     names are what TensorRT profiles and users see, so they are written back."""
     model = onnx.load(str(path), load_external_data=False)
     by_name = {s.name: s for s in specs}
-    static = static_dims(config)
+    contract = family_of(config).part("contract")
+    static = contract.static_dims(config)
     for value in [*model.graph.input, *model.graph.output]:
         spec = by_name[value.name]
         for dim, name in zip(value.type.tensor_type.shape.dim, spec.dims, strict=True):
-            if name in DYNAMIC_DIMS:
+            if name in contract.DYNAMIC_DIMS:
                 dim.dim_param = name
             else:
                 dim.dim_value = static[name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,8 +18,10 @@ from mllama_export.graphs.choices import (
     TEXT_ENGINES,
     WEIGHT_SCHEMES,
 )
-from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.family import family_of
 from mllama_export.graphs.limits import Limits
+
+from .family_build import hook
 
 # precision -> the torch dtype of the graphs' weights and activations (graphs/choices.py)
 PRECISION_TORCH_DTYPES = {p: getattr(torch, PRECISION_DTYPES[p]) for p in PRECISIONS}
@@ -32,6 +35,7 @@ class BuildOptions:
     max_batch: int = 4
     max_seq_len: int = 512  # prompt plus generated tokens
     max_images: int = 2  # per prompt
+    # Mllama's cross-attention mask semantics; the family's "build" part hands it to its model
     xattn_mask: str = "meta"
     opset: int = 19
     seed: int = 0  # for synthesized presets
@@ -65,7 +69,7 @@ class BuildOptions:
         d["calibration"] = None if self.calibration is None else str(self.calibration)
         return d
 
-    def check(self, config: MllamaConfig) -> None:
+    def check(self, config: Any) -> None:
         """Refuses options that contradict each other or the model, before any work starts."""
         problems = []
         if self.precision not in PRECISIONS:
@@ -102,11 +106,8 @@ class BuildOptions:
                 problems.append(
                     f"{name.replace('_', '-')} {getattr(self, name)} (must be at least 1)"
                 )
-        if self.max_seq_len > config.text.max_position_embeddings:
-            problems.append(
-                f"max-seq-len {self.max_seq_len} beyond the model's "
-                f"{config.text.max_position_embeddings} positions"
-            )
+        # what this model cannot do (Mllama: positions past its max_position_embeddings)
+        problems += hook(family_of(config), "option_problems")(self, config)
         if self.max_seq_len < 2:
             problems.append("max-seq-len below 2 (a prompt token and a new token)")
         if not 19 <= self.opset <= 21:

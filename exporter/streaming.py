@@ -1,8 +1,9 @@
-"""The three graphs of a checkpoint, traced on the meta device, weights streamed to disk.
+"""The graphs of a checkpoint (its family's), traced on the meta device, weights streamed to disk.
 
 No weight is ever resident as a whole model: tracing sees meta tensors, and each weight is
 read from the memory-mapped safetensors, cast (or FP8-quantized), written and dropped before
-the next (exporter/weightfile.py). The prefill and decode graphs share one text weight file.
+the next (exporter/weightfile.py). Graphs that name the same data file share it (Mllama's
+prefill and decode: one text weight file).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from mllama_export.graphs.contract import GRAPHS
-from mllama_export.graphs.model import GRAPH_MODULES, MllamaModel
+from mllama_export.graphs.checkpoint import Checkpoint
+from mllama_export.graphs.family import family_of
 from mllama_export.graphs.progress import step
 from mllama_export.graphs.quant import quantize_model
-from mllama_export.graphs.weights import Checkpoint
 
+from .family_build import hook
 from .manifest import fault_point
 from .onnx_export import export_graph
 from .options import BuildOptions
@@ -37,24 +38,26 @@ class StreamingExport:
         input_amax: Mapping[str, float] | None = None,
     ):
         self.checkpoint, self.options = checkpoint, options
+        self.family = family_of(checkpoint.config)
+        model_options = hook(self.family, "model_options")(options)
         with torch.device("meta"):
-            self.model = MllamaModel(checkpoint.config, options.xattn_mask)
+            self.model = self.family.part("model")(checkpoint.config, **model_options)
             # casts the parameters only, as load_model does: RoPE's frequencies stay float32
             quantize_model(self.model, input_amax or {}, options.dtype, options.fp8_weights)
         self.sources = checkpoint_sources(checkpoint, self.model, options.dtype, input_amax)
 
     def export_all(self, folder: Path) -> dict[str, dict]:
-        """All three graphs into ``folder``; returns, per graph, the weight bytes it wrote
-        (decode writes none: prefill wrote them) and the seconds it took."""
-        written = {}
+        """All the family's graphs into ``folder``; returns, per graph, the weight bytes it
+        wrote (none where an earlier graph wrote its data file's) and the seconds it took."""
+        written, graphs = {}, self.family.graphs
         with ExitStack() as stack:
             files = {
                 name: stack.enter_context(WeightFile(folder / name))
-                for name in sorted({g.data_file for g in GRAPHS.values()})
+                for name in sorted({g.data_file for g in graphs.values()})
             }
-            for name in GRAPHS:
+            for name in graphs:
                 fault_point(f"export:{name}")
-                data = files[GRAPHS[name].data_file]
+                data = files[graphs[name].data_file]
                 before, start = data.bytes_written, time.perf_counter()
                 with step(f"exporting the {name} graph"):
                     self.export(name, folder / f"{name}.onnx", data)
@@ -66,7 +69,7 @@ class StreamingExport:
         return written
 
     def export(self, name: str, path: Path, data: WeightFile) -> None:
-        graph = GRAPH_MODULES[name](self.model)
+        graph = self.family.part("graph_modules")[name](self.model)
         names = graph_names(graph, self.model)
         sources = {path_: self.sources[ours] for path_, ours in names.items()}
         export_graph(graph, self.checkpoint.config, self.options, path, sources, data)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from mllama_export.engines.onnxrt import OnnxRuntimeBackend
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.model import GRAPH_MODULES, MllamaModel
+from mllama_export.graphs.family import family_of
 from mllama_export.graphs.progress import bar, step
 from mllama_export.graphs.spec import check_forward
 
@@ -44,11 +44,11 @@ class Reference:
     """The PyTorch side of the check. It holds its model only until ``release``: the model
     and ONNX Runtime's copy of the weights must not share the memory."""
 
-    def __init__(self, load: Callable[[], MllamaModel] | None = None, model=None):
+    def __init__(self, load: Callable[[], torch.nn.Module] | None = None, model=None):
         self._load, self._model = load, model
 
     @property
-    def model(self) -> MllamaModel:
+    def model(self) -> torch.nn.Module:
         if self._model is None:
             if self._load is None:
                 raise RuntimeError("the reference model was released")
@@ -60,18 +60,18 @@ class Reference:
         gc.collect()
 
 
-def inputs(graph_cls, config: MllamaConfig, dtype: torch.dtype, seed: int, sizes: dict) -> dict:
+def inputs(graph_cls, config: Any, dtype: torch.dtype, seed: int, sizes: dict) -> dict:
     """The case's inputs by name: both runtimes bind them by name, never by position."""
     args = example_inputs(graph_cls.INPUTS, config, dtype, sizes, seed=seed)
     return {s.name: a for s, a in zip(graph_cls.INPUTS, args, strict=True)}
 
 
 def reference_outputs(
-    reference: Reference, config: MllamaConfig, options: BuildOptions, cases: Cases
+    reference: Reference, config: Any, options: BuildOptions, cases: Cases
 ) -> Expected:
     """Phase 1: PyTorch's outputs of every graph on every case, then the model is released."""
     expected: Expected = {}
-    for name, graph_cls in GRAPH_MODULES.items():
+    for name, graph_cls in family_of(config).part("graph_modules").items():
         graph = graph_cls(reference.model)
         check_forward(graph, graph_cls.INPUTS)
         expected[name] = []
@@ -88,13 +88,13 @@ def reference_outputs(
 
 
 def compare_onnx(
-    onnx_dir: Path, expected: Expected, config: MllamaConfig, options: BuildOptions, cases: Cases
+    onnx_dir: Path, expected: Expected, config: Any, options: BuildOptions, cases: Cases
 ) -> dict[str, dict]:
     """Phase 2: each graph in ONNX Runtime on the same inputs, against PyTorch's outputs."""
     # FP8 Q/DQ runs on ONNX Runtime only at graph optimization BASIC (exporter/fp8.py)
     optimization = "basic" if options.precision == "fp8" else "all"
     checks = {}
-    for name, graph_cls in GRAPH_MODULES.items():
+    for name, graph_cls in family_of(config).part("graph_modules").items():
         path = onnx_dir / f"{name}.onnx"
         with step(f"ONNX Runtime loads {path.name}"):
             backend = OnnxRuntimeBackend(
@@ -140,7 +140,7 @@ def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def check_graphs(
-    reference: Reference, onnx_dir: Path, config: MllamaConfig, options: BuildOptions, cases: Cases
+    reference: Reference, onnx_dir: Path, config: Any, options: BuildOptions, cases: Cases
 ) -> dict[str, dict]:
     """Both phases: PyTorch's outputs (the model then released), then ONNX Runtime's."""
     expected = reference_outputs(reference, config, options, cases)

@@ -16,10 +16,11 @@ import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
 
-from mllama_export.graphs import weights
+from mllama_export.graphs import checkpoint as stored
+from mllama_export.graphs.checkpoint import Checkpoint, checkpoint_format
+from mllama_export.graphs.family import family_of
 from mllama_export.graphs.progress import bar
 from mllama_export.graphs.quant import FP8_DTYPE, FP8Linear, fp8_weight, scale_from_amax
-from mllama_export.graphs.weights import Checkpoint, computed_buffers
 
 # Smaller tensors stay inside the .onnx (as the exporters' own save does); tensors of 1 MiB or
 # more start on a 64 KiB boundary, so that ONNX Runtime and TensorRT can map them in place.
@@ -66,7 +67,7 @@ class Source:
                 yield whole.permute(perm).contiguous()
                 return
             row_bytes = whole.shape[0] * whole.element_size()
-            step = max(1, weights.BLOCK_BYTES // max(row_bytes, 1))
+            step = max(1, stored.BLOCK_BYTES // max(row_bytes, 1))
             for start in range(0, whole.shape[1], step):
                 yield whole[:, start : start + step].t().contiguous()
 
@@ -100,7 +101,8 @@ def checkpoint_sources(
     sources = {}
     for name, tensor in model.named_parameters():
         sources[name] = _cast(checkpoint, name, dtype, tuple(tensor.shape))
-    for name, t in computed_buffers(checkpoint.config).items():
+    computed = checkpoint_format(family_of(checkpoint.config)).buffers(checkpoint.config)
+    for name, t in computed.items():
         sources[name] = Source.of(("computed", name), lambda t=t: t, t.dtype, t.shape)
     for prefix, layer in model.named_modules():
         if isinstance(layer, FP8Linear):

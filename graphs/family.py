@@ -35,8 +35,16 @@ PARTS: dict[str, tuple[str, str]] = {
     "contract": ("graphs", "GRAPHS, DYNAMIC_DIMS, static_dims(config), contract_markdown()"),
     "graph_modules": ("graphs", "graph name -> nn.Module class built from the family's model"),
     "model": ("graphs", "the nn.Module holding every weight, built from a config"),
+    "checkpoint_format": (
+        "graphs",
+        "its checkpoints' layout: a graphs.checkpoint.CheckpointFormat (weight-name table, "
+        "buffers a checkpoint lacks, side files of a synthetic one)",
+    ),
     "checkpoint": ("graphs", "the strict checkpoint reader: Checkpoint(folder, config)"),
-    "load_model": ("graphs", "load_model(folder, semantics, dtype) -> the model, strictly"),
+    "load_model": (
+        "graphs",
+        "load_model(folder, dtype=..., **model_options) -> the model, strictly",
+    ),
     "synth": ("graphs", "write_checkpoint(config, out, seed, shards, dtype, max_shard_bytes)"),
     "truncated": ("graphs", "truncated(config, text_layers, ...) -> a shallower config"),
     # engines/: running artifacts
@@ -45,6 +53,11 @@ PARTS: dict[str, tuple[str, str]] = {
     "evalset": ("engines", "the built-in evaluation set and the reader of a user's"),
     "profiles": ("engines", "the TensorRT optimization-profile scheme of the graphs"),
     # exporter/: building artifacts
+    "build": (
+        "exporter",
+        "the build's family hooks: traced dims and example inputs, model options, manifest "
+        "fields, option checks (optional: exporter/family_build.py has the defaults)",
+    ),
     "check": ("exporter", "what the build's check runs and what it costs in memory"),
     "fp8": ("exporter", "FP8: which linears, calibration, the quantized model for the check"),
     "plan": ("exporter", "the planner's geometry: parameters, engine memory, decode roofline"),

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import RopeConfig
+from .hf_config import RopeConfig
 
 
 class RMSNorm(nn.Module):

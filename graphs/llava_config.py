@@ -15,7 +15,7 @@ from typing import Any
 
 from mllama_export.errors import MllamaExportError
 
-from .config import RopeConfig, _number, _Section
+from .hf_config import RopeConfig, _number, _Section
 
 LLAVA_MODEL_TYPES = ("llava", "llava_next")
 TEXT_MODEL_TYPES = ("llama", "mistral")

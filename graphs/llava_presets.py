@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from mllama_export.errors import MllamaExportError
 
-from .config import RopeConfig
+from .hf_config import RopeConfig
 from .llava_config import ClipVisionConfig, LlavaConfig, LlavaTextConfig, validate_llava_config
 
 

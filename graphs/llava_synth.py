@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from .llava_config import LlavaConfig
 from .llava_weights import llava_checkpoint_name, unused_shapes, used_shapes
-from .synth import _random_tensor, _write_index, shard_plan
+from .synthetic import _random_tensor, _write_index, shard_plan
 
 
 def llava_parameter_shapes(config: LlavaConfig) -> dict[str, tuple[int, ...]]:

@@ -16,10 +16,10 @@ from safetensors import SafetensorError, safe_open
 
 from mllama_export.errors import MllamaExportError
 
+from .checkpoint import Checkpoint, StoredTensor, _check_tensor, _corrupt, check_folder, shard_files
 from .llava_config import LlavaConfig
 from .llava_model import LlavaModel
 from .llava_text import text_inv_freq
-from .weights import Checkpoint, StoredTensor, _check_tensor, _corrupt, check_folder, shard_files
 
 # (checkpoint prefix, our prefix), first match wins. The first five rows are the names of the
 # published llava-hf checkpoints; transformers 5.x save_pretrained drops CLIP's `vision_model.`

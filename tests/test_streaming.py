@@ -18,7 +18,7 @@ from mllama_export.exporter import checkplan
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.exporter.streaming import StreamingExport
 from mllama_export.exporter.weightfile import ALIGNMENT, Source, WeightFile, graph_names
-from mllama_export.graphs import weights
+from mllama_export.graphs import checkpoint as weights
 from mllama_export.graphs.config import preset
 from mllama_export.graphs.model import GRAPH_MODULES
 from mllama_export.graphs.weights import Checkpoint
