@@ -52,7 +52,9 @@ class InputProcessor:
     calls, and another family's processor offers too: `for_config(config, limits,
     tokenizer, image_config)`, `from_folder(folder, config, limits)` (the folder's
     tokenizer.json and image preprocessing, where present), `.tokenizer`, `.image_config`,
-    `encode(prompt, images) -> (token ids, the images as the graphs take them or None)`,
+    `encode(prompt, images) -> (token ids, the images as the graphs take them or None)`
+    (or `encode(images=..., token_ids=..., ids_name=..., images_name=...)` for ids as given,
+    the names for messages),
     `need_tokenizer()` and `check_request(prompts, images, max_new_tokens)`."""
 
     image_token_id: int
