@@ -26,6 +26,12 @@ input's shapes are read off one table of dim sizes.
 tensor TensorRT materializes, at every profile's maximum against TensorRT's per-tensor cap
 of 2^31 - 1 elements (NVIDIA/TensorRT issues #1948, #3324: "tensor volume exceeds
 (2^31)-1"; #4123: lifted for some layers only since 10.x).
+
+This module is Mllama's "profiles" part. What the build's engine stage, its planner and its
+"what fits" search use of it today: `ProfileScheme`, `DEFAULT_SCHEME`, `all_profiles`,
+`engine_graphs`, `check_text_engine`, `step_tokens`, `tensor_volume_problems` and
+`largest_fitting`. The profiles themselves (`ShapeProfile`) and choosing one per call are
+any family's: engines/shapes.py.
 """
 
 from __future__ import annotations
