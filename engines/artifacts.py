@@ -7,19 +7,16 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from mllama_export.engines.manifest_read import check_external_data, read_manifest, verify_files
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.choices import BACKENDS, DEVICES
-from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import GRAPHS
+from mllama_export.graphs.family import Family, family_of_config
 from mllama_export.graphs.spec import TensorSpec
 
 from .backend import Backend
-from .inputs import folder_resources
 from .onnxrt import OnnxRuntimeBackend
-from .preprocess import ImageProcessorConfig
-from .steps import OneTokenDecode
 from .text import Tokenizer
 
 
@@ -27,12 +24,13 @@ from .text import Tokenizer
 class Artifacts:
     """A checked artifact folder, opened: what `Runner.from_artifacts` builds its runner of."""
 
-    config: MllamaConfig
-    backends: tuple[Backend, Backend | None, Backend]  # vision, prefill (None: shared), decode
+    family: Family  # the one the manifest's config.json names
+    config: Any  # the family's frozen config
+    backends: dict[str, Backend | None]  # graph name -> backend; None: no engine for it
     limits: dict[str, int]  # the manifest's: max_batch, max_seq_len, max_images
     io_dtype: str
     tokenizer: Tokenizer | None  # None: the folder has no tokenizer.json
-    image_config: ImageProcessorConfig | None  # None: no preprocessor_config.json
+    image_config: Any  # the family's image preprocessing; None: the folder has none
 
 
 def load_artifacts(
@@ -53,48 +51,44 @@ def load_artifacts(
     manifest = read_manifest(folder)
     check_writer_version(folder, manifest)
     verify_files(folder, manifest)
-    config = MllamaConfig.from_hf_dict(manifest["model"]["config"])
-    specs = graph_specs(manifest)
+    family = family_of_config(manifest["model"]["config"], f"{folder}/manifest.json")
+    config = family.read_config(manifest["model"]["config"])
+    session = family.part("session")
+    specs = graph_specs(family, manifest)
     if backend == "tensorrt":
-        backends = _tensorrt_backends(folder, manifest, specs, device, io_binding)
+        opened = _tensorrt_backends(folder, manifest, specs, device, io_binding)
     elif backend == "onnx-reference":
-        backends = _reference_backends(folder, manifest, specs, device)
+        opened = _reference_backends(folder, manifest, specs, device)
     else:
-        backends = _onnxruntime_backends(folder, manifest, specs, config, device, io_binding)
-    if legacy_decode(manifest):
-        backends[2] = OneTokenDecode(backends[2])
+        derived = session.derived_dims(config) if hasattr(session, "derived_dims") else {}
+        opened = _onnxruntime_backends(folder, manifest, specs, derived, device, io_binding)
+    backends = dict(zip(specs, opened, strict=True))
+    if hasattr(session, "opened"):
+        backends = session.opened(manifest, backends)
     limits, io_dtype = dict(manifest["limits"]), manifest["io_dtype"]
-    return Artifacts(config, tuple(backends), limits, io_dtype, *folder_resources(folder))
+    inputs = family.part("inputs").from_folder(folder, config)
+    return Artifacts(
+        family, config, backends, limits, io_dtype, inputs.tokenizer, inputs.image_config
+    )
 
 
 Specs = dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]
 
 
-def legacy_decode(manifest: dict) -> bool:
-    """Artifacts of an mllama-export from before the step graph: a decode graph without
-    logit_positions, one token per step (docs/graphs.md)."""
-    inputs = manifest["graphs"]["decode"].get("inputs")
-    return bool(inputs) and "logit_positions" not in {i["name"] for i in inputs}
-
-
-def graph_specs(manifest: dict) -> Specs:
-    """Each graph's inputs and outputs: the contract's, or for an older decode graph the ones
-    its manifest recorded."""
-    specs = {name: (g.inputs, g.outputs) for name, g in GRAPHS.items()}
-    if legacy_decode(manifest):
-        entry = manifest["graphs"]["decode"]
-        specs["decode"] = tuple(
-            tuple(TensorSpec(t["name"], t["dtype"], tuple(t["dims"]), t.get("doc", "")) for t in ts)
-            for ts in (entry["inputs"], entry["outputs"])
-        )
-    return specs
+def graph_specs(family: Family, manifest: dict) -> Specs:
+    """Each graph's inputs and outputs, in the family's order: its contract's, unless its
+    session reads them off the manifest (an older graph's, as that manifest recorded them)."""
+    session = family.part("session")
+    if hasattr(session, "graph_specs"):
+        return session.graph_specs(manifest)
+    return {name: (g.inputs, g.outputs) for name, g in family.graphs.items()}
 
 
 def _tensorrt_backends(
     folder: Path, manifest: dict, specs: Specs, device: str, io_binding: bool | None
 ) -> list:
-    """[vision, prefill, decode]; prefill None for a shared text engine (its decode engine
-    serves prefill)."""
+    """One per graph, in the specs' order; None where the manifest records no engine for a
+    graph (Mllama's prefill of a shared text engine, whose decode engine serves prefill)."""
     if not manifest.get("tensorrt", {}).get("built"):
         reason = manifest.get("tensorrt", {}).get("reason", "no engines in the manifest")
         raise MllamaExportError(f"{folder} has no TensorRT engines: {reason}")
@@ -116,11 +110,11 @@ def _reference_backends(folder: Path, manifest: dict, specs: Specs, device: str)
     graphs = manifest["graphs"]
     for graph in graphs.values():
         check_external_data(folder, folder / graph["file"])
-    return [OnnxReferenceBackend(folder / graphs[name]["file"], *specs[name]) for name in GRAPHS]
+    return [OnnxReferenceBackend(folder / graphs[name]["file"], *specs[name]) for name in specs]
 
 
 def _onnxruntime_backends(
-    folder: Path, manifest: dict, specs: Specs, config, device: str, io_binding
+    folder: Path, manifest: dict, specs: Specs, derived: dict, device: str, io_binding
 ) -> list:
     if manifest["io_dtype"] == "bfloat16" and device == "cpu":
         raise MllamaExportError(
@@ -134,7 +128,6 @@ def _onnxruntime_backends(
         if io_binding is not None
         else device == "cuda" and manifest["io_dtype"] != "bfloat16"
     )
-    tokens = config.vision.max_num_tiles * config.vision.num_patches
     for graph in graphs.values():
         check_external_data(folder, folder / graph["file"])
         check_onnx_runnable(folder / graph["file"])
@@ -147,9 +140,9 @@ def _onnxruntime_backends(
             device,
             optimization=optimization,
             io_binding=bind,
-            tokens_per_image=tokens,
+            derived_dims=derived,
         )
-        for name in GRAPHS
+        for name in specs
     ]
 
 

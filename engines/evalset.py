@@ -20,6 +20,14 @@ no ``<|image|>`` gets the image tokens in front, as ``mllama-export run`` does) 
 ``token_ids`` (one ``<|image|>`` id per image); ``images`` (optional) are files beside
 ``prompts.jsonl`` (or absolute paths), preprocessed with the artifact folder's
 ``preprocessor_config.json``; ``name`` (optional) names the case in the report.
+
+This module is Mllama's "evalset" part. What generic code (the gate, sensitivity, the CLI,
+FP8 calibration) calls, and another family's evaluation set offers too:
+``build_evalset(config, limits, steps)``, ``load_evalset(folder, artifacts)``, cases with
+``.name`` and ``.prompts`` (token ids per row) and ``.images`` (passed to the runner as they
+are), ``case_stages(case)`` (the stages judged before prefill: Mllama's ``vision`` for a case
+with images) and ``traced_stages(case, config, first)`` (those stages' values from the first
+outputs of each graph a runner ran, ``first``: graph name -> outputs).
 """
 
 from __future__ import annotations
@@ -39,7 +47,16 @@ from mllama_export.graphs.limits import Limits
 from .inputs import InputProcessor
 from .preprocess import PreprocessedImages
 
-__all__ = ["EvalCase", "build_evalset", "load_evalset", "read_cases", "EVALSET_FILE"]
+__all__ = [
+    "EvalCase",
+    "build_evalset",
+    "load_evalset",
+    "read_cases",
+    "EVALSET_FILE",
+    "case_stages",
+    "traced_stages",
+    "real_tiles",
+]
 
 EVALSET_FILE = "prompts.jsonl"
 _IDS = '"token_ids"'  # how errors name a line's token ids
@@ -56,6 +73,37 @@ class EvalCase:
     @property
     def num_images(self) -> int:
         return 0 if self.images is None else sum(len(t) for t in self.images.num_tiles)
+
+
+# -- what the gate judges before prefill ------------------------------------------------------
+
+
+def case_stages(case: EvalCase) -> tuple[str, ...]:
+    """The stages of `case` judged before prefill: the vision graph's, when it has images."""
+    return ("vision",) if case.images is not None else ()
+
+
+def traced_stages(case: EvalCase, config: MllamaConfig, first: dict) -> dict[str, np.ndarray]:
+    """The vision stage of a run: the cross-attention K/V of the real tiles of the real
+    images (padding tiles and images are computed but never attended, so they are left
+    out), from the vision graph's outputs; nothing when it did not run."""
+    out = first.get("vision")
+    if out is None:
+        return {}
+    return {"vision": real_tiles(out["cross_key"], out["cross_value"], case, config)}
+
+
+def real_tiles(key: np.ndarray, value: np.ndarray, case: EvalCase, config) -> np.ndarray:
+    # key, value: [L_x, B, H_kv, I*T*P, Dh] -> [real tiles, 2, L_x, H_kv, P, Dh]
+    layers, b, heads, _, dim = key.shape
+    tiles, patches = config.vision.max_num_tiles, config.vision.num_patches
+    kv = np.stack([key, value]).reshape(2, layers, b, heads, -1, tiles, patches, dim)
+    kv = kv.transpose(2, 4, 5, 0, 1, 3, 6, 7)  # [B, I, T, 2, L_x, H_kv, P, Dh]
+    real = np.zeros(kv.shape[:3], bool)
+    for row, counts in enumerate(case.images.num_tiles):
+        for i, n in enumerate(counts):
+            real[row, i, :n] = True
+    return kv[real]
 
 
 # -- the fixed evaluation set ----------------------------------------------------------------

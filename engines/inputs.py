@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -25,9 +25,7 @@ from mllama_export.graphs.config import MllamaConfig
 from .preprocess import ImageProcessorConfig, ImageSource, PreprocessedImages, preprocess
 from .profiles import HasLimits
 from .steps import logit_positions
-from .text import IMAGE_TOKEN, Tokenizer
-
-Prompt = str | list[dict[str, Any]]  # plain text, or chat messages with image parts
+from .text import IMAGE_TOKEN, Prompt, Tokenizer
 
 
 class Encoded(NamedTuple):
@@ -48,7 +46,16 @@ def folder_resources(folder: str | Path) -> tuple[Tokenizer | None, ImageProcess
 class InputProcessor:
     """Prompts, chat messages or token ids and images -> token ids and preprocessed images,
     exactly as transformers' MllamaProcessor makes them, refused with one clear error when
-    they do not fit the model or the artifacts."""
+    they do not fit the model or the artifacts.
+
+    Mllama's "inputs" part. What generic code (the runner, the artifact loader, `run`)
+    calls, and another family's processor offers too: `for_config(config, limits,
+    tokenizer, image_config)`, `from_folder(folder, config, limits)` (the folder's
+    tokenizer.json and image preprocessing, where present), `.tokenizer`, `.image_config`,
+    `encode(prompt, images) -> (token ids, the images as the graphs take them or None)`
+    (or `encode(images=..., token_ids=..., ids_name=..., images_name=...)` for ids as given,
+    the names for messages),
+    `need_tokenizer()` and `check_request(prompts, images, max_new_tokens)`."""
 
     image_token_id: int
     vocab_rows: int  # valid ids are 0..vocab_rows - 1 (rows of the embedding)
@@ -141,6 +148,13 @@ class InputProcessor:
         self._check_text_images(text.count(IMAGE_TOKEN), len(images), what)
         return tok.processor_encode(text, add_special_tokens=add_special_tokens)
 
+    def check_request(
+        self, prompts: object, images: PreprocessedImages | None, max_new_tokens: int
+    ) -> None:
+        """A batch of token-id prompts and its images, before any graph runs (the runner's
+        call: `check_request` below, against this processor's vocabulary and limits)."""
+        check_request(self.vocab_rows, self.limits, prompts, images, max_new_tokens)
+
     def need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise MllamaExportError(
@@ -222,7 +236,7 @@ def check_ids(ids: Sequence, rows: int, subject: str) -> None:
 
 
 def check_request(
-    config: MllamaConfig,
+    vocab_rows: int,
     limits: HasLimits,
     prompts: object,
     images: PreprocessedImages | None,
@@ -239,7 +253,7 @@ def check_request(
             "lists, one per prompt, e.g. [[500, 512, 12]]"
         )
     for i, prompt in enumerate(prompts):
-        check_ids(prompt, config.text.embedding_rows, f"prompt {i} holds")
+        check_ids(prompt, vocab_rows, f"prompt {i} holds")
     problems = _request_problems(limits, prompts, images, max_new_tokens)
     if problems:
         raise MllamaExportError("cannot generate: " + "; ".join(problems))

@@ -14,7 +14,7 @@ from typing import Any
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs import strict
-from mllama_export.graphs.contract import GRAPH_NAMES
+from mllama_export.graphs.family import family_of_config
 from mllama_export.graphs.progress import bar
 
 MANIFEST = "manifest.json"
@@ -111,7 +111,6 @@ _TOP = (
 )
 _MODEL = (strict.Key("config", strict.obj, about="the checkpoint's config.json"),)
 _LIMITS = tuple(strict.Key(k, _LIMIT_INT) for k in _LIMIT_KEYS)
-_GRAPHS = tuple(strict.Key(name, strict.obj) for name in GRAPH_NAMES)
 _GRAPH = (strict.Key("file", strict.text, about="a path like onnx/vision.onnx"),)
 
 
@@ -122,8 +121,11 @@ def _check_shape(file: Path, m: dict[str, Any]) -> None:
         top = strict.read("it", m, _TOP, others=True, prefix="")
         strict.read("model", top["model"], _MODEL, others=True)
         strict.read("limits", top["limits"], _LIMITS)
-        graphs = strict.read("graphs", top["graphs"], _GRAPHS, others=True)
-        for name in GRAPH_NAMES:
+        # the graphs of the family the manifest's config.json names
+        names = list(family_of_config(top["model"]["config"], "the manifest's model config").graphs)
+        keys = tuple(strict.Key(name, strict.obj) for name in names)
+        graphs = strict.read("graphs", top["graphs"], keys, others=True)
+        for name in names:
             strict.read(f"graphs.{name}", graphs[name], _GRAPH, others=True)
     except MllamaExportError as err:
         raise MllamaExportError(

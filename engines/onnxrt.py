@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -73,14 +74,14 @@ class OnnxRuntimeBackend:
         device: str = "cpu",
         optimization: str = "all",
         io_binding: bool = False,
-        tokens_per_image: int = 0,
+        derived_dims: Mapping[str, tuple[str, int]] | None = None,
     ):
         import onnxruntime as ort
 
         self.inputs, self.outputs, self.label = inputs, outputs, Path(path).stem
-        self.tokens_per_image = (
-            tokens_per_image  # image_tokens = num_images x this (tiles x patches)
-        )
+        # output dims no input carries: dim -> (an input's dim, factor), such as Mllama's
+        # image_tokens = num_images x tiles x patches (its session's derived_dims)
+        self.derived_dims = dict(derived_dims or {})
         options = ort.SessionOptions()
         # FP8 Q/DQ graphs must stay at BASIC: higher levels fuse Q/DQ into int8-only kernels.
         options.graph_optimization_level = {
@@ -129,8 +130,9 @@ class OnnxRuntimeBackend:
             binding.bind_input(
                 spec.name, *where, _numpy_type(tensor), tuple(tensor.shape), tensor.data_ptr()
             )
-        if "num_images" in sizes:
-            sizes.setdefault("image_tokens", sizes["num_images"] * self.tokens_per_image)
+        for dim, (source, factor) in self.derived_dims.items():
+            if source in sizes:
+                sizes.setdefault(dim, sizes[source] * factor)
         outputs = {}
         for name in self._names:
             dims, dtype = self._out_meta[name]

@@ -1,6 +1,6 @@
-"""The runner's self-attention cache and the feeds of the step graph (engines/runner.py).
+"""Mllama's self-attention cache and the feeds of the step graph (engines/mllama_session.py).
 
-The step graph (graphs/model.py DecodeGraph) takes new tokens against the cache. The runner
+The step graph (graphs/model.py DecodeGraph) takes new tokens against the cache. The session
 calls it three ways, all with the same contract:
 
 - a decode step: one token per sequence, the cache buffer as the past;

@@ -5,7 +5,7 @@ Contract (the same `infer(feed) -> outputs` as every backend, engines/backend.py
 - `feed` maps every input name of the graph to a numpy array or a torch tensor (CUDA or CPU)
   of the engine's dtype. Host arrays are copied to the device; CUDA tensors are bound by
   pointer, never copied (a misaligned or non-contiguous view is made contiguous first).
-- The optimization profile is chosen per call with `profiles.select_profile` (the smallest
+- The optimization profile is chosen per call with `shapes.select_profile` (the smallest
   profile containing the call's shapes; a call outside every profile raises
   MllamaExportError naming the shapes and the ranges), switched only when it changes.
 - Everything (host-to-device copies, output allocation, the engine, device-to-host copies)
@@ -45,7 +45,7 @@ from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.spec import TensorSpec
 
 from .backend import check_feed
-from .profiles import ShapeProfile, coverage, select_profile
+from .shapes import ShapeProfile, coverage, select_profile
 from .store import to_numpy, to_torch, torch_dtype
 
 # TensorRT DataType names -> torch dtype names

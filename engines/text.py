@@ -24,6 +24,8 @@ from tokenizers import decoders
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.synth_files import IMAGE_TOKEN
 
+Prompt = str | list[dict[str, Any]]  # plain text, or chat messages (with image parts)
+
 # Tokens that end an assistant turn; Llama 3.2's generation_config stops on all three.
 _STOP_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")
 # The special-token attributes transformers hands to the chat template.

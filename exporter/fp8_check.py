@@ -279,7 +279,7 @@ def check_feeds(model: torch.nn.Module, limits: Limits, dtype: torch.dtype) -> d
     io = str(dtype).removeprefix("torch.")
     graphs = [cls(model) for cls in GRAPH_MODULES.values()]
     rec = [_Recorder(TorchBackend(g)) for g in graphs]
-    runner = Runner(model.config, *rec, limits, model_dtype=io)
+    runner = Runner(model.config, dict(zip(GRAPH_MODULES, rec, strict=True)), limits, io)
     feeds = {name: [] for name in GRAPH_MODULES}
     for i, case in enumerate(check_cases(model.config, limits)):
         before = [len(r.feeds) for r in rec]

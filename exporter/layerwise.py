@@ -112,8 +112,8 @@ class LazyModel:
     def runner(self, limits: Limits) -> Runner:
         """A Runner over this model's graphs (run it inside a LayerMajor job only)."""
         vision, prefill, decode = (TorchBackend(g) for g in self.graphs)
-        io = str(self.dtype).removeprefix("torch.")
-        return Runner(self.config, vision, prefill, decode, limits, model_dtype=io)
+        backends = {"vision": vision, "prefill": prefill, "decode": decode}
+        return Runner(self.config, backends, limits, str(self.dtype).removeprefix("torch."))
 
     def _graphs(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         graphs = VisionGraph(self.model), PrefillGraph(self.model), DecodeGraph(self.model)

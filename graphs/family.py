@@ -61,8 +61,16 @@ PARTS: dict[str, tuple[str, str]] = {
     "check": ("exporter", "what the build's check runs and what it costs in memory"),
     "fp8": ("exporter", "FP8: which linears, calibration, the quantized model for the check"),
     "plan": ("exporter", "the planner's geometry: parameters, engine memory, decode roofline"),
+    "layerwise": (
+        "exporter",
+        "a checkpoint run layer by layer: LazyModel, LayerMajor, Job, read_float",
+    ),
     # validate/: judging artifacts
     "reference": ("validate", "the independent transformers reference of the gate"),
+    "synthetic_model": (
+        "validate",
+        "synthetic_model(config, seed, semantics): a preset's float32 model in memory",
+    ),
 }
 FOLDERS = ("graphs", "engines", "exporter", "validate")
 

@@ -28,7 +28,9 @@ MLLAMA = Family(
         "check": "exporter.checkplan",
         "fp8": "exporter.fp8",
         "plan": "exporter.plan",
+        "layerwise": "exporter.layerwise",
         "reference": "validate.mllama_reference:TransformersReference",
+        "synthetic_model": "validate.mllama_reference:synthetic_model",
     },
     modules=(
         "graphs.config",

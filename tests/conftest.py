@@ -93,9 +93,11 @@ def load_script(name: str):
 def torch_runner(model: MllamaModel, limits: Limits | None = None) -> Runner:
     return Runner(
         model.config,
-        TorchBackend(VisionGraph(model)),
-        TorchBackend(PrefillGraph(model)),
-        TorchBackend(DecodeGraph(model)),
+        {
+            "vision": TorchBackend(VisionGraph(model)),
+            "prefill": TorchBackend(PrefillGraph(model)),
+            "decode": TorchBackend(DecodeGraph(model)),
+        },
         limits or Limits(max_batch=8, max_seq_len=256, max_images=2),
     )
 

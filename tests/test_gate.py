@@ -271,8 +271,8 @@ def test_an_all_ones_cross_attention_mask_fails_at_prefill(fp32_dir, hf_referenc
 
 
 def torch_backends(model, limits) -> Runner:
-    graphs = (VisionGraph(model), PrefillGraph(model), DecodeGraph(model))
-    return Runner(model.config, *(TorchBackend(g) for g in graphs), limits)
+    graphs = {"vision": VisionGraph, "prefill": PrefillGraph, "decode": DecodeGraph}
+    return Runner(model.config, {n: TorchBackend(g(model)) for n, g in graphs.items()}, limits)
 
 
 def test_meta_semantics_judged_against_hf_fail(tiny_dir, hf_reference):

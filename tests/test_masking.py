@@ -67,7 +67,7 @@ def test_fp16_graph_keeps_norms_and_softmax_in_float32(fp16_prefill):
 
 def test_fully_masked_left_padded_rows_stay_finite_at_fp16(fp16_prefill, tiny_model_meta):
     path, config = fp16_prefill
-    runner = Runner(config, None, None, None, Limits(4, 64, 1))  # its feed-building code
+    runner = Runner(config, {}, Limits(4, 64, 1))  # its feed-building code
     prompts = [[500, 20, 21, 22, 23, 24], [500, 25]]  # row 1: four pads, fully masked rows
     feed = prompt_feed(runner.config, prompts, None)
     feed["logit_positions"] = logit_positions(6, None)  # judge every position, pads too

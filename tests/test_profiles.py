@@ -13,15 +13,14 @@ from mllama_export.engines.profiles import (
     ShapeProfile,
     all_profiles,
     buckets,
-    coverage,
     graph_profiles,
     largest_fitting,
-    select_profile,
     step_tokens,
     tensor_shapes,
     tensor_volume_problems,
 )
 from mllama_export.engines.runner import Limits
+from mllama_export.engines.shapes import coverage, select_profile
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import preset
 from mllama_export.graphs.contract import GRAPHS, static_dims

@@ -597,7 +597,10 @@ def test_three_engines_share_one_scratch_buffer_and_one_stream(fake_trt, stand_i
     scratch = backends[0]._scratch
     assert scratch.size == max(standin.SCRATCH.values())  # the largest, not the sum
     runner = Runner(
-        config_of(manifest), *backends, Limits(**manifest["limits"]), manifest["io_dtype"]
+        config_of(manifest),
+        dict(zip(GRAPHS, backends, strict=True)),
+        Limits(**manifest["limits"]),
+        manifest["io_dtype"],
     )
     runner.generate_ids([[500, 20, 21]], max_new_tokens=3, stop_tokens=set())
     memories = {b.engine.contexts[0].memory for b in backends[1:]}  # vision: no image given
@@ -621,7 +624,10 @@ def test_runner_on_stand_in_engines_generates_what_onnxruntime_does(
     _, _, manifest = stand_in
     config = config_of(manifest)
     backends = [cpu_backend(stand_in, name, device_outputs=True) for name in GRAPHS]
-    trt_runner = Runner(config, *backends, Limits(**manifest["limits"]), manifest["io_dtype"])
+    trt_runner = Runner(
+        config, dict(zip(GRAPHS, backends, strict=True)), Limits(**manifest["limits"]),
+        manifest["io_dtype"],
+    )  # fmt: skip
     ort_runner = Runner.from_artifacts(ort_artifacts, io_binding=False)
     assert isinstance(trt_runner.store.zeros((1,), np.dtype(np.float32)), torch.Tensor)
     img = config.image_token_id

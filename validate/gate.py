@@ -1,10 +1,11 @@
 """The accuracy gate: a backend's drift from the float32 PyTorch reference, stage by stage.
 
-For every case of the evaluation set both sides run the same inputs through vision, prefill
-and ``steps`` decode steps, and each stage is judged with the thresholds of the artifacts'
-precision:
+For every case of the evaluation set (the family's "evalset" part) both sides run the same
+inputs through the family's stages before prefill (Mllama's vision), prefill and ``steps``
+decode steps, and each stage is judged with the thresholds of the artifacts' precision:
 
-* ``vision``: the cross-attention K/V of the real tiles of the real images (padding tiles and
+* the stages before prefill, as the evalset part's ``traced_stages`` reads them off the
+  first outputs of each graph; Mllama's ``vision``: the cross-attention K/V of the real tiles of the real images (padding tiles and
   padding images are computed by both sides but never attended, so they are left out);
 * ``prefill``: the logits at every real (non-pad) prompt position;
 * ``decode[i]``: the logits of decode step ``i``, under teacher forcing: the reference decodes
@@ -16,7 +17,9 @@ precision:
 The backend side is the ordinary :class:`~mllama_export.engines.runner.Runner` loaded from the
 artifact folder: every feed is built by the runner's own code. Teacher forcing is the
 runner's own (``generate_ids(forced=...)``: the reference's token is fed at every step); a
-tap around its vision backend records the cross-attention K/V. ``prefill_chunk`` judges the
+tap around each backend keeps its first outputs (Mllama's vision: the cross-attention K/V).
+The references: our graphs in float32 (``graphs``), or the family's "reference" part
+(Mllama's: transformers, validate/mllama_reference.py). ``prefill_chunk`` judges the
 prompt pushed through the step graph in chunks, as ``run --prefill-chunk`` serves it.
 """
 
@@ -28,82 +31,75 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 
-from mllama_export.engines.evalset import EvalCase, build_evalset
-from mllama_export.engines.inputs import prompt_feed
+from mllama_export.engines.manifest_read import read_manifest
 from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.choices import REFERENCES
-from mllama_export.graphs.config import PRESETS, MllamaConfig
+from mllama_export.graphs.family import Family, family_of, family_of_config
 from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import info, step
 
 from .metrics import compare
 from .report import DriftReport, Stage
 from .thresholds import Thresholds, load_thresholds
+from .trace import Reference, Trace
 
 __all__ = [
     "GraphsReference",
     "Trace",
-    "TransformersReference",
     "judge",
+    "load_cases",
     "resolve_checkpoint",
     "run_gate",
     "trace_runner",
 ]
 
 
-@dataclass
-class Trace:
-    """What one side computed for one case."""
-
-    cross_kv: np.ndarray | None  # [real tiles, 2 (K, V), L_x, H_kv, patches, Dh]; None: no image
-    prefill: np.ndarray  # [real prompt positions, V]
-    steps: list[np.ndarray] = field(default_factory=list)  # [B, V] per decode step
-    tokens: np.ndarray | None = None  # [steps + 1, B]: tokens[i] is the input of decode step i
-
-
-class Reference(Protocol):
-    label: str
-
-    def trace(self, case: EvalCase, steps: int) -> Trace: ...
-
-
 # -- running a Runner with taps --------------------------------------------------------------
 
 
 class _Tap:
-    """Wraps one backend and keeps what it returns."""
+    """Wraps one backend and keeps what its first call returned (a stage judged before
+    prefill is one graph's first call: Mllama's vision)."""
 
     def __init__(self, backend):
         self.backend = backend
         self.name = getattr(backend, "name", type(backend).__name__)
         self.inputs, self.outputs = backend.inputs, backend.outputs
-        self.results: list[dict[str, np.ndarray]] = []
+        self.first: dict[str, np.ndarray] | None = None
+
+    def __getattr__(self, name: str):  # max_step_tokens, store: the backend's
+        backend = self.__dict__.get("backend")
+        if backend is None:
+            raise AttributeError(name)
+        return getattr(backend, name)
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self.backend.infer(feed)
-        self.results.append(out)
+        if self.first is None:
+            self.first = out
         return out
 
 
 def trace_runner(
     runner: Runner,
-    case: EvalCase,
+    case: Any,
     steps: int,
     forced: np.ndarray | None = None,
     prefill_chunk: int | None = None,
 ) -> Trace:
-    """Runs ``case`` through ``runner``: greedy, or fed ``forced`` tokens ([steps + 1, B]);
-    ``prefill_chunk``: the prompt through the step graph that many tokens at a time."""
+    """Runs ``case`` (a case of the family's evaluation set) through ``runner``: greedy, or
+    fed ``forced`` tokens ([steps + 1, B]); ``prefill_chunk``: the prompt through the step
+    graph that many tokens at a time."""
     run = copy.copy(runner)  # the caller's runner keeps its own backends
-    vision = _Tap(runner.vision)
-    run.vision = vision
+    taps = {n: _Tap(b) for n, b in runner.backends.items() if b is not None}
+    run.backends = {**runner.backends, **taps}
     try:
         # keep_logits: prefill returns every position's logits, so that all are judged
         gen = run.generate_ids(
@@ -112,26 +108,11 @@ def trace_runner(
         )  # fmt: skip
     except MllamaExportError as err:
         raise MllamaExportError(f"case {case.name!r}: {err}") from err
-    kv = None
-    if vision.results:
-        out = vision.results[0]
-        kv = _real_tiles(out["cross_key"], out["cross_value"], case, runner.config)
+    first = {n: tap.first for n, tap in taps.items() if tap.first is not None}
+    stages = runner.family.part("evalset").traced_stages(case, runner.config, first)
     tokens = np.array(gen.token_ids, np.int64).T if forced is None else forced
     prefill = gen.prefill_logits[gen.prompt_mask != 0]
-    return Trace(kv, prefill, list(gen.step_logits), tokens)
-
-
-def _real_tiles(key: np.ndarray, value: np.ndarray, case: EvalCase, config) -> np.ndarray:
-    # key, value: [L_x, B, H_kv, I*T*P, Dh] -> [real tiles, 2, L_x, H_kv, P, Dh]
-    layers, b, heads, _, dim = key.shape
-    tiles, patches = config.vision.max_num_tiles, config.vision.num_patches
-    kv = np.stack([key, value]).reshape(2, layers, b, heads, -1, tiles, patches, dim)
-    kv = kv.transpose(2, 4, 5, 0, 1, 3, 6, 7)  # [B, I, T, 2, L_x, H_kv, P, Dh]
-    real = np.zeros(kv.shape[:3], bool)
-    for row, counts in enumerate(case.images.num_tiles):
-        for i, n in enumerate(counts):
-            real[row, i, :n] = True
-    return kv[real]
+    return Trace(stages, prefill, list(gen.step_logits), tokens)
 
 
 # -- references -------------------------------------------------------------------------------
@@ -144,72 +125,8 @@ class GraphsReference:
         self.label, self.model = label, model
         self.runner = Runner.from_model(model, limits)
 
-    def trace(self, case: EvalCase, steps: int) -> Trace:
+    def trace(self, case: Any, steps: int) -> Trace:
         return trace_runner(self.runner, case, steps)
-
-
-class TransformersReference:
-    """transformers' MllamaForConditionalGeneration in float32, decoding greedily with its
-    own cache. Its vision stage is the cross-attention K/V that transformers itself computed
-    and cached in the prefill (its cross-attention layers' cache entries), which have our
-    layout [B, H_kv, I*T*P, Dh] per layer: the vision encoder, projector, k/v projections and
-    k-norm are all judged against transformers' code, not ours."""
-
-    label = "transformers fp32"
-
-    def __init__(self, model, config: MllamaConfig):
-        self.model, self.config = model, config
-
-    def trace(self, case: EvalCase, steps: int) -> Trace:
-        import torch
-
-        feed = prompt_feed(self.config, case.prompts, case.images)
-        feed = {k: torch.from_numpy(v) for k, v in feed.items()}
-        images, kwargs = case.images, {}
-        if images is not None:
-            kwargs = {
-                "pixel_values": torch.from_numpy(images.pixel_values),
-                "aspect_ratio_ids": torch.from_numpy(images.aspect_ratio_ids),
-                "aspect_ratio_mask": torch.from_numpy(images.aspect_ratio_mask),
-                "cross_attention_mask": feed["cross_attention_mask"],
-            }
-        mask, positions = feed["attention_mask"], feed["position_ids"]
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=feed["input_ids"],
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **kwargs,
-            )
-            cache, logits = out.past_key_values, out.logits
-            kv = None
-            if images is not None:
-                layers = [cache.layers[i] for i in self.config.text.cross_attention_layers]
-                key = torch.stack([layer.keys for layer in layers]).numpy()
-                value = torch.stack([layer.values for layer in layers]).numpy()
-                kv = _real_tiles(key, value, case, self.config)
-            prefill = logits.numpy()[mask.numpy() != 0]
-            tokens = [logits[:, -1].argmax(-1)]
-            step_logits = []
-            position = positions[:, -1:]
-            xmask = feed["cross_attention_mask"][:, -1:]
-            for _ in range(steps):
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                position = position + 1
-                step_kwargs = {"cross_attention_mask": xmask} if images is not None else {}
-                out = self.model(
-                    input_ids=tokens[-1][:, None],
-                    attention_mask=mask,
-                    position_ids=position,
-                    past_key_values=cache,
-                    use_cache=True,
-                    **step_kwargs,
-                )
-                cache = out.past_key_values
-                step_logits.append(out.logits[:, -1].numpy())
-                tokens.append(out.logits[:, -1].argmax(-1))
-        return Trace(kv, prefill, step_logits, torch.stack(tokens).numpy().astype(np.int64))
 
 
 # -- where the reference weights come from ---------------------------------------------------
@@ -231,39 +148,37 @@ class ReferenceWeights:
     """Where the float32 reference weights come from: a checkpoint folder, or a preset
     re-synthesized from its seed."""
 
-    config: MllamaConfig
-    folder: Path | None  # None: a preset, synthesized in memory
+    config: Any  # the family's frozen config
+    folder: Path | None  # None: a preset, synthesized when needed
     preset: str | None = None
     seed: int = 0
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.config)
 
     def describe(self) -> str:
         if self.folder is not None:
             return str(self.folder)
         return f"synthetic {self.preset} preset, seed {self.seed}"
 
-    def load(self, semantics: str):
-        """Our MllamaModel in float32."""
+    def load(self, semantics: str | None):
+        """The family's model in float32, read strictly by its "load_model" part; a preset's
+        made in memory by its "synthetic_model" part, or else written by its "synth" part
+        (the same seeded random weights the build synthesized) and read back."""
         import torch
 
-        from mllama_export.graphs.layers import rope_inv_freq
-        from mllama_export.graphs.model import MllamaModel
-        from mllama_export.graphs.synth import random_state_dict
-        from mllama_export.graphs.weights import load_model
+        family = self.family
+        if self.folder is None and family.has("synthetic_model"):
+            return family.part("synthetic_model")(self.config, self.seed, semantics)
+        with ExitStack() as stack:
+            folder = self.as_folder(stack)
+            return family.part("load_model")(folder, semantics, torch.float32)
 
-        if self.folder is not None:
-            return load_model(self.folder, semantics, torch.float32)
-        with torch.device("meta"):
-            model = MllamaModel(self.config, semantics)
-        state = random_state_dict(self.config, self.seed)
-        model.load_state_dict(state, assign=True, strict=True)
-        model.text.rotary.inv_freq = rope_inv_freq(self.config.text.rope, self.config.text.head_dim)
-        return model.eval()
-
-    def folder_for_transformers(self, stack: ExitStack) -> Path:
+    def as_folder(self, stack: ExitStack) -> Path:
         if self.folder is not None:
             return self.folder
-        from mllama_export.graphs.synth import write_checkpoint
-
+        write_checkpoint = self.family.part("synth")
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mllama-gate-")))
         return write_checkpoint(self.config, tmp / self.preset, self.seed)
 
@@ -272,7 +187,8 @@ def resolve_checkpoint(manifest: dict, checkpoint: str | Path | None = None) -> 
     """The float32 weights the artifacts were built from (see the comment above)."""
     from mllama_export.graphs.resolve import resolve_model
 
-    built = MllamaConfig.from_hf_dict(manifest["model"]["config"])
+    family = family_of_config(manifest["model"]["config"])
+    built = family.read_config(manifest["model"]["config"])
     model = manifest["model"]
     source, recorded = model.get("source"), model.get("checkpoint")
     if checkpoint is not None:
@@ -284,7 +200,7 @@ def resolve_checkpoint(manifest: dict, checkpoint: str | Path | None = None) -> 
     elif (
         "kind" not in model
         and isinstance(source, str)
-        and (Path(source).is_dir() or source in PRESETS)
+        and (Path(source).is_dir() or source in family.presets)
     ):
         # a manifest of an earlier version: source only, relative to where build ran
         found, where = resolve_model(source), f"the manifest's model.source {source}"
@@ -309,31 +225,21 @@ def resolve_checkpoint(manifest: dict, checkpoint: str | Path | None = None) -> 
 def make_reference(
     kind: str, manifest: dict, checkpoint: ReferenceWeights, stack: ExitStack
 ) -> Reference:
+    """The graphs reference (our graphs in float32), or the family's "reference" part."""
     limits = Limits(**manifest["limits"])
-    semantics = manifest["model"]["xattn_mask"]
+    semantics = manifest["model"].get("xattn_mask")
     if kind == "graphs":
         return GraphsReference(checkpoint.load(semantics), limits)
     if kind != "transformers":
         raise MllamaExportError(f"unknown reference {kind!r}; available: {', '.join(REFERENCES)}")
-    if semantics != "hf":
-        raise MllamaExportError(
-            f"--reference transformers judges artifacts built with --xattn-mask hf only; these "
-            f"were built with --xattn-mask {semantics}, which differs from transformers by "
-            "design (text before an image ignores it, and the vision encoder taps layer inputs, "
-            "as Meta's reference does), so correct artifacts would fail. Use --reference "
-            "graphs, or rebuild with --xattn-mask hf"
-        )
-    try:
-        import torch
-        from transformers import MllamaForConditionalGeneration
-    except ImportError as err:
-        raise MllamaExportError(
-            f"--reference transformers needs transformers ({err}); "
-            "pip install 'mllama-export[reference]'"
-        ) from err
-    folder = checkpoint.folder_for_transformers(stack)
-    model = MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
-    return TransformersReference(model.eval(), checkpoint.config)
+    return checkpoint.family.part("reference").from_weights(manifest, checkpoint, stack)
+
+
+def load_cases(folder: str | Path, artifacts: str | Path) -> list:
+    """A user's evaluation set for an artifact folder, read by the family its manifest names
+    (its "evalset" part's load_evalset)."""
+    family = family_of_config(read_manifest(artifacts)["model"]["config"])
+    return family.part("evalset").load_evalset(folder, artifacts)
 
 
 # -- judging ----------------------------------------------------------------------------------
@@ -342,7 +248,7 @@ def make_reference(
 def judge(
     runner: Runner,
     reference: Reference,
-    cases: Sequence[EvalCase],
+    cases: Sequence[Any],
     steps: int,
     thresholds: Thresholds,
     precision: str,
@@ -359,8 +265,9 @@ def judge(
     if not cases:
         raise MllamaExportError("no evaluation cases to run")
     thresholds.limits_for(precision, "logits")  # a missing precision fails before any work
-    if any(c.images is not None for c in cases):
-        thresholds.limits_for(precision, "vision")
+    evalset = runner.family.part("evalset")
+    for name in sorted({stage for c in cases for stage in evalset.case_stages(c)}):
+        thresholds.limits_for(precision, name)
     report = DriftReport([], precision, thresholds.version, reference.label, backend)
     # Top-1 flips between logits that an allowed error can swap are ties, not drift.
     ties = thresholds.ties(precision)
@@ -370,10 +277,10 @@ def judge(
         ref = reference.trace(case, steps)
         ours = trace_runner(runner, case, steps, forced=ref.tokens, prefill_chunk=prefill_chunk)
         stages = []
-        if (ref.cross_kv is None) != (ours.cross_kv is None):
-            raise MllamaExportError(f"case {case.name!r}: only one side ran the vision graph")
-        if ref.cross_kv is not None:
-            stages.append(("vision", compare(ours.cross_kv, ref.cross_kv, logits=False)))
+        for name in sorted(set(ref.stages) | set(ours.stages)):
+            if name not in ref.stages or name not in ours.stages:
+                raise MllamaExportError(f"case {case.name!r}: only one side ran the {name} graph")
+            stages.append((name, compare(ours.stages[name], ref.stages[name], logits=False)))
         stages.append(("prefill", compare(ours.prefill, ref.prefill, True, **ties)))
         for i, (a, r) in enumerate(zip(ours.steps, ref.steps, strict=True)):
             stages.append((str(Stage("decode", i)), compare(a, r, True, **ties)))
@@ -417,7 +324,7 @@ def run_gate(
     backend: str = "onnxruntime",
     reference: str = "graphs",
     thresholds: str | Path | None = None,
-    cases: Sequence[EvalCase] | None = None,
+    cases: Sequence[Any] | None = None,
     steps: int = 8,
     checkpoint: str | Path | None = None,
     device: str = "cpu",
@@ -426,11 +333,10 @@ def run_gate(
     """Judges the artifact folder's graphs on ``backend`` against the float32 reference
     (``prefill_chunk``: the backend prefills in chunks of that many prompt tokens).
 
-    ``cases`` defaults to :func:`build_evalset` for the artifacts' config and limits. The
+    ``cases`` defaults to the family's built-in evaluation set (its "evalset" part's
+    ``build_evalset``) for the artifacts' config and limits. The
     artifacts are checked against their manifest's sha256 first: tampered files are refused.
     """
-    from mllama_export.engines.manifest_read import read_manifest
-
     start = time.perf_counter()
     artifacts = Path(artifacts)
     if reference not in REFERENCES:
@@ -443,7 +349,7 @@ def run_gate(
         runner = Runner.from_artifacts(artifacts, backend, device)
     precision = manifest["precision"]
     if cases is None:
-        cases = build_evalset(runner.config, runner.limits, steps)
+        cases = runner.family.part("evalset").build_evalset(runner.config, runner.limits, steps)
     source = resolve_checkpoint(manifest, checkpoint)
     with ExitStack() as stack:
         with step(f"loading the {reference} reference from {source.describe()}"):
@@ -454,7 +360,7 @@ def run_gate(
     report.extra = {
         "artifacts": str(artifacts),
         "device": device,
-        "xattn_mask": manifest["model"]["xattn_mask"],
+        "xattn_mask": manifest["model"].get("xattn_mask"),
         "reference_weights": source.describe(),
         "thresholds_source": limits.source,
         "seconds": round(time.perf_counter() - start, 2),

@@ -23,15 +23,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mllama_export.engines.evalset import EvalCase, build_evalset
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.family import Family, family_of_config
 from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import bar, step
 
@@ -193,7 +193,7 @@ class _Cached:
     def __init__(self, label: str, traces: dict[str, Trace]):
         self.label, self.traces = label, traces
 
-    def trace(self, case: EvalCase, steps: int) -> Trace:
+    def trace(self, case: Any, steps: int) -> Trace:
         return self.traces[case.name]
 
 
@@ -223,16 +223,17 @@ class _FP8Forward:
     per layer, shared by every job (LayerMajor keeps what it makes while the layer is
     loaded)."""
 
-    def __init__(self, weights, name: str, amax: float, scheme: str, dtype):
-        self.weights, self.name, self.amax = weights, name, amax
+    def __init__(self, family: Family, weights, name: str, amax: float, scheme: str, dtype):
+        self.family, self.weights, self.name, self.amax = family, weights, name, amax
         self.scheme, self.dtype = scheme, dtype
 
     def __call__(self, linear):
         import torch
         from torch import nn
 
-        from mllama_export.exporter.layerwise import read_float
         from mllama_export.graphs.quant import FP8Linear
+
+        read_float = self.family.part("layerwise").read_float
 
         exact = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
         exact.weight = nn.Parameter(read_float(self.weights, f"{self.name}.weight", torch.float32))
@@ -247,10 +248,13 @@ class _Session:
     compute them, float16 rounding included)."""
 
     def __init__(self, weights, manifest, cases, steps, thresholds, scheme, prefill_chunk):
-        from mllama_export.exporter.layerwise import LazyModel
         from mllama_export.exporter.options import PRECISION_TORCH_DTYPES
 
-        semantics, limits = manifest["model"]["xattn_mask"], Limits(**manifest["limits"])
+        self.family = family_of_config(manifest["model"]["config"])
+        self.layerwise = self.family.part("layerwise")
+        LazyModel = self.layerwise.LazyModel  # noqa: N806 (a class)
+        semantics = manifest["model"].get("xattn_mask")
+        limits = Limits(**manifest["limits"])
         self.weights, self.dtype = weights, PRECISION_TORCH_DTYPES["fp8"]
         self.lazy = {"float32": LazyModel(weights, semantics)}
         self.lazy["artifacts"] = LazyModel(weights, semantics, self.dtype)
@@ -261,13 +265,10 @@ class _Session:
         self.reference = _Cached("PyTorch graphs fp32", self._reference_traces())
 
     def _run(self, base: str, jobs) -> list:
-        from mllama_export.exporter.layerwise import LayerMajor
-
-        return LayerMajor(self.lazy[base]).run(jobs)
+        return self.layerwise.LayerMajor(self.lazy[base]).run(jobs)
 
     def _reference_traces(self) -> dict[str, Trace]:
-        from mllama_export.exporter.layerwise import Job
-
+        Job = self.layerwise.Job  # noqa: N806 (a class)
         runner = self.runners["float32"]
         jobs = [Job(lambda c=c: trace_runner(runner, c, self.steps)) for c in self.cases]
         return {c.name: t for c, t in zip(self.cases, self._run("float32", jobs), strict=True)}
@@ -277,7 +278,9 @@ class _Session:
 
         if (base, name) not in self._forwards:
             dtype = torch.float32 if base == "float32" else self.dtype
-            self._forwards[base, name] = _FP8Forward(self.weights, name, amax, self.scheme, dtype)
+            self._forwards[base, name] = _FP8Forward(
+                self.family, self.weights, name, amax, self.scheme, dtype
+            )
         return self._forwards[base, name]
 
     def gate(self, variants: dict[str, dict[str, float]], base: str, on_pass=None) -> dict:
@@ -285,8 +288,7 @@ class _Session:
         the ``base`` ("float32" or "artifacts")}: every (variant, case) a job,
         VARIANTS_PER_PASS variants per pass over the layers; ``on_pass`` is given the
         results so far after each pass."""
-        from mllama_export.exporter.layerwise import Job
-
+        Job = self.layerwise.Job  # noqa: N806 (a class)
         runner, labels, results = self.runners[base], list(variants), {}
         starts = range(0, len(labels), VARIANTS_PER_PASS)
         passes = bar(starts, len(starts), f"FP8 variants, {VARIANTS_PER_PASS} per pass", "passes")
@@ -340,12 +342,11 @@ def _vision_linears(manifest: dict) -> list[str]:
     """Every layer an --fp8-vision build would quantize, from a model on the meta device."""
     import torch
 
-    from mllama_export.graphs.config import MllamaConfig
-    from mllama_export.graphs.model import MllamaModel
     from mllama_export.graphs.quant import quantizable_linears
 
+    family = family_of_config(manifest["model"]["config"])
     with torch.device("meta"):
-        model = MllamaModel(MllamaConfig.from_hf_dict(manifest["model"]["config"]))
+        model = family.part("model")(family.read_config(manifest["model"]["config"]))
     return quantizable_linears(model, vision=True)
 
 
@@ -353,7 +354,7 @@ def run_sensitivity(
     artifacts: str | Path,
     layers: Sequence[str] = (),
     thresholds: str | Path | None = None,
-    cases: Sequence[EvalCase] | None = None,
+    cases: Sequence[Any] | None = None,
     steps: int = 8,
     checkpoint: str | Path | None = None,
     out_dir: str | Path | None = None,
@@ -369,7 +370,6 @@ def run_sensitivity(
     finished rows. ``prefill_chunk``: the quantized side prefills through the step graph in
     chunks."""
     from mllama_export.engines.manifest_read import read_manifest
-    from mllama_export.graphs.weights import Checkpoint
 
     start = time.perf_counter()
     manifest = read_manifest(artifacts)
@@ -377,7 +377,8 @@ def run_sensitivity(
     limits_file = load_thresholds(thresholds)
     source = resolve_checkpoint(manifest, checkpoint)
     if cases is None:
-        cases = build_evalset(source.config, Limits(**manifest["limits"]), steps)
+        evalset = source.family.part("evalset")
+        cases = evalset.build_evalset(source.config, Limits(**manifest["limits"]), steps)
     extra = {
         "artifacts": str(artifacts),
         "reference_weights": source.describe(),
@@ -396,8 +397,9 @@ def run_sensitivity(
             report.write(out_dir)
 
     with ExitStack() as stack:
-        folder = _checkpoint_folder(source, stack)
-        weights = Checkpoint(folder, source.config)
+        # the reference weights as a folder to read layer by layer (a preset: synthesized)
+        folder = source.as_folder(stack)
+        weights = source.family.part("checkpoint")(folder, source.config)
         session = _Session(weights, manifest, cases, steps, limits_file, scheme, prefill_chunk)
         session.gate({name: {name: value} for name, value in amax.items()}, "float32", keep)
         label = f"all {len(amax)} layers"
@@ -410,16 +412,6 @@ def run_sensitivity(
     if out_dir is not None:
         report.write(out_dir)
     return report
-
-
-def _checkpoint_folder(source, stack: ExitStack) -> Path:
-    """The reference weights as a folder to read layer by layer (a preset: synthesized)."""
-    if source.folder is not None:
-        return source.folder
-    from mllama_export.graphs.synth import write_checkpoint
-
-    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mllama-sensitivity-")))
-    return write_checkpoint(source.config, tmp / source.preset, source.seed)
 
 
 def _suggest(session: _Session, ranked, amax: dict[str, float], manifest: dict) -> Suggestion:

@@ -149,7 +149,7 @@ def _report(runner, result, seconds: float) -> None:
     from mllama_export.graphs.progress import duration
 
     n = len(result.token_ids)
-    stops = set(runner.config.text.eos_token_ids)
+    stops = set(runner.config.eos_token_ids)
     if runner.tokenizer is not None:
         stops |= runner.tokenizer.eos_token_ids
     why = "an end token" if n and result.token_ids[-1] in stops else "--max-new-tokens"

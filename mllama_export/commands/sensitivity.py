@@ -44,11 +44,11 @@ def command(folder, layers, thresholds, report_dir, evalset, steps, checkpoint, 
       mllama-export sensitivity out/tiny-fp8 --layers 'text.layers.4.*'
       mllama-export sensitivity out/tiny-fp8 --layers 'text.layers.1.*' --steps 2 --top 5
     """
-    from mllama_export.engines.evalset import load_evalset
+    from mllama_export.validate.gate import load_cases
     from mllama_export.validate.sensitivity import run_sensitivity
 
     out = report_dir if report_dir is not None else folder / "sensitivity"
-    cases = load_evalset(evalset, folder) if evalset is not None else None
+    cases = load_cases(evalset, folder) if evalset is not None else None
     try:
         report = run_sensitivity(
             folder,

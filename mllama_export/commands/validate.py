@@ -54,10 +54,9 @@ def command(
       mllama-export validate out/tiny
       mllama-export validate out/tiny --steps 2 --report out/tiny-drift
     """
-    from mllama_export.engines.evalset import load_evalset
-    from mllama_export.validate.gate import run_gate
+    from mllama_export.validate.gate import load_cases, run_gate
 
-    cases = load_evalset(evalset, folder) if evalset is not None else None
+    cases = load_cases(evalset, folder) if evalset is not None else None
     report = run_gate(
         folder,
         backend=backend,
