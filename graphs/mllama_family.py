@@ -48,6 +48,7 @@ MLLAMA = Family(
         "exporter.mllama_build",
         "exporter.checkplan",
         "exporter.fp8",
+        "exporter.fp8_cases",
         "exporter.layerwise",
         "exporter.calibrate",
         "exporter.plan",
