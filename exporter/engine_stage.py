@@ -242,6 +242,12 @@ def check_engines_before_work(options, config: Any) -> None:
         )
     if mode == "skip":
         return
+    family = family_of(config)
+    if mode == "require" and _profiles(family) is None:
+        raise MllamaExportError(
+            f"--engines require: the {family.title} family has no TensorRT optimization "
+            "profiles; use --engines auto or skip for the ONNX artifacts alone"
+        )
     check_tensor_volumes(config, options, text_engine=options.text_engine)
     if mode == "require":
         reason = tensorrt_unavailable(needs_fp8=options.precision == "fp8")
