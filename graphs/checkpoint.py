@@ -41,6 +41,7 @@ class CheckpointFormat:
     Llama 3.2 Vision model"). ``buffers(config)``: our name -> tensor of the non-persistent
     buffers a checkpoint does not hold (rope frequencies), rebuilt at load. ``side_files(config,
     folder)``: writes what a synthetic checkpoint carries besides config.json and the weights.
+    ``describe(config)``: its geometry in words, for `synth`'s summary ("2 text layers, ...").
     """
 
     table: tuple[tuple[str, str], ...]
@@ -48,6 +49,7 @@ class CheckpointFormat:
     model: str
     buffers: Callable[[Any], dict[str, torch.Tensor]] = _no_buffers
     side_files: Callable[[Any, Path], None] | None = None
+    describe: Callable[[Any], str] | None = None
 
     def our_name(self, checkpoint_name: str) -> str | None:
         for theirs, ours in self.table:

@@ -19,7 +19,7 @@ MLLAMA = Family(
         "checkpoint": "graphs.checkpoint:Checkpoint",
         "load_model": "graphs.weights:load_model",
         "synth": "graphs.synthetic:write_checkpoint",
-        "truncated": "graphs.config:truncated",
+        "truncated": "graphs.synth:shallower",
         "inputs": "engines.inputs:InputProcessor",
         "session": "engines.mllama_session:MllamaSession",
         "evalset": "engines.evalset",
@@ -27,7 +27,7 @@ MLLAMA = Family(
         "build": "exporter.mllama_build",
         "check": "exporter.checkplan",
         "fp8": "exporter.fp8",
-        "plan": "exporter.plan",
+        "plan": "exporter.fits",
         "reference": "validate.mllama_reference:TransformersReference",
     },
     modules=(
