@@ -26,19 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from mllama_export.engines.manifest_read import MANIFEST, read_manifest
-from mllama_export.engines.profiles import (
-    DEFAULT_SCHEME,
-    ProfileScheme,
-    ShapeProfile,
-    all_profiles,
-    engine_graphs,
-    largest_fitting,
-    tensor_volume_problems,
-)
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.choices import ENGINE_MODES, PRECISIONS
-from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.contract import GRAPH_NAMES
+from mllama_export.graphs.family import Family, family_of, family_of_config
 from mllama_export.graphs.progress import info
 
 from .manifest import write_manifest
@@ -58,7 +48,7 @@ class EngineBuild:
     onnx: str  # relative to the artifact folder
     engine: str  # relative to the artifact folder
     precision: str  # what the graph's types are; the network is strongly typed for all
-    profiles: tuple[ShapeProfile, ...]
+    profiles: tuple  # the family's ShapeProfiles (its "profiles" part)
 
 
 def retry_command(folder: Path) -> str:
@@ -67,17 +57,19 @@ def retry_command(folder: Path) -> str:
 
 def plan_engines(
     graphs: dict[str, dict],
-    profiles: dict[str, list[ShapeProfile]],
+    profiles: dict[str, list],
     precision: str,
     engines: tuple[str, ...] | None = None,
+    order: tuple[str, ...] | None = None,
 ) -> list[EngineBuild]:
     """One plan per graph of `graphs` ({name: {"file": "onnx/<name>.onnx", ...}}) that gets
-    an engine (`engines`, default all: a shared text engine has none for prefill), in the
-    vision, prefill, decode order; a graph's own "precision" entry, where present, overrides
-    the build's (FP8 text beside a 16-bit vision graph)."""
+    an engine (`engines`, default all: Mllama's shared text engine has none for prefill), in
+    the family's graph ``order`` (default: the first family's); a graph's own "precision"
+    entry, where present, overrides the build's (FP8 text beside a 16-bit vision graph)."""
     plans = []
+    order = tuple(order or _first_family().graphs)
     names = [g for g in graphs if engines is None or g in engines]
-    for name in sorted(names, key=lambda g: GRAPH_NAMES.index(g) if g in GRAPH_NAMES else 9):
+    for name in sorted(names, key=lambda g: order.index(g) if g in order else len(order)):
         if name not in profiles:
             raise MllamaExportError(f"no optimization profiles for a graph named {name!r}")
         graph_precision = graphs[name].get("precision", precision)
@@ -195,22 +187,38 @@ def _cc(capability) -> str:
     return ".".join(str(c) for c in capability)
 
 
+def _first_family() -> Family:
+    from mllama_export.graphs.family import families
+
+    return families()[0]
+
+
+def _profiles(family: Family):
+    """The family's optimization-profile scheme; None for a family without one (no engines)."""
+    return family.part("profiles") if family.has("profiles") else None
+
+
 def check_tensor_volumes(
-    config: MllamaConfig,
+    config: Any,
     limits,
-    scheme: ProfileScheme = DEFAULT_SCHEME,
+    scheme: Any = None,
     rebuild_hint="",
     text_engine: str = "split",
 ) -> None:
     """Refuses limits at which some engine tensor would exceed TensorRT's element cap, naming
-    the tensor and the largest value of each option that lowers it."""
-    problems = tensor_volume_problems(config, limits, scheme, text_engine)
+    the tensor and the largest value of each option that lowers it (``scheme``: default, the
+    family's DEFAULT_SCHEME). A family without profiles builds no engine: nothing to refuse."""
+    profiles = _profiles(family_of(config))
+    if profiles is None:
+        return
+    scheme = scheme or profiles.DEFAULT_SCHEME
+    problems = profiles.tensor_volume_problems(config, limits, scheme, text_engine)
     if not problems:
         return
     worst = problems[0]
     fixes = []
     for name in worst.limits:
-        best = largest_fitting(config, limits, name, scheme, text_engine)
+        best = profiles.largest_fitting(config, limits, name, scheme, text_engine)
         if best is not None:
             fixes.append(f"--{name.replace('_', '-')} {best}")
     shape = "x".join(str(d) for d in worst.shape)
@@ -223,7 +231,7 @@ def check_tensor_volumes(
     )
 
 
-def check_engines_before_work(options, config: MllamaConfig) -> None:
+def check_engines_before_work(options, config: Any) -> None:
     """`build --engines`: auto and require refuse a profile over TensorRT's tensor cap; require
     also refuses a machine where engines cannot be built (TensorRT, a CUDA GPU, and compute
     capability 8.9 for FP8)."""
@@ -234,6 +242,12 @@ def check_engines_before_work(options, config: MllamaConfig) -> None:
         )
     if mode == "skip":
         return
+    family = family_of(config)
+    if mode == "require" and _profiles(family) is None:
+        raise MllamaExportError(
+            f"--engines require: the {family.title} family has no TensorRT optimization "
+            "profiles; use --engines auto or skip for the ONNX artifacts alone"
+        )
     check_tensor_volumes(config, options, text_engine=options.text_engine)
     if mode == "require":
         reason = tensorrt_unavailable(needs_fp8=options.precision == "fp8")
@@ -250,18 +264,26 @@ def check_engines_before_work(options, config: MllamaConfig) -> None:
 def prepare_engines(
     work: Path,
     graphs: dict[str, dict],
-    config: MllamaConfig,
+    config: Any,
     options,
     *,
-    scheme: ProfileScheme = DEFAULT_SCHEME,
+    scheme: Any = None,
     optimization_level: int | None = None,
 ) -> dict[str, Any]:
     """In the ONNX stage: writes engines/trtexec.sh into `work` and returns the manifest's
     `tensorrt` entry before any engine exists (status pending, skipped or unavailable). A
     rebuild into the same --out keeps the last build's timing cache when it was measured by
-    this TensorRT on this GPU."""
-    profiles = all_profiles(config, options, scheme, options.text_engine)
-    plans = plan_engines(graphs, profiles, options.precision, engine_graphs(options.text_engine))
+    this TensorRT on this GPU. ``scheme``: default, the family's DEFAULT_SCHEME."""
+    family = family_of(config)
+    part = _profiles(family)
+    if part is None:
+        reason = f"the {family.title} family has no TensorRT optimization profiles"
+        info(f"no TensorRT engines built: {reason}")
+        return {"built": False, "status": "unavailable", "reason": reason}
+    scheme = scheme or part.DEFAULT_SCHEME
+    profiles = part.all_profiles(config, options, scheme, options.text_engine)
+    engines = part.engine_graphs(options.text_engine)
+    plans = plan_engines(graphs, profiles, options.precision, engines, tuple(family.graphs))
     (work / ENGINE_DIR).mkdir(exist_ok=True)
     script = work / TRTEXEC_SCRIPT
     script.write_text(trtexec_script(plans, optimization_level))
@@ -323,7 +345,10 @@ def pending_engines(manifest: dict, names=None, rebuild: bool = False) -> list[s
     failed, or were built by another TensorRT or on another GPU; all of them with `rebuild`."""
     entry = manifest.get("tensorrt") or {}
     engines = entry.get("engines") or {}
-    known = tuple(engines) or engine_graphs(entry.get("text_engine", "split"))
+    if not engines:
+        profiles = _manifest_family(manifest).part("profiles")
+        engines = dict.fromkeys(profiles.engine_graphs(entry.get("text_engine", "split")))
+    known = tuple(engines)
     names = list(names or known)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -377,10 +402,18 @@ def build_engines(folder: Path, names: list[str]) -> dict[str, Any]:
 def _plans_from_manifest(manifest: dict) -> list[EngineBuild]:
     """The plans the manifest recorded when the ONNX was built: the very same profiles."""
     entry = manifest["tensorrt"]
+    family = _manifest_family(manifest)
+    shape_profile = family.part("profiles").ShapeProfile
     profiles = {
-        g: [ShapeProfile.from_json(p) for p in ps] for g, ps in entry.get("profiles", {}).items()
+        g: [shape_profile.from_json(p) for p in ps] for g, ps in entry.get("profiles", {}).items()
     }
-    return plan_engines(manifest["graphs"], profiles, manifest["precision"], tuple(profiles))
+    order = tuple(family.graphs)
+    return plan_engines(manifest["graphs"], profiles, manifest["precision"], tuple(profiles), order)
+
+
+def _manifest_family(manifest: dict) -> Family:
+    config = (manifest.get("model") or {}).get("config") or {}
+    return family_of_config(config, f"{MANIFEST}'s model config")
 
 
 def _quantized(manifest: dict, name: str) -> int:

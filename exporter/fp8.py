@@ -39,7 +39,8 @@ from mllama_export.graphs.vision import VisionAttention
 from mllama_export.graphs.weights import Checkpoint, computed_buffers
 
 from .calibrate import CALIBRATION_STEPS, calibrate_streamed
-from .fp8_check import check_feeds, check_fp8_graph, check_fp8_numerics
+from .fp8_cases import check_feeds
+from .fp8_check import check_fp8_graph, check_fp8_numerics
 from .layerwise import chunked_vision_attention, read_float
 from .onnx_export import example_inputs
 from .options import BuildOptions

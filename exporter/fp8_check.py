@@ -6,7 +6,7 @@ stands elsewhere, and every FP8 weight, weight scale and input scale in the file
 PyTorch's bit for bit.
 
 Numbers (:func:`check_fp8_numerics`), on inputs a real prompt produces (left-padded batches,
-images, the KV cache of a real prefill; :func:`check_feeds`): ONNX Runtime runs the graph with
+images, the KV cache of a real prefill; Mllama's exporter/fp8_cases.py): ONNX Runtime runs the graph with
 the input and the output of every GEMM exposed (the FP8 ones and the 16-bit Linears'), and
 PyTorch runs the same graph with each GEMM's output *forced* to ONNX Runtime's. Then each
 comparison is one that must hold to floating-point rounding, however sensitive the network:
@@ -38,11 +38,7 @@ import numpy as np
 import onnx
 import torch
 
-from mllama_export.engines.backend import TorchBackend
-from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.config import MllamaConfig
-from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.quant import FP8Linear, fp8_qdq
 
 from .fp8_graph import Graph, QuantizedMatMul, check_fp8_graph, fp8_engine_layers
@@ -221,83 +217,9 @@ def _judge(path: Path, worst: dict, dtype: torch.dtype, cases: int, fp8: set) ->
     }
 
 
-# -- inputs a real prompt produces ---------------------------------------------------------------
-
-
-class _RowByRow:
-    """The vision backend run one batch row at a time, outputs joined on the batch axis."""
-
-    def __init__(self, backend):
-        self.backend, self.inputs, self.outputs = backend, backend.inputs, backend.outputs
-        self.name = "row-by-row"
-
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [
-            self.backend.infer({k: v[b : b + 1] for k, v in feed.items()})
-            for b in range(len(feed["aspect_ratio_ids"]))
-        ]
-        return {s.name: np.concatenate([r[s.name] for r in rows], axis=1) for s in self.outputs}
-
-
-class _Recorder:
-    """A backend that keeps every feed it is given."""
-
-    def __init__(self, backend):
-        self.backend, self.inputs, self.outputs = backend, backend.inputs, backend.outputs
-        self.name = "recorder"
-        self.feeds: list[dict[str, np.ndarray]] = []
-
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.feeds.append({k: np.array(v) for k, v in feed.items()})
-        return self.backend.infer(feed)
-
-
-def check_cases(config: MllamaConfig, limits: Limits) -> list:
-    """Two prompts' worth of real inputs, at sizes unlike the traced ones (batch 2, 2 images):
-    one prompt with an image (batch 1), and a left-padded batch of up to 3 prompts (a text-only
-    one, one with text before its image, one with the image first) whose images go to the
-    vision graph one row at a time (11B's tiles make a batch of images heavy on a CPU)."""
-    from mllama_export.engines.evalset import _CaseMaker
-
-    longest = max(4, min(20, limits.max_seq_len - 4))
-    maker = _CaseMaker(config, seed=7, longest=longest)
-    one_tile = next(
-        r
-        for r in range(1, config.vision.max_aspect_ratio_id + 1)
-        if np.prod(config.vision.supported_aspect_ratios[r - 1]) == 1
-    )
-    rows = [(5, []), (11, [(4, one_tile)]), (8, [(1, one_tile)])][: limits.max_batch]
-    return [maker.case("check-image", [(9, [(1, one_tile)])]), maker.case("check-padded", rows)]
-
-
-def check_feeds(model: torch.nn.Module, limits: Limits, dtype: torch.dtype) -> dict[str, list]:
-    """{graph: [feeds]} of the check cases generated greedily by ``model`` (PyTorch, the
-    build's precision): the vision graph's of the one-image case, every prefill, and the
-    first two decode steps of each case."""
-    from mllama_export.graphs.model import GRAPH_MODULES
-
-    io = str(dtype).removeprefix("torch.")
-    graphs = [cls(model) for cls in GRAPH_MODULES.values()]
-    rec = [_Recorder(TorchBackend(g)) for g in graphs]
-    runner = Runner(model.config, dict(zip(GRAPH_MODULES, rec, strict=True)), limits, io)
-    feeds = {name: [] for name in GRAPH_MODULES}
-    for i, case in enumerate(check_cases(model.config, limits)):
-        before = [len(r.feeds) for r in rec]
-        # the padded batch's vision K/V are only an input of the text graphs' check
-        runner.vision = rec[0] if i == 0 else _RowByRow(rec[0].backend)
-        runner.generate_ids(case.prompts, case.images, 3, stop_tokens=set())
-        vision, prefill, decode = (r.feeds[b:] for r, b in zip(rec, before, strict=True))
-        feeds["vision"] += vision if i == 0 else []
-        feeds["prefill"] += prefill
-        feeds["decode"] += decode[:2]
-    return feeds
-
-
 __all__ = [
     "GEMM_LIMITS",
     "OUTPUT_LIMITS",
-    "check_cases",
-    "check_feeds",
     "check_fp8_graph",
     "check_fp8_numerics",
     "fp8_engine_layers",

@@ -60,6 +60,11 @@ class Reference:
         gc.collect()
 
 
+def graph_modules(config: Any) -> dict[str, type[torch.nn.Module]]:
+    """Graph name -> module class, of ``config``'s family, in the order they run."""
+    return family_of(config).part("graph_modules")
+
+
 def inputs(graph_cls, config: Any, dtype: torch.dtype, seed: int, sizes: dict) -> dict:
     """The case's inputs by name: both runtimes bind them by name, never by position."""
     args = example_inputs(graph_cls.INPUTS, config, dtype, sizes, seed=seed)
@@ -71,7 +76,7 @@ def reference_outputs(
 ) -> Expected:
     """Phase 1: PyTorch's outputs of every graph on every case, then the model is released."""
     expected: Expected = {}
-    for name, graph_cls in family_of(config).part("graph_modules").items():
+    for name, graph_cls in graph_modules(config).items():
         graph = graph_cls(reference.model)
         check_forward(graph, graph_cls.INPUTS)
         expected[name] = []
@@ -94,7 +99,7 @@ def compare_onnx(
     # FP8 Q/DQ runs on ONNX Runtime only at graph optimization BASIC (exporter/fp8.py)
     optimization = "basic" if options.precision == "fp8" else "all"
     checks = {}
-    for name, graph_cls in family_of(config).part("graph_modules").items():
+    for name, graph_cls in graph_modules(config).items():
         path = onnx_dir / f"{name}.onnx"
         with step(f"ONNX Runtime loads {path.name}"):
             backend = OnnxRuntimeBackend(

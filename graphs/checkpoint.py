@@ -5,7 +5,13 @@ A family gets strict reading, loading (`load_model`) and a synthetic writer
 (graphs/synthetic.py) by declaring two parts: "model" (the nn.Module holding every weight,
 built from a config: `model(config, **model_options)`; its state_dict on the meta device is
 what a checkpoint must hold) and "checkpoint_format" (a :class:`CheckpointFormat`: the name
-table, the buffers a checkpoint does not carry, the files written beside the weights).
+table, the buffers a checkpoint does not carry, the files written beside the weights), and
+pointing its "checkpoint", "load_model" and "synth" parts at `Checkpoint`, `load_model` and
+graphs/synthetic.py's `write_checkpoint` (or at thin bindings of them, as Mllama's
+graphs/weights.py does to keep its own config reader's messages). The parts as generic code
+calls them: ``checkpoint(folder, config)`` (``.folder``, ``.config``, ``.tensors``, ``.read``,
+``.rows``, ``.blocks``), ``load_model(folder, dtype=..., **model_options)`` and
+``synth(config, out, seed, shards, dtype, max_shard_bytes=...)``.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class CheckpointFormat:
     Llama 3.2 Vision model"). ``buffers(config)``: our name -> tensor of the non-persistent
     buffers a checkpoint does not hold (rope frequencies), rebuilt at load. ``side_files(config,
     folder)``: writes what a synthetic checkpoint carries besides config.json and the weights.
+    ``describe(config)``: its geometry in words, for `synth`'s summary ("2 text layers, ...").
     """
 
     table: tuple[tuple[str, str], ...]
@@ -48,6 +55,7 @@ class CheckpointFormat:
     model: str
     buffers: Callable[[Any], dict[str, torch.Tensor]] = _no_buffers
     side_files: Callable[[Any, Path], None] | None = None
+    describe: Callable[[Any], str] | None = None
 
     def our_name(self, checkpoint_name: str) -> str | None:
         for theirs, ours in self.table:

@@ -46,7 +46,11 @@ PARTS: dict[str, tuple[str, str]] = {
         "load_model(folder, dtype=..., **model_options) -> the model, strictly",
     ),
     "synth": ("graphs", "write_checkpoint(config, out, seed, shards, dtype, max_shard_bytes)"),
-    "truncated": ("graphs", "truncated(config, text_layers, ...) -> a shallower config"),
+    "truncated": (
+        "graphs",
+        "truncated(config, text_layers, vision_layers, global_layers, cross_layers) -> a "
+        "shallower config (None: the family's default for that depth)",
+    ),
     # engines/: running artifacts
     "inputs": ("engines", "the input processor: prompts, chat, token ids, images -> feeds"),
     "session": ("engines", "one generation over the family's graphs (prefill, then steps)"),
@@ -60,7 +64,11 @@ PARTS: dict[str, tuple[str, str]] = {
     ),
     "check": ("exporter", "what the build's check runs and what it costs in memory"),
     "fp8": ("exporter", "FP8: which linears, calibration, the quantized model for the check"),
-    "plan": ("exporter", "the planner's geometry: parameters, engine memory, decode roofline"),
+    "plan": (
+        "exporter",
+        "the planner (`plan`): request(model, given, gpu, prompt_len, tiles, text_engine), "
+        "plan_text(request) -> (text, fits)",
+    ),
     "layerwise": (
         "exporter",
         "a checkpoint run layer by layer: LazyModel, LayerMajor, Job, read_float",

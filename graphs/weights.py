@@ -12,7 +12,7 @@ from .checkpoint import load_model as load_family_model
 from .config import MllamaConfig
 from .layers import rope_inv_freq
 from .model import MllamaModel
-from .synth import write_side_files
+from .synth import describe, write_side_files
 
 __all__ = ["FORMAT", "WEIGHT_TABLE", "Checkpoint", "checkpoint_name", "load_model", "our_name"]
 
@@ -43,6 +43,7 @@ FORMAT = CheckpointFormat(
     model="the Llama 3.2 Vision model",
     buffers=computed_buffers,
     side_files=write_side_files,
+    describe=describe,
 )
 our_name = FORMAT.our_name
 checkpoint_name = FORMAT.checkpoint_name

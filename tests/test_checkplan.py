@@ -26,7 +26,7 @@ from mllama_export.exporter.checkplan import (
     reduced_copy,
     write_reduced_checkpoint,
 )
-from mllama_export.exporter.fp8_check import check_cases
+from mllama_export.exporter.fp8_cases import check_cases
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.graphs.config import MllamaConfig, preset
 from mllama_export.graphs.limits import Limits

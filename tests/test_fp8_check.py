@@ -31,10 +31,9 @@ from mllama_export.exporter.fp8 import (
     input_amax,
     load_fp8_model,
 )
+from mllama_export.exporter.fp8_cases import check_cases, check_feeds
 from mllama_export.exporter.fp8_check import (
     Graph,
-    check_cases,
-    check_feeds,
     check_fp8_graph,
     check_fp8_numerics,
     fp8_engine_layers,

@@ -128,7 +128,7 @@ def test_a_swapped_forward_is_refused_by_export_before_any_file(tiny_model_meta,
 
 
 def test_a_swapped_forward_is_refused_by_the_builds_check(tiny_model, monkeypatch, tmp_path):
-    monkeypatch.setattr(verify, "GRAPH_MODULES", {"prefill": SwappedPrefill})
+    monkeypatch.setattr(verify, "graph_modules", lambda config: {"prefill": SwappedPrefill})
     options = BuildOptions(model="tiny", out=tmp_path)
     cases = {"prefill": ((1, SIZES),)}
     reference = verify.Reference(model=tiny_model)

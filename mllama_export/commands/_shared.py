@@ -9,6 +9,23 @@ import click
 from mllama_export.graphs.choices import BACKENDS, DEFAULT_BACKEND, DEVICES
 
 
+def preset_names() -> tuple[str, ...]:
+    """Every registered family's presets, for --help (graphs/family.py; no torch imported)."""
+    from mllama_export.graphs.family import all_presets
+
+    return tuple(all_presets())
+
+
+def graph_names() -> tuple[str, ...]:
+    """Every registered family's graph names, in the order each family runs them."""
+    from mllama_export.graphs.family import families
+
+    names: dict[str, None] = {}
+    for family in families():
+        names.update(dict.fromkeys(family.graphs))
+    return tuple(names)
+
+
 def backend_option(help: str):
     return click.option(
         "--backend",

@@ -10,10 +10,11 @@ from mllama_export.graphs.choices import (
     ENGINE_MODES,
     MASK_SEMANTICS,
     PRECISIONS,
-    PRESET_NAMES,
     TEXT_ENGINES,
     WEIGHT_SCHEMES,
 )
+
+from ._shared import preset_names
 
 
 @click.command("build")
@@ -21,7 +22,7 @@ from mllama_export.graphs.choices import (
     "--model",
     required=True,
     help="Checkpoint folder (config.json + safetensors), a Hugging Face Hub id (found in, or "
-    f"downloaded into, the Hugging Face cache), or a preset: {', '.join(PRESET_NAMES)} (a synthetic "
+    f"downloaded into, the Hugging Face cache), or a preset: {', '.join(preset_names())} (a synthetic "
     "checkpoint with random weights).",
 )
 @click.option(

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import click
 
-from mllama_export.graphs.contract import GRAPH_NAMES
+from ._shared import graph_names
 
 
 @click.command("engines")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.argument("graphs", nargs=-1, type=click.Choice(GRAPH_NAMES))
+@click.argument("graphs", nargs=-1, type=click.Choice(graph_names()))
 @click.option(
     "--rebuild",
     is_flag=True,

@@ -66,17 +66,9 @@ def _show(m: dict) -> None:
     from mllama_export.exporter.manifest import summarize_check
 
     trt = m.get("tensorrt") if isinstance(m.get("tensorrt"), dict) else {}
-    text = m["model"]["config"]["text_config"]
     rows = [
         ("source", _source(m["model"])),
-        (
-            "text",
-            f"{text['num_hidden_layers']} layers, hidden {text['hidden_size']}, vocab {text['vocab_size']}",
-        ),
-        (
-            "xattn mask",
-            f"{m['model']['xattn_mask']} (vision taps at the {m['model']['vision_tap']})",
-        ),
+        *_model_rows(m["model"]),
         ("precision", f"{m['precision']} (I/O {m['io_dtype']})"),
         *([("fp8", _fp8_line(m["quantization"]))] if m.get("quantization") else []),
         ("limits", ", ".join(f"{k} {v}" for k, v in m["limits"].items())),
@@ -101,6 +93,21 @@ def _show(m: dict) -> None:
             for spec in graph[kind]:
                 dims = ", ".join(spec["dims"])
                 click.echo(f"  {kind[:-1]:6s} {spec['name']:22s} {spec['dtype']:8s} [{dims}]")
+
+
+def _model_rows(model: dict) -> list[tuple[str, str]]:
+    """The text decoder's size (a config.json with a text_config, or a flat one), and the
+    fields a family adds to the manifest's model entry (Mllama: the xattn mask)."""
+    config = model.get("config") or {}
+    text = config.get("text_config", config)
+    rows = []
+    if all(k in text for k in ("num_hidden_layers", "hidden_size", "vocab_size")):
+        size = f"{text['num_hidden_layers']} layers, hidden {text['hidden_size']}"
+        rows.append(("text", f"{size}, vocab {text['vocab_size']}"))
+    if "xattn_mask" in model:
+        tap = model.get("vision_tap", "?")
+        rows.append(("xattn mask", f"{model['xattn_mask']} (vision taps at the {tap})"))
+    return rows
 
 
 def _tensorrt_line(trt: dict) -> str:

@@ -8,9 +8,10 @@ from mllama_export.graphs.choices import (
     DEFAULT_TEXT_ENGINE,
     GPU_NAMES,
     PRECISIONS,
-    PRESET_NAMES,
     TEXT_ENGINES,
 )
+
+from ._shared import preset_names
 
 # build's defaults (exporter/fits.py DEFAULTS reads them from BuildOptions; a test keeps
 # these in step), named here so that --help needs no import of the planner
@@ -21,7 +22,7 @@ _BUILD = "build's default"
 @click.option(
     "--model",
     required=True,
-    help=f"A preset ({', '.join(PRESET_NAMES)}), a checkpoint folder or its config.json, a Hugging Face "
+    help=f"A preset ({', '.join(preset_names())}), a checkpoint folder or its config.json, a Hugging Face "
     "Hub id, or an artifact folder (its manifest's precision and limits are the defaults).",
 )
 @click.option(
@@ -87,14 +88,28 @@ def command(
       mllama-export plan --model 90b --precision fp8 --gpu h200 --max-batch 1 --max-images 1 --text-engine shared
       mllama-export plan --model out/tiny
     """
-    from mllama_export.exporter.fits import plan_text, request
-
+    planner = _family(model).part("plan")  # a family without a planner: refused in one line
     given = {
         "precision": precision,
         "max_batch": max_batch,
         "max_seq_len": max_seq_len,
         "max_images": max_images,
     }
-    text, fits = plan_text(request(model, given, gpu, prompt_len, tiles, text_engine))
+    text, fits = planner.plan_text(
+        planner.request(model, given, gpu, prompt_len, tiles, text_engine)
+    )
     click.echo(text)
     sys.exit(0 if fits else 1)
+
+
+def _family(model: str):
+    """The family of --model: an artifact folder's manifest config, else the resolved model's."""
+    from pathlib import Path
+
+    from mllama_export.engines.manifest_read import MANIFEST, read_manifest
+    from mllama_export.graphs.family import family_of_config
+    from mllama_export.graphs.resolve import resolve_model
+
+    if (Path(model) / MANIFEST).is_file():
+        return family_of_config(read_manifest(model)["model"]["config"], f"{model}'s manifest")
+    return resolve_model(model, config_file=True).family

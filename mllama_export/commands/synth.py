@@ -7,15 +7,12 @@ from typing import TYPE_CHECKING
 import click
 
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.choices import (
-    PRECISION_DTYPES,
-    PRESET_NAMES,
-    STORAGE_PRECISIONS,
-    spelled,
-)
+from mllama_export.graphs.choices import PRECISION_DTYPES, STORAGE_PRECISIONS, spelled
+
+from ._shared import preset_names
 
 if TYPE_CHECKING:
-    from mllama_export.graphs.config import MllamaConfig
+    from mllama_export.graphs.resolve import ResolvedModel
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
@@ -26,7 +23,7 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
     "name",
     default="tiny",
     show_default=True,
-    help=f"Model geometry to write: {spelled(PRESET_NAMES)}, or a checkpoint folder or Hugging Face "
+    help=f"Model geometry to write: {spelled(preset_names())}, or a checkpoint folder or Hugging Face "
     "Hub id whose config.json to copy (its weights are not read).",
 )
 @click.option(
@@ -109,7 +106,8 @@ def command(
     """
     import torch
 
-    from mllama_export.graphs.synth import parameter_shapes, write_checkpoint
+    from mllama_export.graphs.checkpoint import checkpoint_format
+    from mllama_export.graphs.synthetic import parameter_shapes
 
     if shards < 1:
         raise MllamaExportError(f"--shards {shards}: expected at least 1")
@@ -119,17 +117,18 @@ def command(
             f"--shards {shards} and --max-shard-size {max_shard_size}: give one or the other"
         )
     cross = None if cross_layers is None else _parse_indices(cross_layers)
-    config = _config(name, (text_layers, vision_layers, global_layers), cross)
+    source = _source(name)
+    family = source.family
+    config = _config(source, (text_layers, vision_layers, global_layers), cross)
     _check_out(out)
     torch_dtype = getattr(torch, PRECISION_DTYPES[dtype])
-    write_checkpoint(config, out, seed, shards, torch_dtype, max_shard_bytes=max_bytes)
-    params = sum(s.numel() for s in parameter_shapes(config).values())
+    family.part("synth")(config, out, seed, shards, torch_dtype, max_shard_bytes=max_bytes)
+    params = sum(s.numel() for s in parameter_shapes(config, family).values())
     files = len(list(out.glob("*.safetensors")))
-    t, v = config.text, config.vision
+    describe = checkpoint_format(family).describe
+    geometry = f"{describe(config)}; " if describe is not None else ""
     click.echo(
-        f"wrote a synthetic {name} checkpoint to {out}: {t.num_layers} text layers "
-        f"({len(t.cross_attention_layers)} cross-attention), {v.num_layers} vision + "
-        f"{v.num_global_layers} global vision layers; {params:,} parameters, "
+        f"wrote a synthetic {name} checkpoint to {out}: {geometry}{params:,} parameters, "
         f"{_human(params * torch_dtype.itemsize)} of {dtype} in {files} shard(s)"
     )
 
@@ -160,28 +159,23 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _config(
-    name: str, layers: tuple[int | None, int | None, int | None], cross: tuple[int, ...] | None
-) -> MllamaConfig:
-    """The preset (or a checkpoint's config), or its first layers where any of the layer
-    options was given."""
-    from mllama_export.graphs.config import truncated
+def _source(name: str) -> ResolvedModel:
     from mllama_export.graphs.resolve import resolve_model
 
-    config = resolve_model(name, "--preset", config_file=True).config
+    return resolve_model(name, "--preset", config_file=True)
+
+
+def _config(
+    source: ResolvedModel,
+    layers: tuple[int | None, int | None, int | None],
+    cross: tuple[int, ...] | None,
+):
+    """The preset (or a checkpoint's config), or its first layers where any of the layer
+    options was given (the family's "truncated" part: Mllama's scales the vision depths
+    with the text depth where they are not given)."""
     if layers == (None, None, None) and cross is None:
-        return config
-    t, v = config.text, config.vision
-    text, vision, global_ = layers
-    text = t.num_layers if text is None else text
-
-    def scaled(original: int) -> int:
-        # Deeper text keeps proportionally deeper vision, so timings stay representative.
-        return max(1, round(original * text / t.num_layers))
-
-    vision = scaled(v.num_layers) if vision is None else vision
-    global_ = scaled(v.num_global_layers) if global_ is None else global_
-    return truncated(config, text, vision, global_, cross)
+        return source.config
+    return source.family.part("truncated")(source.config, *layers, cross)
 
 
 def _check_out(out: Path) -> None:
