@@ -26,7 +26,7 @@ from mllama_export.graphs.llava_config import LlavaConfig
 from mllama_export.graphs.llava_layout import select_best_resolution
 from mllama_export.graphs.synth_files import CLIP_MEAN, CLIP_STD
 
-from .preprocess import (
+from .images import (
     ImageSource,
     _bool,
     _config_error,

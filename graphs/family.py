@@ -103,6 +103,8 @@ class Family:
     # its own modules, under mllama_export ("graphs.config"); nothing outside a family's
     # modules may import one of them (tests/test_family.py)
     modules: tuple[str, ...] = ()
+    # what a checkpoint of it is, for "expected ..." messages
+    example: str = ""
     _loaded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -185,8 +187,8 @@ def family_named(name: str) -> Family:
 
 
 def model_types() -> str:
-    """For messages: "'mllama' (Llama 3.2 Vision), ..."."""
-    return ", ".join(f"{t!r} ({f.title})" for f in families() for t in f.model_types)
+    """For messages: "'mllama' (a Llama 3.2 Vision checkpoint such as ...) or ..."."""
+    return " or ".join(f"{t!r} ({f.example or f.title})" for f in families() for t in f.model_types)
 
 
 def family_of_config(raw: Any, where: str = "config.json") -> Family:
@@ -199,7 +201,7 @@ def family_of_config(raw: Any, where: str = "config.json") -> Family:
         # transformers writes model_type into every config.json it saves; one without it is
         # read as the first family's (earlier versions of this tool read only Mllama)
         return families()[0]
-    raise MllamaExportError(f"{where} has model_type {kind!r}; expected one of {model_types()}")
+    raise MllamaExportError(f"{where} has model_type {kind!r}; expected {model_types()}")
 
 
 def read_config(raw: Any, where: str = "config.json") -> Any:

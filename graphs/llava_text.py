@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import RMSNorm, Rotary, rope_inv_freq
+from .llama_layers import SelfAttentionLayer
 from .llava_config import LlavaTextConfig
-from .text import SelfAttentionLayer
 
 # The window of a model without one: longer than any sequence a graph will see.
 NO_WINDOW = 2**31 - 1

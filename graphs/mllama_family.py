@@ -9,6 +9,7 @@ MLLAMA = Family(
     name="mllama",
     title="Llama 3.2 Vision (mllama)",
     model_types=("mllama",),
+    example="a Llama 3.2 Vision checkpoint such as meta-llama/Llama-3.2-11B-Vision",
     parts={
         "config": "graphs.config:MllamaConfig",
         "presets": "graphs.config:PRESETS",

@@ -76,14 +76,14 @@ def test_model_type_picks_the_family_and_an_unknown_one_is_named():
     with pytest.raises(MllamaExportError) as err:
         family_of_config({"model_type": "gpt2"}, "ckpt/config.json")
     assert str(err.value) == (
-        "ckpt/config.json has model_type 'gpt2'; expected one of 'mllama' (Llama 3.2 Vision "
-        "(mllama))"
+        "ckpt/config.json has model_type 'gpt2'; expected 'mllama' (a Llama 3.2 Vision "
+        "checkpoint such as meta-llama/Llama-3.2-11B-Vision)"
     )
 
 
 def test_a_checkpoint_folder_of_an_unknown_family_is_refused_in_one_line(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(MllamaExportError, match="has model_type 'bert'; expected one of 'mllama'"):
+    with pytest.raises(MllamaExportError, match="has model_type 'bert'; expected 'mllama'"):
         resolve_model(tmp_path)
 
 
