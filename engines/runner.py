@@ -70,6 +70,12 @@ class Runner:
         self.family, self.config, self.limits = family, config, limits
         self.dtype = numpy_dtype(model_dtype)
         self.backends = dict(backends)
+        unknown = sorted(set(self.backends) - set(family.graphs))
+        if unknown:
+            raise MllamaExportError(
+                f"backends for {unknown}, which are no graphs of the {family.title} family; "
+                f"its graphs are {list(family.graphs)}"
+            )
         stores = (getattr(b, "store", None) for b in reversed(self.backends.values()))
         self.store = next((s for s in stores if s is not None), None) or NumpyStore()
         self.inputs = family.part("inputs").for_config(config, limits, tokenizer, image_config)
