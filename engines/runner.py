@@ -81,6 +81,12 @@ class Runner:
         self.inputs = family.part("inputs").for_config(config, limits, tokenizer, image_config)
         self._session = family.part("session")
 
+    def __copy__(self) -> Runner:
+        # a copy replaces its backends without touching the original's (the gate's taps)
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__, backends=dict(self.backends))
+        return clone
+
     def __getattr__(self, name: str):
         backends = self.__dict__.get("backends", {})
         if name in backends:
