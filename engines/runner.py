@@ -70,10 +70,22 @@ class Runner:
         self.family, self.config, self.limits = family, config, limits
         self.dtype = numpy_dtype(model_dtype)
         self.backends = dict(backends)
+        unknown = sorted(set(self.backends) - set(family.graphs))
+        if unknown:
+            raise MllamaExportError(
+                f"backends for {unknown}, which are no graphs of the {family.title} family; "
+                f"its graphs are {list(family.graphs)}"
+            )
         stores = (getattr(b, "store", None) for b in reversed(self.backends.values()))
         self.store = next((s for s in stores if s is not None), None) or NumpyStore()
         self.inputs = family.part("inputs").for_config(config, limits, tokenizer, image_config)
         self._session = family.part("session")
+
+    def __copy__(self) -> Runner:
+        # a copy replaces its backends without touching the original's (the gate's taps)
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__, backends=dict(self.backends))
+        return clone
 
     def __getattr__(self, name: str):
         backends = self.__dict__.get("backends", {})

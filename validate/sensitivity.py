@@ -440,13 +440,12 @@ def _suggest(session: _Session, ranked, amax: dict[str, float], manifest: dict) 
 
 
 def exclusion_patterns(names: Sequence[str], quantized: Sequence[str]) -> list[str]:
-    """``names`` as --fp8-exclude glob patterns: a whole decoder (or vision) layer as
-    ``<layer>.*`` where every FP8 layer under it is excluded, else the names themselves."""
+    """``names`` as --fp8-exclude glob patterns: a whole layer of a layer stack (the name up
+    to its first ``layers.<n>``: Mllama's ``text.layers.3``, ``vision.transformer.layers.0``)
+    as ``<layer>.*`` where every FP8 layer under it is excluded, else the names themselves."""
     chosen, patterns, covered = set(names), [], set()
     for name in names:
-        match = re.match(
-            r"^(text\.layers\.\d+|vision\.(?:global_)?transformer\.layers\.\d+)\.", name
-        )
+        match = re.match(r"^(.+?\.layers\.\d+)\.", name)
         if match:
             prefix = match.group(1) + "."
             under = [n for n in quantized if n.startswith(prefix)]
