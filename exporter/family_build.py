@@ -41,6 +41,15 @@ def example_inputs(
     return hook(family_of(config), "example_inputs")(specs, config, dtype, sizes, seed)
 
 
+def manifest_model_options(manifest: dict) -> dict[str, Any]:
+    """The keyword arguments of the family's model that built these artifacts, read back from
+    their manifest: the reference the gate and sensitivity judge against is that model."""
+    from mllama_export.graphs.family import family_of_config
+
+    family = family_of_config(manifest["model"]["config"])
+    return hook(family, "manifest_model_options")(manifest)
+
+
 def _default_dims(family: Family):
     from torch.export import Dim
 
@@ -80,5 +89,6 @@ _DEFAULTS = {
     "example_inputs": _default_inputs,
     "model_options": lambda family: lambda options: {},
     "manifest_model": lambda family: lambda options: {},
+    "manifest_model_options": lambda family: lambda manifest: {},
     "option_problems": lambda family: lambda options, config: [],
 }

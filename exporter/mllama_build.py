@@ -4,7 +4,8 @@ The part's API (exporter/family_build.py holds the default of each, for a family
 ``EXAMPLE_SIZES``, ``dims_for(config, options)`` (torch.export dims of every named dynamic
 dim), ``example_inputs(specs, config, dtype, sizes, seed)`` (valid random inputs),
 ``model_options(options)`` (keyword arguments of the family's model), ``manifest_model(options)``
-(the family's fields of the manifest's "model" entry) and ``option_problems(options, config)``
+(the family's fields of the manifest's "model" entry), ``manifest_model_options(manifest)`` (the
+model's keyword arguments, read back from a manifest: what the gate rebuilds) and ``option_problems(options, config)``
 (what the build options ask that this model cannot do).
 """
 
@@ -87,6 +88,11 @@ def manifest_model(options) -> dict[str, Any]:
         "xattn_mask": semantics,
         "vision_tap": "layer output" if semantics == "hf" else "layer input",
     }
+
+
+def manifest_model_options(manifest: dict) -> dict[str, Any]:
+    """The mask semantics the artifacts were built with (older manifests: Meta's)."""
+    return {"semantics": manifest["model"].get("xattn_mask") or "meta"}
 
 
 def option_problems(options, config: MllamaConfig) -> list[str]:

@@ -18,7 +18,7 @@ MLLAMA = Family(
         "model": "graphs.model:MllamaModel",
         "checkpoint_format": "graphs.weights:FORMAT",
         "checkpoint": "graphs.checkpoint:Checkpoint",
-        "load_model": "graphs.weights:load_model",
+        "load_model": "graphs.checkpoint:load_model",
         "synth": "graphs.synthetic:write_checkpoint",
         "truncated": "graphs.synth:shallower",
         "inputs": "engines.inputs:InputProcessor",

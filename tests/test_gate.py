@@ -65,7 +65,7 @@ def bf16_dir(tmp_path_factory, hf_checkpoint) -> Path:
 def hf_reference(fp32_dir) -> GraphsReference:
     manifest = read_manifest(fp32_dir)
     return GraphsReference(
-        resolve_checkpoint(manifest).load("hf"), Runner.from_artifacts(fp32_dir).limits
+        resolve_checkpoint(manifest).load(semantics="hf"), Runner.from_artifacts(fp32_dir).limits
     )
 
 

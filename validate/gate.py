@@ -40,6 +40,7 @@ import numpy as np
 from mllama_export.engines.manifest_read import read_manifest
 from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
+from mllama_export.exporter.family_build import manifest_model_options
 from mllama_export.graphs.choices import REFERENCES
 from mllama_export.graphs.family import Family, family_of, family_of_config
 from mllama_export.graphs.limits import Limits
@@ -162,7 +163,7 @@ class ReferenceWeights:
             return str(self.folder)
         return f"synthetic {self.preset} preset, seed {self.seed}"
 
-    def load(self, semantics: str | None):
+    def load(self, **model_options):
         """The family's model in float32, read strictly by its "load_model" part; a preset's
         made in memory by its "synthetic_model" part, or else written by its "synth" part
         (the same seeded random weights the build synthesized) and read back."""
@@ -170,10 +171,10 @@ class ReferenceWeights:
 
         family = self.family
         if self.folder is None and family.has("synthetic_model"):
-            return family.part("synthetic_model")(self.config, self.seed, semantics)
+            return family.part("synthetic_model")(self.config, self.seed, **model_options)
         with ExitStack() as stack:
             folder = self.as_folder(stack)
-            return family.part("load_model")(folder, semantics, torch.float32)
+            return family.part("load_model")(folder, dtype=torch.float32, **model_options)
 
     def as_folder(self, stack: ExitStack) -> Path:
         if self.folder is not None:
@@ -227,9 +228,8 @@ def make_reference(
 ) -> Reference:
     """The graphs reference (our graphs in float32), or the family's "reference" part."""
     limits = Limits(**manifest["limits"])
-    semantics = manifest["model"].get("xattn_mask")
     if kind == "graphs":
-        return GraphsReference(checkpoint.load(semantics), limits)
+        return GraphsReference(checkpoint.load(**manifest_model_options(manifest)), limits)
     if kind != "transformers":
         raise MllamaExportError(f"unknown reference {kind!r}; available: {', '.join(REFERENCES)}")
     return checkpoint.family.part("reference").from_weights(manifest, checkpoint, stack)

@@ -248,16 +248,17 @@ class _Session:
     compute them, float16 rounding included)."""
 
     def __init__(self, weights, manifest, cases, steps, thresholds, scheme, prefill_chunk):
+        from mllama_export.exporter.family_build import manifest_model_options
         from mllama_export.exporter.options import PRECISION_TORCH_DTYPES
 
         self.family = family_of_config(manifest["model"]["config"])
         self.layerwise = self.family.part("layerwise")
         LazyModel = self.layerwise.LazyModel  # noqa: N806 (a class)
-        semantics = manifest["model"].get("xattn_mask")
+        options = manifest_model_options(manifest)
         limits = Limits(**manifest["limits"])
         self.weights, self.dtype = weights, PRECISION_TORCH_DTYPES["fp8"]
-        self.lazy = {"float32": LazyModel(weights, semantics)}
-        self.lazy["artifacts"] = LazyModel(weights, semantics, self.dtype)
+        self.lazy = {"float32": LazyModel(weights, **options)}
+        self.lazy["artifacts"] = LazyModel(weights, dtype=self.dtype, **options)
         self.runners = {base: lazy.runner(limits) for base, lazy in self.lazy.items()}
         self.cases, self.steps, self.thresholds = cases, steps, thresholds
         self.scheme, self.prefill_chunk = scheme, prefill_chunk
