@@ -54,4 +54,6 @@ class TorchBackend:
         args = {s.name: torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in self.inputs}
         with torch.inference_mode():
             outs = self.graph(**args)
+        if isinstance(outs, torch.Tensor):  # a graph of one output returns it bare
+            outs = (outs,)
         return {s.name: out.numpy() for s, out in zip(self.outputs, outs, strict=True)}

@@ -3,7 +3,7 @@
 The generic runner (engines/runner.py) owns what every family shares: the request checks of
 the input processor, sampling, stop tokens, forced tokens, step logits, timings and text. It
 reaches the graphs only through a session, whose API is small enough that a one-graph family
-without a cache implements it in a few lines (tests/standin_family.py):
+without a cache implements it in a few lines (tests/test_runner_session.py):
 
     session = Session(config, backends, limits, store, dtype)
         backends: graph name -> Backend (None where the artifacts have no engine for it);
