@@ -1,5 +1,5 @@
 """The generic runner over a family's session part: a one-graph family without a cache (the
-whole sequence rerun every step) gets sampling, stop tokens, forced tokens and kept logits from
+whole sequence rerun every step: tests/standin_family.py's session) gets sampling, stop tokens, forced tokens and kept logits from
 the runner alone, in the few lines of a session engines/mllama_session.py describes."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from standin_family import Session as StubSession  # the stand-in family's session
 
 from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
@@ -43,35 +44,6 @@ class StubInputs:
     def check_request(self, prompts, images, max_new_tokens):
         if not prompts or len(prompts) > self.limits.max_batch:
             raise MllamaExportError(f"a batch of {len(prompts)} prompts")
-
-
-class StubSession:
-    """The session part of a one-graph family: graph "lm" takes input_ids, attention_mask
-    and returns logits at every position; no cache, each step reruns the whole sequence."""
-
-    def __init__(self, config, backends, limits, store, dtype):
-        self.lm, self.pad = backends["lm"], config.pad_token_id or 0
-
-    def start(self, prompts, images, max_new_tokens, keep_logits, prefill_chunk, result):
-        if prefill_chunk is not None:
-            raise MllamaExportError("this family prefills in one call only")
-        s = max(map(len, prompts))
-        self.ids = np.full((len(prompts), s), self.pad, np.int64)
-        self.mask = np.zeros_like(self.ids)
-        for row, prompt in enumerate(prompts):
-            self.ids[row, s - len(prompt) :], self.mask[row, s - len(prompt) :] = prompt, 1
-        logits = self._logits()
-        if keep_logits:
-            result.prefill_logits, result.prompt_mask = logits, self.mask.copy()
-        return logits[:, -1]
-
-    def step(self, tokens):
-        self.ids = np.concatenate([self.ids, tokens[:, None]], axis=1)
-        self.mask = np.concatenate([self.mask, np.ones_like(tokens[:, None])], axis=1)
-        return self._logits()[:, -1]
-
-    def _logits(self):
-        return self.lm.infer({"input_ids": self.ids, "attention_mask": self.mask})["logits"]
 
 
 class NextToken:
@@ -122,7 +94,7 @@ def test_forced_tokens_and_refusals_are_the_runners(runner):
         runner.generate_ids([[3], [4]], max_new_tokens=3, forced=forced[:2])
     with pytest.raises(MllamaExportError, match="a batch of 3 prompts"):
         runner.generate_ids([[3], [4], [5]])
-    with pytest.raises(MllamaExportError, match="prefills in one call only"):
+    with pytest.raises(MllamaExportError, match="prefills in one call"):
         runner.generate_ids([[3]], prefill_chunk=1)
     with pytest.raises(MllamaExportError, match=r"no graphs of the a stub family.*\['lm'\]"):
         Runner(StubConfig(), {"decode": NextToken()}, Limits(2, 32, 0))
