@@ -1,6 +1,6 @@
 """The generic runner over a family's session part: a one-graph family without a cache (the
-whole sequence rerun every step: tests/standin_family.py's session) gets sampling, stop tokens, forced tokens and kept logits from
-the runner alone, in the few lines of a session engines/mllama_session.py describes."""
+whole sequence rerun every step: tests/standin_family.py's session) gets sampling, stop
+tokens, forced tokens and kept logits from the runner alone."""
 
 from __future__ import annotations
 
