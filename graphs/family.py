@@ -231,7 +231,9 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path) -> Any:
     """A checkpoint folder's (or config.json's) frozen config, of the family it names."""
-    return read_config(read_config_json(path), str(path))
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    return read_config(read_config_json(path), str(file))
 
 
 def family_of(config: Any) -> Family:
