@@ -210,6 +210,12 @@ def measure_calibration(layers: int, workdir: Path) -> dict:
     }
 
 
+def _cases(check: dict) -> int:
+    """The check's number of cases: a list of them, or (the FP8 check) their count."""
+    cases = check.get("cases", [])
+    return cases if isinstance(cases, int) else len(cases)
+
+
 def measure(layers: int, workdir: Path, baseline: bool, precision: str, depth: str) -> dict:
     config = geometry(layers)
     ckpt, out = workdir / f"ckpt-{layers}", workdir / f"out-{layers}"
@@ -228,7 +234,7 @@ def measure(layers: int, workdir: Path, baseline: bool, precision: str, depth: s
         "onnx_bytes": sum(p.stat().st_size for p in (out / "onnx").iterdir()),
         "check": "none" if not check.get("ran") else check.get("depth", "full"),
         "estimate": check.get("memory_estimate_bytes"),
-        "cases": {g: len(e["check"].get("cases", [])) for g, e in manifest["graphs"].items()},
+        "cases": {g: _cases(e["check"]) for g, e in manifest["graphs"].items()},
         "precision": precision,
         "phases_s": phases,
     }
