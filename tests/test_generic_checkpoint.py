@@ -77,8 +77,6 @@ class LmGraph(nn.Module):
 
 @pytest.fixture
 def family(monkeypatch):
-    load = registry._load  # parts given as objects, as a family registered from outside may
-    monkeypatch.setattr(registry, "_load", lambda t: load(t) if isinstance(t, str) else t)
     monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
     contract = types.SimpleNamespace(
         GRAPHS={"lm": LM},
