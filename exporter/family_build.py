@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mllama_export.graphs.family import Family, family_of
+from mllama_export.graphs.family import Family, family_of, family_of_config
 from mllama_export.graphs.spec import TensorSpec
 
 
@@ -44,8 +44,6 @@ def example_inputs(
 def manifest_model_options(manifest: dict) -> dict[str, Any]:
     """The keyword arguments of the family's model that built these artifacts, read back from
     their manifest: the reference the gate and sensitivity judge against is that model."""
-    from mllama_export.graphs.family import family_of_config
-
     family = family_of_config(manifest["model"]["config"])
     return hook(family, "manifest_model_options")(manifest)
 

@@ -141,7 +141,7 @@ class Family:
     def presets(self) -> Mapping[str, dict]:
         return self.part("presets") if self.has("presets") else {}
 
-    def read_config(self, raw: dict, where: str = "config.json") -> Any:
+    def read_config(self, raw: dict) -> Any:
         """The family's frozen config, checked strictly (unknown and missing keys refused)."""
         return self.part("config").from_hf_dict(raw)
 
@@ -206,7 +206,7 @@ def family_of_config(raw: Any, where: str = "config.json") -> Family:
 
 def read_config(raw: Any, where: str = "config.json") -> Any:
     """config.json (as a dict) -> its family's frozen config."""
-    return family_of_config(raw, where).read_config(raw, where)
+    return family_of_config(raw, where).read_config(raw)
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
