@@ -154,7 +154,10 @@ def _load(target: str) -> Any:
 
 # The families this installation knows, registered by name. Each is declared in its own module
 # (Mllama: graphs/mllama_family.py), imported here on first use of the registry.
-_BUILTIN = {"mllama": "graphs.mllama_family:MLLAMA"}
+_BUILTIN = {
+    "mllama": "graphs.mllama_family:MLLAMA",
+    "llava": "graphs.llava_family:LLAVA",
+}
 _FAMILIES: dict[str, Family] = {}
 
 
@@ -188,7 +191,9 @@ def family_named(name: str) -> Family:
 
 def model_types() -> str:
     """For messages: "'mllama' (a Llama 3.2 Vision checkpoint such as ...) or ..."."""
-    return " or ".join(f"{t!r} ({f.example or f.title})" for f in families() for t in f.model_types)
+    return " or ".join(
+        f"{' or '.join(map(repr, f.model_types))} ({f.example or f.title})" for f in families()
+    )
 
 
 def family_of_config(raw: Any, where: str = "config.json") -> Family:

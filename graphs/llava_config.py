@@ -127,6 +127,19 @@ class LlavaConfig:
         """Projected features per tile: every patch, plus the class token under 'full'."""
         return self.vision.grid**2 + (self.vision_feature_select_strategy == "full")
 
+    # What code outside the family reads of a config (graphs/family.py FamilyConfig).
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.text.bos_token_id
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.text.eos_token_ids
+
     @property
     def tied_lm_head(self) -> bool:
         # transformers ties when either level says so (LlavaConfig.__post_init__)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from .llava_config import LlavaConfig
-from .spec import TensorSpec
+from .spec import TEXT_DATA_FILE, GraphSpec, TensorSpec
 
 # Dims the runner chooses per call; the others are fixed by the model.
-LLAVA_DYNAMIC_DIMS = ("batch", "num_tiles", "sequence", "past_sequence", "num_logits")
+DYNAMIC_DIMS = ("batch", "num_tiles", "sequence", "past_sequence", "num_logits")
+LLAVA_DYNAMIC_DIMS = DYNAMIC_DIMS
 
 # image_layout values that are not feature indices
 TEXT_TOKEN = -1  # the token's own embedding
 NEWLINE_TOKEN = -2  # LLaVA-NeXT's learned image_newline vector, closing a row of tiles' patches
 
 
-def llava_static_dims(config: LlavaConfig) -> dict[str, int]:
+def static_dims(config: LlavaConfig) -> dict[str, int]:
     v, t = config.vision, config.text
     return {
         "channels": v.num_channels,
@@ -107,14 +108,19 @@ DECODE_OUTPUTS = (
     _s("new_value", "model", KV.format("one"), "the new token's values"),
 )
 
-GRAPHS = {
-    "vision": (VISION_INPUTS, VISION_OUTPUTS),
-    "prefill": (PREFILL_INPUTS, PREFILL_OUTPUTS),
-    "decode": (DECODE_INPUTS, DECODE_OUTPUTS),
+# In the order they run, are exported and listed (manifest, engines, docs/graphs.md).
+GRAPHS: dict[str, GraphSpec] = {
+    g.name: g
+    for g in (
+        GraphSpec("vision", VISION_INPUTS, VISION_OUTPUTS, "vision.onnx.data"),
+        GraphSpec("prefill", PREFILL_INPUTS, PREFILL_OUTPUTS, TEXT_DATA_FILE, "decode"),
+        GraphSpec("decode", DECODE_INPUTS, DECODE_OUTPUTS, TEXT_DATA_FILE),
+    )
 }
+llava_static_dims = static_dims
 
 
-def llava_contract_markdown() -> str:
+def contract_markdown() -> str:
     """The LLaVA section of docs/graphs.md, generated from the data above."""
     lines = [
         "# LLaVA's three graphs and their contract",
@@ -125,7 +131,8 @@ def llava_contract_markdown() -> str:
         "Fixed by the model: `tile_tokens`, `text_hidden`, `layers`, `kv_heads`, `head_dim`,",
         "`vocab`. dtype `model` is the precision the graphs were built in.",
     ]
-    for title, (inputs, outputs) in GRAPHS.items():
+    for title, g in GRAPHS.items():
+        inputs, outputs = g.inputs, g.outputs
         lines += [
             "",
             f"## {title}",
@@ -142,4 +149,4 @@ def llava_contract_markdown() -> str:
 
 
 if __name__ == "__main__":
-    print(llava_contract_markdown(), end="")
+    print(contract_markdown(), end="")

@@ -30,8 +30,8 @@ class LlavaModel(nn.Module):
 class LlavaVisionGraph(nn.Module):
     """Tiles in, projected features per tile out: any number of tiles, from any images."""
 
-    INPUTS = contract.VISION_INPUTS
-    OUTPUTS = contract.VISION_OUTPUTS
+    SPEC = contract.GRAPHS["vision"]
+    INPUTS, OUTPUTS = SPEC.inputs, SPEC.outputs
 
     def __init__(self, model: LlavaModel):
         super().__init__()
@@ -62,8 +62,8 @@ class LlavaPrefillGraph(nn.Module):
     """The prompt in, image features spliced in place of its image tokens; logits at the asked
     positions and the prompt's KV cache out."""
 
-    INPUTS = contract.PREFILL_INPUTS
-    OUTPUTS = contract.PREFILL_OUTPUTS
+    SPEC = contract.GRAPHS["prefill"]
+    INPUTS, OUTPUTS = SPEC.inputs, SPEC.outputs
 
     def __init__(self, model: LlavaModel):
         super().__init__()
@@ -106,8 +106,8 @@ class LlavaDecodeGraph(nn.Module):
     (the cache may be a preallocated buffer).
     """
 
-    INPUTS = contract.DECODE_INPUTS
-    OUTPUTS = contract.DECODE_OUTPUTS
+    SPEC = contract.GRAPHS["decode"]
+    INPUTS, OUTPUTS = SPEC.inputs, SPEC.outputs
 
     def __init__(self, model: LlavaModel):
         super().__init__()
@@ -128,11 +128,10 @@ class LlavaDecodeGraph(nn.Module):
         return self.text.logits(x), torch.stack(keys), torch.stack(values)
 
 
-GRAPH_CLASSES = {
-    "vision": LlavaVisionGraph,
-    "prefill": LlavaPrefillGraph,
-    "decode": LlavaDecodeGraph,
-}
+# Each registered graph's module, in the contract's order (the family's "graph_modules" part).
+_MODULES = {cls.SPEC.name: cls for cls in (LlavaVisionGraph, LlavaPrefillGraph, LlavaDecodeGraph)}
+GRAPH_MODULES: dict[str, type[nn.Module]] = {name: _MODULES[name] for name in contract.GRAPHS}
+GRAPH_CLASSES = GRAPH_MODULES
 
 # Sizes of the example inputs traced at export: all >= 2 and distinct, so that no dynamic dim
 # is specialized or confused with another.

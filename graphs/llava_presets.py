@@ -148,6 +148,8 @@ def _presets() -> dict[str, LlavaConfig]:
 
 
 LLAVA_PRESETS: dict[str, LlavaConfig] = _presets()
+# The family's "presets" part: name -> the config.json a checkpoint of it carries.
+PRESETS: dict[str, dict] = {name: c.to_hf_dict() for name, c in LLAVA_PRESETS.items()}
 
 
 def llava_preset(name: str) -> LlavaConfig:

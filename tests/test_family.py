@@ -77,7 +77,8 @@ def test_model_type_picks_the_family_and_an_unknown_one_is_named():
         family_of_config({"model_type": "gpt2"}, "ckpt/config.json")
     assert str(err.value) == (
         "ckpt/config.json has model_type 'gpt2'; expected 'mllama' (a Llama 3.2 Vision "
-        "checkpoint such as meta-llama/Llama-3.2-11B-Vision)"
+        "checkpoint such as meta-llama/Llama-3.2-11B-Vision) or 'llava' or 'llava_next' (a LLaVA "
+        "checkpoint such as llava-hf/llava-1.5-7b-hf)"
     )
 
 

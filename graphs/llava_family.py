@@ -1,0 +1,36 @@
+"""LLaVA 1.5 and LLaVA-NeXT (transformers' `llava` and `llava_next`): the second family, and the
+one place that names the modules that are LLaVA's own. Everything else reaches them through
+this object (docs/architecture.md, "Where a second model family goes")."""
+
+from __future__ import annotations
+
+from .family import Family
+
+LLAVA = Family(
+    name="llava",
+    title="LLaVA 1.5 / LLaVA-NeXT (llava, llava_next)",
+    model_types=("llava", "llava_next"),
+    example="a LLaVA checkpoint such as llava-hf/llava-1.5-7b-hf",
+    parts={
+        "config": "graphs.llava_config:LlavaConfig",
+        "presets": "graphs.llava_presets:PRESETS",
+        "contract": "graphs.llava_contract",
+        "graph_modules": "graphs.llava_model:GRAPH_MODULES",
+        "model": "graphs.llava_model:LlavaModel",
+    },
+    modules=(
+        "graphs.llava_config",
+        "graphs.llava_contract",
+        "graphs.llava_layout",
+        "graphs.llava_model",
+        "graphs.llava_presets",
+        "graphs.llava_synth",
+        "graphs.llava_text",
+        "graphs.llava_vision",
+        "graphs.llava_weights",
+        "graphs.llava_family",
+        "engines.llava_preprocess",
+        "engines.llava_synth",
+        "engines.llava_text",
+    ),
+)
