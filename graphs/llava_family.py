@@ -17,6 +17,8 @@ LLAVA = Family(
         "contract": "graphs.llava_contract",
         "graph_modules": "graphs.llava_model:GRAPH_MODULES",
         "model": "graphs.llava_model:LlavaModel",
+        "reference": "validate.llava_reference:TransformersReference",
+        "synthetic_model": "validate.llava_reference:synthetic_model",
     },
     modules=(
         "graphs.llava_config",
@@ -32,5 +34,6 @@ LLAVA = Family(
         "engines.llava_preprocess",
         "engines.llava_synth",
         "engines.llava_text",
+        "validate.llava_reference",
     ),
 )

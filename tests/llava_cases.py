@@ -223,15 +223,17 @@ def _argmax(logits: np.ndarray, config: LlavaConfig) -> np.ndarray:
     ).argmax(-1)
 
 
-def greedy(config, rows, image_sizes, pixels, run: Run, steps: int):
-    """Prefill + decode chained, argmax each step: (tokens [B, steps], logits [steps, B, V])."""
+def greedy(config, rows, image_sizes, pixels, run: Run, steps: int, forced=None):
+    """Prefill + decode chained, argmax each step: (tokens [B, steps], logits [steps, B, V]);
+    `forced` ([steps, B]): those tokens fed instead, as the gate's teacher forcing does."""
     batch, feed = prefill_feed(config, rows, image_sizes, pixels, run)
     s = batch["input_ids"].shape[1]
     feed["logit_positions"] = np.array([s - 1])
     logits, keys, values = run("prefill", feed)
     mask, pos = batch["attention_mask"], batch["position_ids"][:, -1:]
     step_logits = [logits[:, -1]]
-    tokens = [_argmax(step_logits[-1], config)]
+    pick = (lambda i: _argmax(step_logits[-1], config)) if forced is None else forced.__getitem__
+    tokens = [pick(0)]
     for step in range(steps - 1):
         pos = pos + 1
         decode = {
@@ -245,7 +247,7 @@ def greedy(config, rows, image_sizes, pixels, run: Run, steps: int):
         keys, values = np.concatenate((keys, new_k), 3), np.concatenate((values, new_v), 3)
         mask = np.concatenate((mask, np.ones_like(mask[:, :1])), 1)
         step_logits.append(logits[:, 0])
-        tokens.append(_argmax(step_logits[-1], config))
+        tokens.append(pick(step + 1))
     return np.stack(tokens, 1), np.stack(step_logits)
 
 
