@@ -47,10 +47,7 @@ from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import GRAPHS, graph_spec, static_dims
 from mllama_export.graphs.limits import Limits
 
-from .shapes import Range, ShapeProfile
-
-# TensorRT's limit on the elements of one tensor (kernels address tensors with 32-bit offsets)
-MAX_TENSOR_VOLUME = 2**31 - 1
+from .shapes import MAX_TENSOR_VOLUME, Range, ShapeProfile, VolumeProblem, buckets
 
 
 class HasLimits(Protocol):
@@ -107,23 +104,6 @@ class ProfileScheme:
 # batch 1, one image, the last position's logits: what a single user's request looks like
 COMMON = {"batch": 1, "num_images": 1, "num_logits": 1}
 DEFAULT_SCHEME = ProfileScheme()
-
-
-def buckets(limit: int, first: int, growth: int) -> list[tuple[int, int]]:
-    """Contiguous ranges covering exactly 1..limit: [1, first], [first+1, first*growth], ...,
-    the last one ending at limit."""
-    if limit < 1:
-        raise MllamaExportError(f"cannot bucket the range 1..{limit}: the limit must be >= 1")
-    edges, edge = [], first
-    while edge < limit:
-        edges.append(edge)
-        edge *= growth
-    edges.append(limit)
-    ranges, lo = [], 1
-    for hi in edges:
-        ranges.append((lo, hi))
-        lo = hi + 1
-    return ranges
 
 
 def graph_profiles(
@@ -298,24 +278,6 @@ LIMIT_OF_DIM = {
     "new_tokens": "max_seq_len",
     "total_sequence": "max_seq_len",
 }
-
-
-@dataclass(frozen=True)
-class VolumeProblem:
-    """A tensor over TensorRT's element cap at one profile's maximum."""
-
-    graph: str
-    profile: int
-    tensor: str
-    shape: tuple[int, ...]
-    limits: tuple[str, ...]  # the build limits whose lowering shrinks it
-
-    @property
-    def volume(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
 
 
 def materialized_scores(

@@ -19,6 +19,44 @@ from mllama_export.graphs.spec import TensorSpec
 Range = tuple[int, int, int]  # (min, opt, max)
 Shape = tuple[int, ...]
 
+# TensorRT's limit on the elements of one tensor (kernels address tensors with 32-bit offsets)
+MAX_TENSOR_VOLUME = 2**31 - 1
+
+
+def buckets(limit: int, first: int, growth: int) -> list[tuple[int, int]]:
+    """Contiguous ranges covering exactly 1..limit: [1, first], [first+1, first*growth], ...,
+    the last one ending at limit."""
+    if limit < 1:
+        raise MllamaExportError(f"cannot bucket the range 1..{limit}: the limit must be >= 1")
+    edges, edge = [], first
+    while edge < limit:
+        edges.append(edge)
+        edge *= growth
+    edges.append(limit)
+    ranges, lo = [], 1
+    for hi in edges:
+        ranges.append((lo, hi))
+        lo = hi + 1
+    return ranges
+
+
+@dataclass(frozen=True)
+class VolumeProblem:
+    """A tensor over TensorRT's element cap at one profile's maximum."""
+
+    graph: str
+    profile: int
+    tensor: str
+    shape: tuple[int, ...]
+    limits: tuple[str, ...]  # the build limits whose lowering shrinks it
+
+    @property
+    def volume(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
 
 @dataclass(frozen=True)
 class ShapeProfile:

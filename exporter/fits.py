@@ -25,6 +25,7 @@ from mllama_export.graphs.resolve import resolve_model
 
 from .options import BuildOptions
 from .plan import GB, GPUS, Plan, format_plan, plan
+from .planning import largest
 
 # build's defaults, so that `plan` answers for what `build` would build
 DEFAULTS = {
@@ -142,15 +143,6 @@ def _fits(req: PlanRequest, **change) -> bool:
         return req.plan(**change).fits
     except MllamaExportError:  # e.g. a prompt longer than the limit tried
         return False
-
-
-def largest(ok, most: int) -> int:
-    """The largest n in 1..most with ok(n), ok being true then false as n grows; 0 if none."""
-    low, high = 0, most  # ok at low (0: none found yet), not known above
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if ok(mid) else (low, mid - 1)
-    return low
 
 
 def _cap(prompt_len: int | None, n: int) -> int | None:

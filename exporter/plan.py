@@ -63,44 +63,10 @@ from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.choices import DEFAULT_TEXT_ENGINE, PRECISIONS
 from mllama_export.graphs.config import MllamaConfig
 
+from .planning import GB, GPUS, Gpu
+
 ACT_BYTES = 2  # activations and caches are 16-bit whatever the weight precision (fp32: 4)
 LOGIT_BYTES = 4  # the graphs return float32 logits
-GB = 1e9
-
-
-@dataclass(frozen=True)
-class Gpu:
-    key: str
-    name: str
-    memory_bytes: int  # datasheet capacity read as decimal GB: a budget a little under the real one
-    bandwidth: float  # bytes/s
-    bf16_flops: float  # dense tensor-core FLOP/s (fp16 is the same)
-    fp8_flops: float  # dense
-    source: str
-
-
-GPUS: dict[str, Gpu] = {
-    "h100": Gpu(
-        key="h100",
-        name="H100 SXM",
-        memory_bytes=80 * 10**9,
-        bandwidth=3.35e12,
-        bf16_flops=989e12,
-        fp8_flops=1979e12,
-        source="NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: 80GB HBM3, 3.35TB/s; "
-        "BF16/FP16 Tensor Core 1,979 TFLOPS and FP8 3,958 TFLOPS are with sparsity, dense is half",
-    ),
-    "h200": Gpu(
-        key="h200",
-        name="H200 SXM",
-        memory_bytes=141 * 10**9,
-        bandwidth=4.8e12,
-        bf16_flops=989e12,
-        fp8_flops=1979e12,
-        source="NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column: 141GB HBM3e, 4.8TB/s; "
-        "BF16/FP16 Tensor Core 1,979 TFLOPS and FP8 3,958 TFLOPS are with sparsity, dense is half",
-    ),
-}
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ DEFAULT_TEXT_ENGINE = "split"
 WEIGHT_SCHEMES = ("per-tensor", "per-channel")
 # validate --reference: our PyTorch graphs, or transformers' MllamaForConditionalGeneration
 REFERENCES = ("graphs", "transformers")
-# plan --gpu: the GPUs planned against (exporter/plan.py GPUS holds their figures)
+# plan --gpu: the GPUs planned against (exporter/planning.py GPUS holds their figures)
 GPU_NAMES = ("h100", "h200")
 
 
