@@ -17,6 +17,7 @@ LLAVA = Family(
         "contract": "graphs.llava_contract",
         "graph_modules": "graphs.llava_model:GRAPH_MODULES",
         "model": "graphs.llava_model:LlavaModel",
+        "profiles": "engines.llava_profiles",
         "reference": "validate.llava_reference:TransformersReference",
         "synthetic_model": "validate.llava_reference:synthetic_model",
     },
@@ -34,6 +35,7 @@ LLAVA = Family(
         "engines.llava_preprocess",
         "engines.llava_synth",
         "engines.llava_text",
+        "engines.llava_profiles",
         "validate.llava_reference",
     ),
 )
