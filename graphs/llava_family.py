@@ -18,6 +18,7 @@ LLAVA = Family(
         "graph_modules": "graphs.llava_model:GRAPH_MODULES",
         "model": "graphs.llava_model:LlavaModel",
         "profiles": "engines.llava_profiles",
+        "plan": "exporter.llava_fits",
         "reference": "validate.llava_reference:TransformersReference",
         "synthetic_model": "validate.llava_reference:synthetic_model",
     },
@@ -36,6 +37,8 @@ LLAVA = Family(
         "engines.llava_synth",
         "engines.llava_text",
         "engines.llava_profiles",
+        "exporter.llava_fits",
+        "exporter.llava_plan",
         "validate.llava_reference",
     ),
 )
