@@ -113,7 +113,8 @@ GRAPHS: dict[str, GraphSpec] = {
     g.name: g
     for g in (
         GraphSpec("vision", VISION_INPUTS, VISION_OUTPUTS, "vision.onnx.data"),
-        GraphSpec("prefill", PREFILL_INPUTS, PREFILL_OUTPUTS, TEXT_DATA_FILE, "decode"),
+        # no shared text engine: the decode graph takes one token per call, not a chunk
+        GraphSpec("prefill", PREFILL_INPUTS, PREFILL_OUTPUTS, TEXT_DATA_FILE),
         GraphSpec("decode", DECODE_INPUTS, DECODE_OUTPUTS, TEXT_DATA_FILE),
     )
 }
