@@ -18,6 +18,7 @@ from llava_cases import (
     hf_inputs,
     rel_l2,
 )
+from PIL import Image
 from test_llava_reference import PINPOINT_IMAGES, generation_inputs, prompt
 
 from mllama_export.engines.llava_preprocess import LlavaImages
@@ -62,7 +63,7 @@ def as_images(config, image_sizes, pixels) -> LlavaImages | None:
 def _reference(hf, config, rows, image_sizes, pixels_bytes, shape):
     """transformers' greedy generate of exactly STEPS tokens: its end token is made one no
     logit can pick, so that it stops no row early, as the runner's empty stop set does."""
-    pixels = np.frombuffer(pixels_bytes, np.float32).reshape(shape)
+    pixels = np.frombuffer(pixels_bytes, np.float32).reshape(shape).copy()
     batch = left_pad([list(r) for r in rows], PAD)
     inputs = hf_inputs(config, batch, pixels, [list(r) for r in image_sizes])
     with torch.no_grad():
@@ -104,16 +105,68 @@ def test_greedy_generation_equals_transformers(runners, kind, backend, name, tmp
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_next_images_of_every_pinpoint_in_one_batch(runners, backend, tmp_path_factory):
+def test_next_images_of_every_pinpoint_in_one_batch(backend, tmp_path_factory):
     """Portrait, landscape, square, tiny and very wide: each row's grid and unpadding."""
     case = built("llava_next", tmp_path_factory)
-    runners = runners if case.config.is_next and runners["torch"].config.is_next else None
-    if runners is None:
-        pytest.skip("LLaVA-NeXT only (the llava row of the fixture)")
+    runner = (
+        Runner.from_model(case.ours, LIMITS)
+        if backend == "torch"
+        else Runner.from_artifacts(artifacts("llava_next", tmp_path_factory))
+    )
     image_sizes = [[s] for s in PINPOINT_IMAGES]
     rows = [prompt(case, s, [1 + i, 2], seed=60 + i) for i, s in enumerate(image_sizes)]
     rng = np.random.default_rng(61)
     v = case.config.vision
     n = sum(image_tiles(case.config, s) for row in image_sizes for s in row)
     pixels = rng.standard_normal((n, 3, v.image_size, v.image_size)).astype(np.float32)
-    assert_generates_as_transformers(runners[backend], case, rows, image_sizes, pixels)
+    assert_generates_as_transformers(runner, case, rows, image_sizes, pixels)
+
+
+# -- refusals, one line each -------------------------------------------------------------------
+
+
+def one_line(match: str):
+    return pytest.raises(MllamaExportError, match=match)
+
+
+def test_token_ids_whose_image_tokens_do_not_match_the_images(runners, kind, tmp_path_factory):
+    case = built(kind, tmp_path_factory)
+    runner = runners["onnxruntime"]
+    rows, image_sizes, pixels = generation_inputs(case, "one-image")
+    images = as_images(case.config, image_sizes, pixels)
+    short = [t for i, t in enumerate(rows[0]) if i != rows[0].index(case.config.image_token_id)]
+    with one_line(r"^cannot generate: row 0 has \d+ image tokens .* images need \d+") as err:
+        runner.generate_ids([short], images, 2)
+    with one_line("row 0 has .* image tokens"):
+        runner.generate_ids(rows, None, 2)  # image tokens, no image
+    with one_line("images for 1 prompts but 2 prompts"):
+        runner.generate_ids([rows[0], rows[0]], images, 2)
+    assert "\n" not in str(err.value)
+
+
+def test_encode_refuses_what_the_processor_would_misalign(runners, tmp_path_factory):
+    runner = runners["onnxruntime"]
+    image = Image.fromarray(np.zeros((40, 60, 3), np.uint8))
+    ids = [5, 6, runner.config.image_token_id, 7]
+    with one_line(r"^--token-ids hold 1 image tokens \(id 300\) but the 1 --image given need \d+"):
+        runner.inputs.encode(
+            images=[image], token_ids=ids, ids_name="--token-ids", images_name="--image"
+        )
+    with one_line("3 images were given but these artifacts were built for at most 2"):
+        runner.inputs.encode(images=[image] * 3, token_ids=ids)
+    with one_line(r"the token ids hold token id\(s\) \[9999\] outside the vocabulary"):
+        runner.inputs.encode(token_ids=[1, 9999])
+    with one_line("no tokenizer.json; pass token ids"):
+        runner.encode("describe <image>", [image])
+    with one_line("prefill_chunk 4: LLaVA prefills the whole prompt in one call"):
+        runner.generate_ids([[1, 2, 3]], None, 2, prefill_chunk=4)
+
+
+def test_requests_beyond_the_limits(runners):
+    runner = runners["torch"]
+    with one_line(r"a batch of 6 prompts \(built for 1..5\)"):
+        runner.generate_ids([[1, 2]] * 6, None, 2)
+    with one_line("a prompt of 250 tokens plus 10 new tokens"):
+        runner.generate_ids([[3] * 250], None, 10)
+    with one_line("expected a list of token-id lists"):
+        runner.generate_ids("1,2,3", None, 2)
