@@ -183,8 +183,13 @@ class LlavaInputProcessor:
             raise MllamaExportError(
                 f"{ids_name} hold {ids.count(self.config.image_token_id)} image tokens (id "
                 f"{self.config.image_token_id}) but the {len(sizes)} {images_name} given need "
-                f"{sum(need)} ({need}: one run per image, in order, as the processor expands "
-                "them for these image sizes)"
+                f"{sum(need)}"
+                + (
+                    f" ({need}: one run per image, in order, as the processor expands them for "
+                    "these image sizes)"
+                    if need
+                    else " (ids without images hold no image token)"
+                )
             ) from None
 
     def _check_max_images(self, images: int) -> None:

@@ -5,6 +5,7 @@ relative L2 1e-5 at every step, fp32; the input processor's refusals, one line e
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -170,3 +171,92 @@ def test_requests_beyond_the_limits(runners):
         runner.generate_ids([[3] * 250], None, 10)
     with one_line("expected a list of token-id lists"):
         runner.generate_ids("1,2,3", None, 2)
+
+
+# -- the evaluation set, through the gate's trace ---------------------------------------------
+
+
+def test_the_evalset_runs_alike_on_every_backend(runners, kind):
+    from mllama_export.engines import llava_evalset as evalset
+    from mllama_export.validate.gate import trace_runner
+
+    cases = evalset.build_evalset(runners["torch"].config, LIMITS, steps=3)
+    names = [c.name for c in cases]
+    assert names[:4] == CASES
+    assert [c.num_images for c in cases[:4]] == [0, 1, 2, 3]
+    assert len(cases[3].prompts) == 3 and len({len(p) for p in cases[3].prompts}) == 3
+    pins = runners["torch"].config.image_grid_pinpoints
+    assert len(names) == 4 + len(pins)  # LLaVA-NeXT: one image per pinpoint
+    for case in cases:
+        ours, ref = (trace_runner(runners[b], case, 3) for b in ("onnxruntime", "torch"))
+        assert set(ours.stages) == set(ref.stages) == set(evalset.case_stages(case))
+        for name in ours.stages:
+            assert rel_l2(ours.stages[name], ref.stages[name]) < REL_L2, (case.name, name)
+        assert rel_l2(ours.prefill, ref.prefill) < REL_L2, case.name
+        np.testing.assert_array_equal(ours.tokens, ref.tokens)
+
+
+def test_the_evalset_fits_the_limits_or_says_why(runners):
+    from mllama_export.engines.llava_evalset import build_evalset
+
+    config = runners["torch"].config
+    small = Limits(max_batch=1, max_seq_len=96, max_images=1)
+    cases = build_evalset(config, small, steps=3)
+    assert all(len(c.prompts) == 1 and len(max(c.prompts, key=len)) <= 92 for c in cases)
+    assert all(c.num_images <= 1 for c in cases) and any(c.num_images for c in cases)
+    with one_line("the artifacts take images but were built for 12 tokens in all"):
+        build_evalset(config, Limits(max_batch=2, max_seq_len=12, max_images=1), steps=3)
+
+
+def test_a_users_evalset(runners, kind, tmp_path, tmp_path_factory):
+    from mllama_export.engines.llava_evalset import load_evalset
+
+    case = built(kind, tmp_path_factory)
+    Image.fromarray(np.full((40, 70, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    ids = prompt(case, [(40, 70)], [2, 3], seed=70)
+    lines = [
+        json.dumps({"token_ids": ids, "images": ["a.png"], "name": "one"}),
+        "# a comment",
+        json.dumps({"token_ids": ids[:3]}),
+    ]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines))
+    folder = artifacts(kind, tmp_path_factory)
+    cases = load_evalset(tmp_path, folder)
+    assert [c.name for c in cases] == ["one", "line-3"] and cases[0].num_images == 1
+    runners["onnxruntime"].generate_ids(cases[0].prompts, cases[0].images, 2)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "hi"}))
+    with one_line("prompts.jsonl line 1: these artifacts have no tokenizer.json"):
+        load_evalset(tmp_path, folder)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"token_ids": ids}))
+    with one_line(r'line 1: "token_ids" hold \d+ image tokens .* but the 0 image\(s\) given'):
+        load_evalset(tmp_path, folder)
+
+
+# -- `mllama-export run` ------------------------------------------------------------------------
+
+
+def test_the_run_command(runners, kind, tmp_path, tmp_path_factory):
+    from click.testing import CliRunner
+
+    from mllama_export.cli import main
+
+    case = built(kind, tmp_path_factory)
+    folder = artifacts(kind, tmp_path_factory)
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (50, 30, 3), np.uint8)).save(
+        tmp_path / "a.png"
+    )
+    ids = prompt(case, [(50, 30)], [2, 3], seed=71)
+    args = ["run", str(folder), "--token-ids", ",".join(map(str, ids)), "--image"]
+    out = CliRunner().invoke(
+        main, [*args, str(tmp_path / "a.png"), "--max-new-tokens", "6", "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    runner = runners["onnxruntime"]
+    _, images = runner.inputs.encode(images=[tmp_path / "a.png"], token_ids=ids)
+    expected = runner.generate_ids([ids], images, 6).token_ids[0]
+    assert json.loads(out.stdout)["token_ids"] == expected
+    bad = CliRunner().invoke(main, ["run", str(folder), "--token-ids", ",".join(map(str, ids))])
+    assert bad.exit_code == 2
+    errors = [line for line in bad.output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "--token-ids hold" in errors[0], bad.output
+    assert bad.output.rstrip().endswith("hold no image token)")
