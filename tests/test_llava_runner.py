@@ -260,3 +260,65 @@ def test_the_run_command(runners, kind, tmp_path, tmp_path_factory):
     errors = [line for line in bad.output.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "--token-ids hold" in errors[0], bad.output
     assert bad.output.rstrip().endswith("hold no image token)")
+
+
+# -- prompts and chat, as transformers' processor makes them ------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llava-tiny", "llava-next-tiny"])
+def test_prompts_and_chat_give_the_processors_ids_and_pixels(name, tmp_path):
+    import transformers
+
+    from mllama_export.engines.backend import TorchBackend
+    from mllama_export.engines.llava_preprocess import LlavaProcessorConfig
+    from mllama_export.engines.llava_synth import write_llava_checkpoint
+    from mllama_export.engines.text import Tokenizer
+    from mllama_export.graphs.llava_model import GRAPH_MODULES
+    from mllama_export.graphs.llava_presets import llava_preset
+    from mllama_export.graphs.llava_weights import load_llava_model
+
+    folder = write_llava_checkpoint(llava_preset(name), tmp_path / "ckpt", seed=4)
+    model = load_llava_model(folder)
+    backends = {g: TorchBackend(cls(model)) for g, cls in GRAPH_MODULES.items()}
+    runner = Runner(
+        model.config, backends, LIMITS, tokenizer=Tokenizer.from_dir(folder),
+        image_config=LlavaProcessorConfig.from_dir(folder),
+    )  # fmt: skip
+    proc = transformers.AutoProcessor.from_pretrained(folder)
+    rng = np.random.default_rng(5)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)) for h, w in [(37, 91), (120, 50)]
+    ]
+    chat = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"}],
+        }
+    ]
+    plain = "USER: <image>\nWhat is this? <image>\nASSISTANT:"
+    for ours_prompt, text in (
+        (plain, plain),
+        (chat, proc.apply_chat_template(chat, add_generation_prompt=True)),
+    ):
+        ref = proc(images=images, text=[text], return_tensors="np")
+        ids, batch = runner.encode(ours_prompt, images)
+        assert ids == ref["input_ids"][0].tolist()
+        ref_pixels = ref["pixel_values"]
+        if model.config.is_next:  # [images, most tiles, ...], zero-padded: the real tiles only
+            ref_pixels = np.concatenate(
+                [p[:n] for p, n in zip(ref_pixels, batch.num_tiles[0], strict=True)]
+            )
+        np.testing.assert_allclose(batch.pixel_values, ref_pixels, atol=1e-5, rtol=0)
+    # text in, text out: the same tokens as the ids path, streamed or not
+    done = runner.generate(chat, images, max_new_tokens=6)
+    stop = runner.tokenizer.eos_token_ids | set(model.config.eos_token_ids)
+    assert done.token_ids == runner.generate_ids([ids], batch, 6, stop_tokens=stop).token_ids[0]
+    assert "".join(runner.stream(chat, images, max_new_tokens=6)) == done.text
+    assert (
+        runner.encode("Describe.", images[:1])[0]
+        == proc(images=images[:1], text=["<image>\nDescribe."], return_tensors="np")["input_ids"][
+            0
+        ].tolist()
+    )
+    with one_line(r"the prompt holds 1 <image> placeholder\(s\) but 2 image\(s\) were given"):
+        runner.encode("<image> one", images)
