@@ -10,20 +10,19 @@ token ids and images into the text graphs' feed.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.config import MllamaConfig
 
 from .preprocess import ImageProcessorConfig, ImageSource, PreprocessedImages, preprocess
 from .profiles import HasLimits
+from .requests import as_image_list, check_ids, check_rows
 from .steps import logit_positions
 from .text import IMAGE_TOKEN, Prompt, Tokenizer
 
@@ -191,20 +190,6 @@ class InputProcessor:
             )
 
 
-def as_image_list(images: Sequence[ImageSource] | ImageSource | None) -> list[ImageSource]:
-    # One path, bytes or PIL image is one image, not a sequence of characters or bytes.
-    if images is None:
-        return []
-    if isinstance(images, str | os.PathLike | bytes | bytearray | memoryview | Image.Image):
-        return [images]
-    if not isinstance(images, Sequence):
-        raise MllamaExportError(
-            f"images is {type(images).__name__} {images!r:.60}; expected a file path, bytes, a "
-            "PIL.Image.Image, or a list of them"
-        )
-    return list(images)
-
-
 def with_image_tokens(prompt: str, num_images: int) -> str:
     """A plain prompt given images but no <|image|> gets one per image in front, where the
     model card's examples put them (the reference processor would refuse it instead)."""
@@ -216,25 +201,6 @@ def with_image_tokens(prompt: str, num_images: int) -> str:
 # -- a batch of token ids --------------------------------------------------------------------
 
 
-def _is_token(value: object) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def check_ids(ids: Sequence, rows: int, subject: str) -> None:
-    """Every id an integer row of the embedding; subject says whose ("prompt 0 holds")."""
-    bad = [t for t in ids if not _is_token(t)]
-    if bad:
-        raise MllamaExportError(
-            f"{subject} {bad[0]!r} ({type(bad[0]).__name__}); expected integer token ids"
-        )
-    outside = [int(t) for t in ids if not 0 <= t < rows]
-    if outside:
-        raise MllamaExportError(
-            f"{subject} token id(s) {outside[:5]} outside the vocabulary; expected ids in "
-            f"0..{rows - 1}"
-        )
-
-
 def check_request(
     vocab_rows: int,
     limits: HasLimits,
@@ -244,14 +210,7 @@ def check_request(
 ) -> None:
     """A batch of token-id prompts and its preprocessed images, against the artifacts'
     limits, before any graph runs."""
-    rows_ok = isinstance(prompts, list | tuple | np.ndarray) and all(
-        isinstance(p, list | tuple | np.ndarray) for p in prompts
-    )
-    if not rows_ok:
-        raise MllamaExportError(
-            f"prompts is {type(prompts).__name__} {prompts!r:.60}; expected a list of token-id "
-            "lists, one per prompt, e.g. [[500, 512, 12]]"
-        )
+    check_rows(prompts)
     for i, prompt in enumerate(prompts):
         check_ids(prompt, vocab_rows, f"prompt {i} holds")
     problems = _request_problems(limits, prompts, images, max_new_tokens)

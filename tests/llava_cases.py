@@ -311,3 +311,69 @@ def onnx_runner(folder: Path) -> Run:
         return session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
 
     return run
+
+
+# -- artifact folders: the three graphs exported as above, with a manifest the runner reads ----
+
+# What the test artifacts are built for: a padded batch of 5 (every pinpoint at once)
+ARTIFACT_LIMITS = {"max_batch": 5, "max_seq_len": 256, "max_images": 2}
+RESOURCE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "processor_config.json",
+    "preprocessor_config.json",
+)
+
+
+def write_artifacts(model: LlavaModel, checkpoint: Path, out: Path) -> Path:
+    """The graphs of `model` (fp32), the checkpoint's tokenizer and processor files where it
+    has them, and a manifest.json as `mllama-export build` lays it out, hashes included."""
+    import json
+    import shutil
+
+    from mllama_export.engines.manifest_read import FORMAT, sha256
+    from mllama_export.graphs.llava_model import GRAPH_CLASSES
+
+    out.mkdir(parents=True)
+    for name, cls in GRAPH_CLASSES.items():
+        export_onnx(cls(model), model.config, out / f"{name}.onnx")
+    for name in RESOURCE_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copy(checkpoint / name, out / name)
+    files = {p.name: sha256(p) for p in sorted(out.iterdir())}
+    manifest = {
+        "format": FORMAT,
+        "model": {"config": json.loads((checkpoint / "config.json").read_text())},
+        "precision": "fp32",
+        "io_dtype": "float32",
+        "limits": ARTIFACT_LIMITS,
+        "graphs": {name: {"file": f"{name}.onnx"} for name in GRAPH_CLASSES},
+        "files": files,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+@functools.cache
+def _artifacts(kind: str, root: Path) -> Path:
+    import shutil
+
+    from mllama_export.engines.llava_synth import write_llava_processor
+
+    case = _built(kind, root)
+    # config.json and the processor files of the llava-hf layout (no tokenizer: the cases'
+    # vocabularies are not the synthetic tokenizer's)
+    resources = root / f"resources-{kind}"
+    resources.mkdir()
+    shutil.copy(case.folder / "config.json", resources)
+    write_llava_processor(case.config, resources)
+    return write_artifacts(case.ours, resources, root / f"artifacts-{kind}")
+
+
+def artifacts(kind: str, tmp_path_factory) -> Path:
+    """The artifact folder of `built(kind)`, exported once per process."""
+    root = Path(tmp_path_factory.getbasetemp()) / "llava-cases"
+    root.mkdir(exist_ok=True)
+    return _artifacts(kind, root)

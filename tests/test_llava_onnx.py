@@ -8,8 +8,8 @@ import onnx
 import pytest
 from llava_cases import (
     REL_L2,
+    artifacts,
     built,
-    export_onnx,
     greedy,
     hf_generate,
     onnx_runner,
@@ -21,7 +21,6 @@ from llava_cases import (
 from test_llava_reference import SIZES, generation_inputs, prompt
 
 from mllama_export.graphs.llava_contract import GRAPHS
-from mllama_export.graphs.llava_model import GRAPH_CLASSES
 
 pytest.importorskip("transformers")
 
@@ -29,15 +28,14 @@ pytest.importorskip("transformers")
 @pytest.fixture(scope="module", params=["llava", "llava_next"])
 def exported(request, tmp_path_factory):
     case = built(request.param, tmp_path_factory)
-    folder = tmp_path_factory.mktemp(f"onnx-{request.param}")
-    for name, cls in GRAPH_CLASSES.items():
-        export_onnx(cls(case.ours), case.config, folder / f"{name}.onnx")
+    folder = artifacts(request.param, tmp_path_factory)  # shared with test_llava_runner.py
     return case, folder, onnx_runner(folder)
 
 
 def test_graphs_have_the_contract_names_and_dims(exported):
     _, folder, _ = exported
-    for name, (inputs, outputs) in GRAPHS.items():
+    for name, spec in GRAPHS.items():
+        inputs, outputs = spec.inputs, spec.outputs
         model = onnx.load(str(folder / f"{name}.onnx"), load_external_data=False)
         onnx.checker.check_model(model)
         assert [i.name for i in model.graph.input] == [s.name for s in inputs]
