@@ -614,7 +614,8 @@ ROWS = [
         "build-model-is-a-file",
         lambda c: ["build", "--model", c.file("weights.safetensors", "x"), "--out", c.tmp / "o"],
         "is a file; expected a checkpoint folder",
-        "a preset (tiny, 11b, 90b) or a Hugging Face Hub id",
+        "a preset (tiny, 11b, 90b, llava-tiny, ",
+        "llava-next-34b) or a Hugging Face Hub id",
         marks=AFTER_LOCK,
     ),
     cli(
@@ -872,9 +873,10 @@ ROWS = [
     # -- config.json, through plan (which reads nothing else) and the API -----------------------
     cli(
         "config-other-architecture",
-        _plan_config(lambda r: r.update(model_type="llava")),
-        "model_type 'llava'",
-        "expected 'mllama'",
+        _plan_config(lambda r: r.update(model_type="gpt2")),
+        "model_type 'gpt2'",
+        "expected 'mllama' (a Llama 3.2 Vision checkpoint such as meta-llama/Llama-3.2-11B-Vision)"
+        " or 'llava' or 'llava_next'",
     ),
     cli(
         "config-unknown-key",
@@ -922,7 +924,7 @@ ROWS = [
     cli(
         "plan-model-neither",
         lambda c: ["plan", "--model", c.tmp / "nowhere"],
-        "is neither a checkpoint folder, a preset (tiny, 11b, 90b)",
+        "is neither a checkpoint folder, a preset (tiny, 11b, 90b, llava-tiny, ",
         "nor a Hugging Face Hub id",
     ),
     cli(
