@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from mllama_export.errors import MllamaExportError
@@ -154,23 +153,6 @@ class LlavaConfig:
             raise _with_version_hint(err, raw) from None
         validate_llava_config(config)
         return config
-
-    @classmethod
-    def from_hf_config(cls, path: str | Path) -> LlavaConfig:
-        """Reads `config.json` from a checkpoint folder (or the file itself)."""
-        file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
-        if not file.is_file():
-            raise MllamaExportError(
-                f"no config.json at {file}; expected a LLaVA checkpoint folder as transformers "
-                "saves it (e.g. llava-hf/llava-1.5-7b-hf)"
-            )
-        try:
-            raw = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MllamaExportError(f"cannot read {file}: {err}; expected a JSON object") from err
-        if not isinstance(raw, dict):
-            raise MllamaExportError(f"{file} holds {type(raw).__name__}; expected a JSON object")
-        return cls.from_hf_dict(raw)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json as transformers 5.x `save_pretrained` writes it for this model."""
