@@ -31,6 +31,7 @@ ORIGINAL_FORMAT_KEYS = (
     "mm_hidden_size",
     "mm_vision_tower_lr",
 )
+ORIGINAL_MODEL_TYPES = ("llava_llama", "llava_mistral", "llava_mpt")
 ORIGINAL_ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaMptForCausalLM")
 
 
@@ -186,7 +187,7 @@ class LlavaConfig:
 def _refuse_original_format(raw: dict[str, Any]) -> None:
     keys = [k for k in ORIGINAL_FORMAT_KEYS if k in raw]
     archs = [a for a in raw.get("architectures") or [] if a in ORIGINAL_ARCHITECTURES]
-    if not keys and not archs and raw.get("model_type") not in ("llava_llama", "llava_mistral"):
+    if not keys and not archs and raw.get("model_type") not in ORIGINAL_MODEL_TYPES:
         return
     script = (
         "llava_next/convert_llava_next_weights_to_hf.py"

@@ -11,6 +11,7 @@ LLAVA = Family(
     title="LLaVA 1.5 / LLaVA-NeXT (llava, llava_next)",
     model_types=("llava", "llava_next"),
     example="a LLaVA checkpoint such as llava-hf/llava-1.5-7b-hf",
+    converted_from=("llava_llama", "llava_mistral", "llava_mpt"),
     parts={
         "config": "graphs.llava_config:LlavaConfig",
         "presets": "graphs.llava_presets:PRESETS",

@@ -37,7 +37,8 @@ def exported(request, tmp_path_factory):
 
 def test_graphs_have_the_contract_names_and_dims(exported):
     _, folder, _ = exported
-    for name, (inputs, outputs) in GRAPHS.items():
+    for name, spec in GRAPHS.items():
+        inputs, outputs = spec.inputs, spec.outputs
         model = onnx.load(str(folder / f"{name}.onnx"), load_external_data=False)
         onnx.checker.check_model(model)
         assert [i.name for i in model.graph.input] == [s.name for s in inputs]
