@@ -21,6 +21,7 @@ runs only the FP8 calibration (exporter/calibrate.py calibrate_streamed), whose 
 streamed part's alone.
 
     python benchmarks/export_memory.py [--preset 11b] [--layers 2 4 8] [--precision bf16|fp16|fp32|fp8]
+        [--max-seq-len N (LLaVA 1.5 at 7B: 578 or more, one image's 576 tokens and two)]
         [--check-depth auto|full|reduced] [--calibration-only] [--baseline-layers 2]
         [--workdir DIR]
 """
@@ -233,13 +234,20 @@ def vision_layers(config) -> str:
 
 
 def measure(
-    layers: int, workdir: Path, baseline: bool, precision: str, depth: str, name: str = "11b"
+    layers: int,
+    workdir: Path,
+    baseline: bool,
+    precision: str,
+    depth: str,
+    name: str = "11b",
+    max_seq_len: int | None = None,
 ) -> dict:
     config = geometry(layers, name)
     ckpt, out = workdir / f"ckpt-{layers}", workdir / f"out-{layers}"
     synth(config, ckpt, name)
     build = [sys.executable, "-m", "mllama_export", "build", "--model", str(ckpt)]
     build += ["--out", str(out), "--precision", precision, "--check-depth", depth, "--force"]
+    build += [] if max_seq_len is None else ["--max-seq-len", str(max_seq_len)]
     rss, seconds, phases = run_phased(build)
     manifest = json.loads((out / "manifest.json").read_text())
     check = manifest["graphs"]["decode"]["check"]
@@ -326,6 +334,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--preset", default="11b", help="any family's preset, e.g. llava-1.5-7b")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="build's; default: its own")
     parser.add_argument("--calibration-only", action="store_true", help="fp8: calibrate only")
     parser.add_argument("--baseline-layers", type=int, nargs="*", default=[])
     parser.add_argument("--workdir", type=Path, default=None)
@@ -345,7 +354,10 @@ def main() -> None:
                 rows.append(measure_calibration(n, workdir))
             else:
                 baseline = n in args.baseline_layers
-                row = measure(n, workdir, baseline, args.precision, args.check_depth, args.preset)
+                row = measure(
+                    n, workdir, baseline, args.precision, args.check_depth, args.preset,
+                    args.max_seq_len,
+                )  # fmt: skip
                 rows.append(row)
             if args.json:  # row by row: an interrupted run keeps the depths it measured
                 args.json.write_text(json.dumps(rows, indent=2) + "\n")
