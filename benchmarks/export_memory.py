@@ -1,7 +1,8 @@
 """Peak memory of `mllama-export build` at the 11B geometry as the depth grows, bf16 or fp8.
 
 Writes synthetic checkpoints of the 11B preset (full width, real head counts and vocabulary,
-bfloat16) at several text depths, with proportionally fewer vision layers, and runs the real
+bfloat16) at several text depths, with proportionally fewer vision layers (``--preset``: any
+family's preset, e.g. llava-1.5-7b, truncated by its family's "truncated" part), and runs the real
 `mllama-export build` on each in a child process, reading that process's peak resident set
 size from the kernel (wait4's ru_maxrss). bf16 builds are not checked numerically on the
 CPU, so their peak is the streaming export's: it should not grow with depth and should stay
@@ -19,7 +20,8 @@ and the FP8 check where the memory estimate puts it. With ``--calibration-only``
 runs only the FP8 calibration (exporter/calibrate.py calibrate_streamed), whose memory is the
 streamed part's alone.
 
-    python benchmarks/export_memory.py [--layers 2 4 8] [--precision bf16|fp16|fp32|fp8]
+    python benchmarks/export_memory.py [--preset 11b] [--layers 2 4 8] [--precision bf16|fp16|fp32|fp8]
+        [--max-seq-len N (LLaVA 1.5 at 7B: 578 or more, one image's 576 tokens and two)]
         [--check-depth auto|full|reduced] [--calibration-only] [--baseline-layers 2]
         [--workdir DIR]
 """
@@ -40,15 +42,18 @@ from pathlib import Path
 import torch
 
 from mllama_export.graphs.config import preset, truncated
-from mllama_export.graphs.contract import GRAPH_NAMES
-from mllama_export.graphs.model import MllamaModel
+from mllama_export.graphs.family import all_presets, family_of
 
 GB = 1e9
 
 
-def geometry(text_layers: int):
+def geometry(text_layers: int, name: str = "11b"):
     """The 11B preset at ``text_layers``; the vision encoder keeps the same share of its
-    depth (32 local and 8 global layers for 40 text layers), at least one of each."""
+    depth (32 local and 8 global layers for 40 text layers), at least one of each. Another
+    family's preset: its "truncated" part at ``text_layers`` (which scales the vision alike)."""
+    if name != "11b":
+        family = all_presets()[name]
+        return family.part("truncated")(family.read_config(family.presets[name]), text_layers)
     full = preset("11b")
     share = text_layers / full.text.num_layers
     cross = tuple(i for i in full.text.cross_attention_layers if i < text_layers)
@@ -63,7 +68,7 @@ def geometry(text_layers: int):
 
 def weight_bytes(config, dtype=torch.bfloat16) -> dict[str, int]:
     with torch.device("meta"):
-        model = MllamaModel(config)
+        model = family_of(config).part("model")(config)
     size = dtype.itemsize
     layer = sum(p.numel() for p in model.text.layers[0].parameters()) * size
     return {
@@ -139,15 +144,16 @@ def _reset_hwm(pid: int) -> int:
         return 0
 
 
-def synth(config, out: Path) -> None:
+def synth(config, out: Path, name: str = "11b") -> None:
     """A checkpoint of ``config``, written by the CLI in a child process: a fork of a parent
     that had held the writer's memory would start with that peak in its ru_maxrss."""
     v = config.vision
-    cmd = [sys.executable, "-m", "mllama_export", "synth", "--preset", "11b", "--out", str(out)]
+    cmd = [sys.executable, "-m", "mllama_export", "synth", "--preset", name, "--out", str(out)]
     cmd += ["--text-layers", str(config.text.num_layers), "--vision-layers", str(v.num_layers)]
-    cmd += ["--global-layers", str(v.num_global_layers), "--dtype", "bf16"]
-    cmd += ["--cross-layers", ",".join(map(str, config.text.cross_attention_layers))]
-    cmd += ["--max-shard-size", "5GB"]
+    if name == "11b":
+        cmd += ["--global-layers", str(v.num_global_layers)]
+        cmd += ["--cross-layers", ",".join(map(str, config.text.cross_attention_layers))]
+    cmd += ["--dtype", "bf16", "--max-shard-size", "5GB"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -156,14 +162,15 @@ import sys, torch
 from pathlib import Path
 from mllama_export.exporter.onnx_export import dims_for, example_inputs
 from mllama_export.exporter.options import BuildOptions
-from mllama_export.graphs.contract import DYNAMIC_DIMS
-from mllama_export.graphs.model import GRAPH_MODULES
-from mllama_export.graphs.weights import load_model
+from mllama_export.graphs.checkpoint import load_model
+from mllama_export.graphs.family import family_of
 ckpt, out = Path(sys.argv[1]), Path(sys.argv[2])
 model = load_model(ckpt, dtype=torch.bfloat16)
+family = family_of(model.config)
+DYNAMIC_DIMS = family.part("contract").DYNAMIC_DIMS
 options = BuildOptions(model=str(ckpt), out=out, precision="bf16")
 dims = dims_for(model.config, options)
-for name, cls in GRAPH_MODULES.items():
+for name, cls in family.part("graph_modules").items():
     graph = cls(model)
     args = example_inputs(graph.INPUTS, model.config, torch.bfloat16)
     shapes = {s.name: {i: dims[d] for i, d in s.dynamic_axes(DYNAMIC_DIMS).items()} for s in graph.INPUTS}
@@ -216,18 +223,37 @@ def _cases(check: dict) -> int:
     return cases if isinstance(cases, int) else len(cases)
 
 
-def measure(layers: int, workdir: Path, baseline: bool, precision: str, depth: str) -> dict:
-    config = geometry(layers)
+def vision_layers(config) -> str:
+    """Local + global vision layers (Mllama), or the tower's layers."""
+    v = config.vision
+    return (
+        f"{v.num_layers}+{v.num_global_layers}"
+        if hasattr(v, "num_global_layers")
+        else str(v.num_layers)
+    )
+
+
+def measure(
+    layers: int,
+    workdir: Path,
+    baseline: bool,
+    precision: str,
+    depth: str,
+    name: str = "11b",
+    max_seq_len: int | None = None,
+) -> dict:
+    config = geometry(layers, name)
     ckpt, out = workdir / f"ckpt-{layers}", workdir / f"out-{layers}"
-    synth(config, ckpt)
+    synth(config, ckpt, name)
     build = [sys.executable, "-m", "mllama_export", "build", "--model", str(ckpt)]
     build += ["--out", str(out), "--precision", precision, "--check-depth", depth, "--force"]
+    build += [] if max_seq_len is None else ["--max-seq-len", str(max_seq_len)]
     rss, seconds, phases = run_phased(build)
     manifest = json.loads((out / "manifest.json").read_text())
     check = manifest["graphs"]["decode"]["check"]
     row = {
         "text_layers": layers,
-        "vision_layers": f"{config.vision.num_layers}+{config.vision.num_global_layers}",
+        "vision_layers": vision_layers(config),
         **weight_bytes(config),
         "peak_rss": rss,
         "seconds": seconds,
@@ -287,7 +313,7 @@ def report_checked(rows: list[dict]) -> None:
     )
     for r in rows:
         depth = "full" if r["check"] == "full" else "reduced" if r["check"] != "none" else "none"
-        cases = "/".join(str(r["cases"][g]) for g in GRAPH_NAMES)
+        cases = "/".join(str(n) for n in r["cases"].values())
         est = r["estimate"] or 0
         print(
             f"{r['text_layers']:11d}  {r['vision_layers']:>6s}  {r['total'] / GB:10.2f}  "
@@ -307,6 +333,8 @@ def machine_memory() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--preset", default="11b", help="any family's preset, e.g. llava-1.5-7b")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="build's; default: its own")
     parser.add_argument("--calibration-only", action="store_true", help="fp8: calibrate only")
     parser.add_argument("--baseline-layers", type=int, nargs="*", default=[])
     parser.add_argument("--workdir", type=Path, default=None)
@@ -314,6 +342,8 @@ def main() -> None:
     parser.add_argument("--check-depth", choices=["auto", "full", "reduced"], default="auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
+    if args.preset != "11b" and (args.calibration_only or args.precision == "fp8"):
+        parser.error("FP8 and --calibration-only measure the 11B preset only")
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="export-memory-"))
@@ -323,9 +353,12 @@ def main() -> None:
             if args.calibration_only:
                 rows.append(measure_calibration(n, workdir))
             else:
-                rows.append(
-                    measure(n, workdir, n in args.baseline_layers, args.precision, args.check_depth)
-                )
+                baseline = n in args.baseline_layers
+                row = measure(
+                    n, workdir, baseline, args.precision, args.check_depth, args.preset,
+                    args.max_seq_len,
+                )  # fmt: skip
+                rows.append(row)
             if args.json:  # row by row: an interrupted run keeps the depths it measured
                 args.json.write_text(json.dumps(rows, indent=2) + "\n")
     finally:

@@ -24,7 +24,6 @@ from PIL import Image
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.llava_config import LlavaConfig
 from mllama_export.graphs.llava_layout import select_best_resolution
-from mllama_export.graphs.synth_files import CLIP_MEAN, CLIP_STD
 
 from .images import (
     ImageSource,
@@ -285,30 +284,6 @@ def _pinpoints(raw: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
 def _square(size: tuple[tuple[str, int], ...]) -> tuple[int, int]:
     d = dict(size)
     return (d["height"], d["width"]) if "height" in d else (d["shortest_edge"],) * 2
-
-
-def default_image_config(config: LlavaConfig) -> dict[str, Any]:
-    """The image processor settings a llava-hf checkpoint ships, for this model's tower."""
-    side = config.vision.image_size
-    raw: dict[str, Any] = {
-        "crop_size": {"height": side, "width": side},
-        "do_center_crop": True,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": list(CLIP_MEAN),
-        "image_processor_type": "LlavaNextImageProcessor"
-        if config.is_next
-        else "CLIPImageProcessor",
-        "image_std": list(CLIP_STD),
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "size": {"shortest_edge": side},
-    }
-    if config.is_next:
-        raw.update(do_pad=True, image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints])
-    return dict(sorted(raw.items()))
 
 
 # --- pixels ---------------------------------------------------------------------------------

@@ -48,6 +48,10 @@ SIDE_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
+    # transformers 5.x writes the chat template beside the tokenizer; LLaVA's processor
+    # settings are in processor_config.json
+    "chat_template.jinja",
+    "processor_config.json",
 )
 
 

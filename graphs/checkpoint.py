@@ -37,6 +37,10 @@ def _no_buffers(config: Any) -> dict[str, torch.Tensor]:
     return {}
 
 
+def _no_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    return {}
+
+
 @dataclass(frozen=True)
 class CheckpointFormat:
     """A family's checkpoint layout (its "checkpoint_format" part).
@@ -48,6 +52,13 @@ class CheckpointFormat:
     buffers a checkpoint does not hold (rope frequencies), rebuilt at load. ``side_files(config,
     folder)``: writes what a synthetic checkpoint carries besides config.json and the weights.
     ``describe(config)``: its geometry in words, for `synth`'s summary ("2 text layers, ...").
+    ``unused(config)``: our name -> shape of the tensors a published checkpoint carries that no
+    output reads (LLaVA: CLIP's post-layernorm, tower layers past the feature layer): accepted
+    with their shapes checked, never loaded; synthetic checkpoints write them too.
+    ``optional(config)``: the same for tensors a checkpoint may or may not carry (a tied head
+    saved twice): accepted and checked, never written. ``check_names(folder, names)``: refuses
+    a layout of the family's checkpoint names that the table cannot read (LLaVA: the original
+    repository's), before the strict check says "unexpected".
     """
 
     table: tuple[tuple[str, str], ...]
@@ -56,6 +67,9 @@ class CheckpointFormat:
     buffers: Callable[[Any], dict[str, torch.Tensor]] = _no_buffers
     side_files: Callable[[Any, Path], None] | None = None
     describe: Callable[[Any], str] | None = None
+    unused: Callable[[Any], dict[str, tuple[int, ...]]] = _no_shapes
+    optional: Callable[[Any], dict[str, tuple[int, ...]]] = _no_shapes
+    check_names: Callable[[Path, list[str]], None] | None = None
 
     def our_name(self, checkpoint_name: str) -> str | None:
         for theirs, ours in self.table:
@@ -174,19 +188,23 @@ class Checkpoint:
         self.family = family or family_of(config)
         names = checkpoint_format(self.family)
         expected = expected_shapes(config, self.family)
-        stored = _headers(self.folder, names)
-        unknown = [s.name for ours, s in stored.items() if ours not in expected]
+        known = {**names.optional(config), **names.unused(config)}
+        stored, twice = _headers(self.folder, names)
+        allowed = expected.keys() | known.keys()
+        unknown = [s.name for ours, s in stored.items() if ours not in allowed]
         missing = sorted(names.checkpoint_name(n) for n in expected.keys() - stored.keys())
-        if unknown or missing:
+        if unknown or missing or twice:
+            stored_twice = f", {len(twice)} stored twice under two spellings {twice[:3]}"
             raise MllamaExportError(
                 f"checkpoint {self.folder} does not match its config: "
                 f"{len(missing)} tensors missing {missing[:5]}, {len(unknown)} unexpected "
-                f"{unknown[:5]}; expected exactly the tensors of {names.model} "
-                "its config.json describes"
+                f"{unknown[:5]}{stored_twice if twice else ''}; expected exactly the tensors "
+                f"of {names.model} its config.json describes"
             )
         self.tensors = {n: stored[n] for n in sorted(expected)}
-        for ours, shape in expected.items():
-            _check_tensor(self.tensors[ours], shape)
+        for ours, shape in {**known, **expected}.items():
+            if ours in stored:
+                _check_tensor(stored[ours], shape)
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor by our name, as stored. Each read opens its file anew, so that the
@@ -214,28 +232,39 @@ class Checkpoint:
             yield _rows(stored, start, start + step).to(dtype)
 
 
-def _headers(folder: Path, layout: CheckpointFormat) -> dict[str, StoredTensor]:
-    """Our name -> where and what each checkpoint tensor is; names outside the name table
-    are kept under their own name, so that the strict check reports them."""
+def _headers(folder: Path, layout: CheckpointFormat) -> tuple[dict[str, StoredTensor], list[str]]:
+    """Our name -> where and what each checkpoint tensor is, and the tensors stored twice
+    under two spellings of one name; names outside the name table are kept under their own
+    name, so that the strict check reports them."""
     by_file: dict[Path, list[str]] = {}
     for name, file in shard_files(folder).items():
         by_file.setdefault(file, []).append(name)
-    found = {}
+    if layout.check_names is not None:
+        layout.check_names(folder, [n for names in by_file.values() for n in names])
+    found: dict[str, StoredTensor] = {}
+    twice = []
     for file, names in by_file.items():
-        try:
-            with safe_open(file, framework="pt") as f:
-                present = set(f.keys())
-                for name in names:
-                    if name not in present:
-                        raise MllamaExportError(
-                            f"the index puts {name} in {file.name}, which lacks it"
-                        )
-                    part = f.get_slice(name)
-                    stored = StoredTensor(name, file, tuple(part.get_shape()), part.get_dtype())
-                    found[layout.our_name(name) or f"?{name}"] = stored
-        except (SafetensorError, OSError) as err:
-            raise _corrupt(file, err) from err
-    return found
+        for stored in _file_headers(file, names):
+            ours = layout.our_name(stored.name) or f"?{stored.name}"
+            if ours in found:
+                twice.append(f"{found[ours].name} and {stored.name}")
+            found[ours] = stored
+    return found, twice
+
+
+def _file_headers(file: Path, names: list[str]) -> list[StoredTensor]:
+    try:
+        with safe_open(file, framework="pt") as f:
+            present = set(f.keys())
+            found = []
+            for name in names:
+                if name not in present:
+                    raise MllamaExportError(f"the index puts {name} in {file.name}, which lacks it")
+                part = f.get_slice(name)
+                found.append(StoredTensor(name, file, tuple(part.get_shape()), part.get_dtype()))
+            return found
+    except (SafetensorError, OSError) as err:
+        raise _corrupt(file, err) from err
 
 
 def _rows(stored: StoredTensor, start: int, stop: int) -> torch.Tensor:

@@ -192,12 +192,10 @@ def graph_spec(name: str) -> GraphSpec:
 
 
 def contract_markdown() -> str:
-    """docs/graphs.md, generated from the data above so that the two cannot drift apart."""
+    """Mllama's section of docs/graphs.md (graphs/contracts.py), generated from the data above
+    so that the two cannot drift apart."""
     lines = [
-        "# The three graphs and their contract",
-        "",
-        "Generated from `graphs/contract.py` by `python -m mllama_export.graphs.contract`;",
-        "a test fails when this file and the code disagree.",
+        "# Llama 3.2 Vision (mllama): the three graphs and their contract",
         "",
         "Named dims: `batch`, `num_images` (images per prompt, padded to the most any prompt",
         "has; text-only batches pass one all-zero slot), `image_tokens` = num_images x tiles x",

@@ -105,6 +105,9 @@ class Family:
     modules: tuple[str, ...] = ()
     # what a checkpoint of it is, for "expected ..." messages
     example: str = ""
+    # model types of other layouts of the same models, recognized only so that the family's
+    # config reader refuses them with the way to convert (LLaVA: the original repository's)
+    converted_from: tuple[str, ...] = ()
     _loaded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -200,7 +203,7 @@ def family_of_config(raw: Any, where: str = "config.json") -> Family:
     """The family whose model_type a config.json (as a dict) names."""
     kind = raw.get("model_type") if isinstance(raw, dict) else None
     for family in families():
-        if kind in family.model_types:
+        if kind in family.model_types or kind in family.converted_from:
             return family
     if kind is None and isinstance(raw, dict) and "model_type" not in raw:
         # transformers writes model_type into every config.json it saves; one without it is

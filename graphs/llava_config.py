@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from mllama_export.errors import MllamaExportError
@@ -32,6 +31,7 @@ ORIGINAL_FORMAT_KEYS = (
     "mm_hidden_size",
     "mm_vision_tower_lr",
 )
+ORIGINAL_MODEL_TYPES = ("llava_llama", "llava_mistral", "llava_mpt")
 ORIGINAL_ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaMptForCausalLM")
 
 
@@ -155,23 +155,6 @@ class LlavaConfig:
         validate_llava_config(config)
         return config
 
-    @classmethod
-    def from_hf_config(cls, path: str | Path) -> LlavaConfig:
-        """Reads `config.json` from a checkpoint folder (or the file itself)."""
-        file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
-        if not file.is_file():
-            raise MllamaExportError(
-                f"no config.json at {file}; expected a LLaVA checkpoint folder as transformers "
-                "saves it (e.g. llava-hf/llava-1.5-7b-hf)"
-            )
-        try:
-            raw = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MllamaExportError(f"cannot read {file}: {err}; expected a JSON object") from err
-        if not isinstance(raw, dict):
-            raise MllamaExportError(f"{file} holds {type(raw).__name__}; expected a JSON object")
-        return cls.from_hf_dict(raw)
-
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json as transformers 5.x `save_pretrained` writes it for this model."""
         layer = self.vision_feature_layer
@@ -204,7 +187,7 @@ class LlavaConfig:
 def _refuse_original_format(raw: dict[str, Any]) -> None:
     keys = [k for k in ORIGINAL_FORMAT_KEYS if k in raw]
     archs = [a for a in raw.get("architectures") or [] if a in ORIGINAL_ARCHITECTURES]
-    if not keys and not archs and raw.get("model_type") not in ("llava_llama", "llava_mistral"):
+    if not keys and not archs and raw.get("model_type") not in ORIGINAL_MODEL_TYPES:
         return
     script = (
         "llava_next/convert_llava_next_weights_to_hf.py"

@@ -122,9 +122,9 @@ llava_static_dims = static_dims
 
 
 def contract_markdown() -> str:
-    """The LLaVA section of docs/graphs.md, generated from the data above."""
+    """LLaVA's section of docs/graphs.md (graphs/contracts.py), generated from the data above."""
     lines = [
-        "# LLaVA's three graphs and their contract",
+        "# LLaVA 1.5 and LLaVA-NeXT (llava, llava_next): the three graphs and their contract",
         "",
         "Named dims: `batch`, `num_tiles` (every tile of every image in the batch: one per",
         "LLaVA 1.5 image, 1 + grid tiles per LLaVA-NeXT image), `sequence` (prompt tokens with",

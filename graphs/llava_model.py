@@ -12,6 +12,7 @@ from . import llava_contract as contract
 from .llava_config import LlavaConfig
 from .llava_text import LlavaDecoder, prefill_allowed
 from .llava_vision import ClipVisionTower, Projector
+from .spec import check_forward
 
 
 class LlavaModel(nn.Module):
@@ -36,10 +37,12 @@ class LlavaVisionGraph(nn.Module):
     def __init__(self, model: LlavaModel):
         super().__init__()
         self.vision, self.projector = model.vision, model.projector
+        check_forward(self, self.INPUTS)
 
     def forward(self, pixel_values):
         # pixel_values: [N, C, H, W] -> image_features: [N, P, D]
-        return self.projector(self.vision(pixel_values))
+        # a tuple, as every graph returns its contract's outputs
+        return (self.projector(self.vision(pixel_values)),)
 
 
 def splice(
@@ -73,6 +76,7 @@ class LlavaPrefillGraph(nn.Module):
         if model.config.is_next:
             self.image_newline = model.image_newline
             self.newline_row = self._learned_row
+        check_forward(self, self.INPUTS)
 
     def _zero_row(self, features: torch.Tensor) -> torch.Tensor:
         return features.new_zeros((1, features.shape[-1]))
@@ -112,6 +116,7 @@ class LlavaDecodeGraph(nn.Module):
     def __init__(self, model: LlavaModel):
         super().__init__()
         self.text = model.text
+        check_forward(self, self.INPUTS)
 
     def forward(self, input_ids, position_ids, attention_mask, past_key, past_value):
         # input_ids, position_ids: [B, 1]; attention_mask: [B, T]
@@ -132,45 +137,3 @@ class LlavaDecodeGraph(nn.Module):
 _MODULES = {cls.SPEC.name: cls for cls in (LlavaVisionGraph, LlavaPrefillGraph, LlavaDecodeGraph)}
 GRAPH_MODULES: dict[str, type[nn.Module]] = {name: _MODULES[name] for name in contract.GRAPHS}
 GRAPH_CLASSES = GRAPH_MODULES
-
-# Sizes of the example inputs traced at export: all >= 2 and distinct, so that no dynamic dim
-# is specialized or confused with another.
-EXAMPLE_SIZES = {"batch": 2, "num_tiles": 3, "sequence": 7, "past_sequence": 11, "num_logits": 5}
-
-
-def example_inputs(
-    graph: nn.Module, config: LlavaConfig, dtype: torch.dtype, sizes=None, seed: int = 0
-) -> tuple[torch.Tensor, ...]:
-    """Random inputs of the right shapes, dtypes and value ranges for one graph."""
-    sizes = {**contract.llava_static_dims(config), **(sizes or EXAMPLE_SIZES)}
-    gen = torch.Generator().manual_seed(seed)
-    features = sizes["num_tiles"] * config.tile_tokens
-    low_high = {
-        "input_ids": (0, config.text.vocab_size),
-        "position_ids": (0, 64),
-        "attention_mask": (1, 2),
-        "image_layout": (contract.NEWLINE_TOKEN, features),
-        "logit_positions": (0, sizes["sequence"]),
-    }
-    tensors = []
-    for spec in graph.INPUTS:
-        shape = spec.shape(sizes)
-        if spec.dtype == "int64":
-            low, high = low_high[spec.name]
-            tensors.append(torch.randint(low, high, shape, generator=gen))
-        else:
-            tensors.append(torch.randn(shape, generator=gen).to(dtype))
-    return tuple(tensors)
-
-
-def export_dims(config: LlavaConfig, max_batch: int = 8, max_tiles: int = 64, max_seq: int = 4096):
-    """torch.export dims for the dynamic axes of every graph."""
-    from torch.export import Dim
-
-    return {
-        "batch": Dim("batch", min=1, max=max(2, max_batch)),
-        "num_tiles": Dim("num_tiles", min=1, max=max(3, max_tiles)),
-        "sequence": Dim("sequence", min=1, max=max(8, max_seq)),
-        "past_sequence": Dim("past_sequence", min=1, max=max(12, max_seq)),
-        "num_logits": Dim("num_logits", min=1, max=max(8, max_seq)),
-    }

@@ -1,64 +1,38 @@
-"""Synthetic LLaVA checkpoints in the llava-hf format: config.json and sharded safetensors, every
-tensor random, the ones a real checkpoint carries unused (CLIP's post-layernorm, tower layers
-past the feature layer) included. The tokenizer and processor files: engines/llava_synth.py."""
+"""LLaVA's synthetic checkpoints: what graphs/synthetic.py writes beside the weights (the
+generation config, the processor files, the tokenizer of a tiny vocabulary), the geometry in
+words, and the shallower configs of `synth --text-layers ...` (LLaVA's "truncated" part).
+
+The weights themselves are every family's writer's (graphs/synthetic.py), under the published
+llava-hf names, the tensors a real checkpoint carries unused included (graphs/llava_weights.py).
+"""
 
 from __future__ import annotations
 
-import itertools
 import json
-from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from mllama_export.errors import MllamaExportError
 
-from .llava_config import LlavaConfig
-from .llava_weights import llava_checkpoint_name, unused_shapes, used_shapes
-from .synthetic import _random_tensor, _write_index, shard_plan
+from .llava_config import LlavaConfig, validate_llava_config
+from .llava_synth_files import write_llava_processor, write_llava_tokenizer
 
-
-def llava_parameter_shapes(config: LlavaConfig) -> dict[str, tuple[int, ...]]:
-    """Our names -> shapes of every tensor a checkpoint holds, sorted: the generator's order."""
-    shapes = {**unused_shapes(config), **used_shapes(config)}
-    if config.tied_lm_head:
-        shapes.pop("text.lm_head.weight")  # transformers saves a tied head once, as the embedding
-    return dict(sorted(shapes.items()))
+# the largest vocabulary the built-in corpus trains a tokenizer for (graphs/synth_files.py)
+TOKENIZER_VOCAB = 666
 
 
-def llava_random_tensors(config: LlavaConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """(our name, random float32 tensor), one at a time, the same for the same seed.
-
-    Scales as for Mllama (graphs/synth.py); the newline vector is drawn like an embedding row,
-    so that it weighs as much as the features it closes.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    for name, shape in llava_parameter_shapes(config).items():
-        if name == "image_newline":
-            yield name, torch.randn(shape, generator=gen)
-        else:
-            yield name, _random_tensor(name, torch.Size(shape), gen)
+def describe(config: LlavaConfig) -> str:
+    t, v = config.text, config.vision
+    kind = "LLaVA-NeXT (anyres)" if config.is_next else "LLaVA 1.5"
+    return (
+        f"{kind}, {t.num_layers} {t.model_type} text layers, {v.num_layers} CLIP vision layers "
+        f"({config.vision_depth} run), {config.tile_tokens} features per tile"
+    )
 
 
-def write_llava_weights(
-    config: LlavaConfig,
-    out: str | Path,
-    seed: int = 0,
-    shards: int = 1,
-    dtype: torch.dtype = torch.float32,
-    max_shard_bytes: int | None = None,
-) -> Path:
-    """config.json, generation_config.json and the safetensors shards (with an index when there
-    is more than one), written tensor by tensor as for Mllama."""
-    out = Path(out)
-    sizes = {
-        n: torch.Size(s).numel() * dtype.itemsize for n, s in llava_parameter_shapes(config).items()
-    }
-    groups = shard_plan(sizes, shards, max_shard_bytes)
-    out.mkdir(parents=True, exist_ok=True)
-    files = _write_shards(llava_random_tensors(config, seed), groups, dtype, out)
-    if len(files) > 1:
-        _write_index(files, sum(sizes.values()), out)
-    (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+def write_side_files(config: LlavaConfig, out: Path) -> None:
+    """generation_config.json and the processor files; the tokenizer too where the vocabulary
+    is a tiny one's (a trained BPE vocabulary needs real text per token)."""
     t = config.text
     generation = {
         "bos_token_id": t.bos_token_id,
@@ -66,26 +40,53 @@ def write_llava_weights(
         "pad_token_id": config.pad_token_id if config.pad_token_id is not None else t.pad_token_id,
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    return out
+    write_llava_processor(config, out)
+    if t.vocab_size <= TOKENIZER_VOCAB:
+        write_llava_tokenizer(config, out)
 
 
-def _write_shards(
-    tensors: Iterator[tuple[str, torch.Tensor]],
-    groups: list[list[str]],
-    dtype: torch.dtype,
-    out: Path,
-) -> dict[str, list[str]]:
-    n = len(groups)
-    files: dict[str, list[str]] = {}
-    for i, group in enumerate(groups, start=1):
-        file = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-        shard = {}
-        for expected, (name, tensor) in zip(
-            group, itertools.islice(tensors, len(group)), strict=True
-        ):
-            assert name == expected, f"generated {name} where the plan has {expected}"
-            shard[llava_checkpoint_name(name)] = tensor.to(dtype).contiguous()
-            del tensor
-        save_file(shard, out / file, metadata={"format": "pt"})
-        files[file] = list(shard)
-    return files
+def truncated(
+    config: LlavaConfig,
+    text_layers: int | None = None,
+    vision_layers: int | None = None,
+    global_layers: int | None = None,
+    cross_layers: tuple[int, ...] | None = None,
+) -> LlavaConfig:
+    """The same widths with only the first layers of the text model and the vision tower.
+
+    A depth not given keeps the preset's; with fewer text layers, the tower's depth scales
+    alike (so that timings stay representative). Layer i of the result is layer i of
+    ``config``: negative feature layers keep counting from the new top (-2: the penultimate),
+    positive ones past it read the top instead.
+    """
+    if global_layers is not None or cross_layers is not None:
+        given = "--global-layers" if global_layers is not None else "--cross-layers"
+        raise MllamaExportError(
+            f"{given}: LLaVA has no global vision layers or cross-attention layers; "
+            "use --text-layers and --vision-layers"
+        )
+    t, v = config.text, config.vision
+    text = t.num_layers if text_layers is None else text_layers
+    _check_depth("text-layers", text, t.num_layers)
+    vision = max(1, round(v.num_layers * text / t.num_layers))
+    vision = vision if vision_layers is None else vision_layers
+    _check_depth("vision-layers", vision, v.num_layers)
+    layer = config.vision_feature_layer
+    layers = (layer,) if isinstance(layer, int) else layer
+    kept = tuple(i if i < 0 else min(i, vision) for i in layers)
+    result = replace(
+        config,
+        text=replace(t, num_layers=text),
+        vision=replace(v, num_layers=vision),
+        vision_feature_layer=kept[0] if isinstance(layer, int) else kept,
+    )
+    validate_llava_config(result)
+    return result
+
+
+def _check_depth(name: str, layers: int, original: int) -> None:
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= original:
+        raise MllamaExportError(
+            f"--{name} {layers!r}: a truncated model keeps between 1 and the original "
+            f"{original} layers"
+        )

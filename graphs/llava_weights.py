@@ -1,4 +1,7 @@
-"""LLaVA checkpoint tensors <-> our module tree, through one declarative table, loaded strictly.
+"""LLaVA's checkpoint format (its "checkpoint_format" part): the declarative weight-name table,
+the tensors a llava-hf checkpoint carries without using, the buffers it lacks, and the refusal
+of the original repository's layout. The strict reader, loader and synthetic writer are
+graphs/checkpoint.py's and graphs/synthetic.py's, for every family.
 
 The checks run on the safetensors headers alone: every tensor the graphs use must be there with
 the shape the config implies, and every other tensor must be one a LLaVA checkpoint is known to
@@ -12,19 +15,18 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from mllama_export.errors import MllamaExportError
 
-from .checkpoint import Checkpoint, StoredTensor, _check_tensor, _corrupt, check_folder, shard_files
+from .checkpoint import CheckpointFormat
 from .llava_config import LlavaConfig
-from .llava_model import LlavaModel
+from .llava_synth import describe, write_side_files
 from .llava_text import text_inv_freq
 
 # (checkpoint prefix, our prefix), first match wins. The first five rows are the names of the
 # published llava-hf checkpoints; transformers 5.x save_pretrained drops CLIP's `vision_model.`
 # (row six); the last five are its in-memory names, found in files written from state_dict().
-LLAVA_WEIGHT_TABLE: tuple[tuple[str, str], ...] = (
+WEIGHT_TABLE: tuple[tuple[str, str], ...] = (
     ("language_model.lm_head.", "text.lm_head."),
     ("language_model.model.", "text."),
     ("vision_tower.vision_model.", "vision."),
@@ -42,30 +44,11 @@ PUBLISHED_ROWS = 5
 ORIGINAL_FORMAT = re.compile(r"(^|\.)mm_projector\.|vision_tower\.vision_tower\.")
 
 
-def llava_our_name(checkpoint_name: str) -> str | None:
-    for theirs, ours in LLAVA_WEIGHT_TABLE:
-        if checkpoint_name.startswith(theirs):
-            return ours + checkpoint_name[len(theirs) :]
-    return None
-
-
-def llava_checkpoint_name(name: str) -> str:
-    """The name a published llava-hf checkpoint gives one of our tensors."""
-    for theirs, ours in LLAVA_WEIGHT_TABLE[:PUBLISHED_ROWS]:
-        if name.startswith(ours):
-            return theirs + name[len(ours) :]
-    raise KeyError(name)
-
-
-def used_shapes(config: LlavaConfig) -> dict[str, tuple[int, ...]]:
-    """Our name -> shape of every tensor the graphs read."""
-    with torch.device("meta"):
-        return {n: tuple(t.shape) for n, t in LlavaModel(config).state_dict().items()}
-
-
 def unused_shapes(config: LlavaConfig) -> dict[str, tuple[int, ...]]:
-    """Tensors a transformers checkpoint of this config holds that no LLaVA output depends on."""
-    v, t = config.vision, config.text
+    """Tensors a transformers checkpoint of this config holds that no LLaVA output depends on
+    (written by the synthetic writer as well): CLIP's post-layernorm and its layers past the
+    deepest feature layer."""
+    v = config.vision
     d, i = v.hidden_size, v.intermediate_size
     shapes = {"vision.post_layernorm.weight": (d,), "vision.post_layernorm.bias": (d,)}
     layer = {
@@ -82,75 +65,18 @@ def unused_shapes(config: LlavaConfig) -> dict[str, tuple[int, ...]]:
     }
     for n in range(config.vision_depth, v.num_layers):
         shapes.update({f"vision.encoder.layers.{n}.{k}": s for k, s in layer.items()})
-    if config.tied_lm_head:
-        shapes["text.lm_head.weight"] = (t.vocab_size, t.hidden_size)
     return shapes
 
 
-def stored_tensors(folder: Path) -> list[StoredTensor]:
-    """Every tensor of a checkpoint folder, from the safetensors headers (nothing is read)."""
-    by_file: dict[Path, list[str]] = {}
-    for name, file in shard_files(folder).items():
-        by_file.setdefault(file, []).append(name)
-    found = []
-    for file, names in by_file.items():
-        try:
-            with safe_open(file, framework="pt") as f:
-                present = set(f.keys())
-                for name in names:
-                    if name not in present:
-                        raise MllamaExportError(
-                            f"the index puts {name} in {file.name}, which lacks it"
-                        )
-                    part = f.get_slice(name)
-                    found.append(
-                        StoredTensor(name, file, tuple(part.get_shape()), part.get_dtype())
-                    )
-        except (SafetensorError, OSError) as err:
-            raise _corrupt(file, err) from err
-    return found
+def optional_shapes(config: LlavaConfig) -> dict[str, tuple[int, ...]]:
+    """A tied model's lm_head: transformers saves it once, as the embedding; a file written
+    from a state_dict holds it twice. Accepted either way, never read."""
+    t = config.text
+    return {"text.lm_head.weight": (t.vocab_size, t.hidden_size)} if config.tied_lm_head else {}
 
 
-class LlavaCheckpoint(Checkpoint):
-    """A LLaVA checkpoint folder checked against its config from the headers alone, then read
-    one tensor at a time (`read` and `blocks` as for Mllama: `tensors` holds the used ones)."""
-
-    def __init__(self, folder: str | Path, config: LlavaConfig):
-        # Checkpoint.__init__ checks against the Mllama module tree; only its readers are shared
-        self.folder, self.config = Path(folder), config
-        used, unused = used_shapes(config), unused_shapes(config)
-        stored = stored_tensors(self.folder)
-        _refuse_original_names(self.folder, stored)
-        by_ours = {llava_our_name(s.name) or f"?{s.name}": s for s in stored}
-        unknown = sorted(
-            s.name for ours, s in by_ours.items() if ours not in used and ours not in unused
-        )
-        missing = sorted(llava_checkpoint_name(n) for n in used.keys() - by_ours.keys())
-        if unknown or missing or len(by_ours) != len(stored):
-            raise MllamaExportError(
-                f"checkpoint {self.folder} does not match its config: {len(missing)} tensors "
-                f"missing {missing[:5]}, {len(unknown)} unexpected {unknown[:5]}"
-                f"{_duplicates(stored)}; expected exactly the tensors of the "
-                f"{config.model_type} model its config.json describes"
-            )
-        for ours, stored_tensor in by_ours.items():
-            _check_tensor(stored_tensor, {**unused, **used}[ours])
-        self.tensors = {n: by_ours[n] for n in sorted(used)}
-
-
-def _duplicates(stored: list[StoredTensor]) -> str:
-    seen: dict[str, str] = {}
-    twice = []
-    for s in stored:
-        ours = llava_our_name(s.name) or s.name
-        if ours in seen:
-            twice.append(f"{seen[ours]} and {s.name}")
-        seen[ours] = s.name
-    return f", {len(twice)} stored twice under two spellings {twice[:3]}" if twice else ""
-
-
-def _refuse_original_names(folder: Path, stored: list[StoredTensor]) -> None:
-    original = [s.name for s in stored if ORIGINAL_FORMAT.search(s.name)]
+def check_names(folder: Path, names: list[str]) -> None:
+    original = [n for n in names if ORIGINAL_FORMAT.search(n)]
     if original:
         raise MllamaExportError(
             f"{folder} holds the original LLaVA repository's weights ({original[0]}, ...); "
@@ -159,23 +85,22 @@ def _refuse_original_names(folder: Path, stored: list[StoredTensor]) -> None:
         )
 
 
-def load_llava_model(
-    folder: str | Path, dtype: torch.dtype = torch.float32, config: LlavaConfig | None = None
-) -> LlavaModel:
-    """Builds the model from a checkpoint folder: every tensor used, every shape checked."""
-    folder = Path(folder)
-    check_folder(folder)
-    checkpoint = LlavaCheckpoint(folder, config or LlavaConfig.from_hf_config(folder))
-    with torch.device("meta"):
-        model = LlavaModel(checkpoint.config)
-    state = {name: checkpoint.read(name).to(dtype) for name in checkpoint.tensors}
-    model.load_state_dict(state, assign=True, strict=True)
-    for name, tensor in llava_computed_buffers(checkpoint.config).items():
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, tensor)
-    return model.eval()
-
-
-def llava_computed_buffers(config: LlavaConfig) -> dict[str, torch.Tensor]:
+def computed_buffers(config: LlavaConfig) -> dict[str, torch.Tensor]:
     """Non-persistent buffers (the rope frequencies): not in the checkpoint, rebuilt."""
     return {"text.rotary.inv_freq": text_inv_freq(config.text)}
+
+
+# LLaVA's "checkpoint_format" part (graphs/llava_family.py)
+FORMAT = CheckpointFormat(
+    table=WEIGHT_TABLE,
+    published=PUBLISHED_ROWS,
+    model="the LLaVA model",
+    buffers=computed_buffers,
+    side_files=write_side_files,
+    describe=describe,
+    unused=unused_shapes,
+    optional=optional_shapes,
+    check_names=check_names,
+)
+our_name = FORMAT.our_name
+checkpoint_name = FORMAT.checkpoint_name

@@ -23,8 +23,11 @@ from .progress import bar
 
 
 def parameter_shapes(config: Any, family: Family | None = None) -> dict[str, torch.Size]:
-    """Our parameter names -> shapes, sorted by name: the order the generator is consumed in."""
-    shapes = expected_shapes(config, family)
+    """Our names -> shapes of every tensor a synthetic checkpoint holds (the model's, and the
+    ones published checkpoints carry unused), sorted by name: the order the generator is
+    consumed in."""
+    family = family or family_of(config)
+    shapes = {**checkpoint_format(family).unused(config), **expected_shapes(config, family)}
     return {n: torch.Size(shapes[n]) for n in sorted(shapes)}
 
 
@@ -44,8 +47,10 @@ def random_tensors(
 def random_state_dict(
     config: Any, seed: int = 0, family: Family | None = None
 ) -> dict[str, torch.Tensor]:
-    """Our parameter names -> random float32 tensors: `random_tensors` gathered."""
-    return dict(random_tensors(config, seed, family))
+    """Our parameter names -> random float32 tensors: `random_tensors` gathered, without the
+    tensors a checkpoint carries unused (the model's own state, the checkpoint's values)."""
+    model = expected_shapes(config, family)
+    return {n: t for n, t in random_tensors(config, seed, family) if n in model}
 
 
 def _random_tensor(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
@@ -61,6 +66,10 @@ def _random_tensor(name: str, shape: torch.Size, gen: torch.Generator) -> torch.
         return normal.mul_(0.1)
     if "embed" in name or "embedding" in name:
         return normal.mul_(0.5) if "tile" in name or "positional" in name else normal
+    if len(shape) == 1:
+        # a learned vector that stands for a token (LLaVA-NeXT's image_newline) weighs as
+        # much as an embedding row
+        return normal
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
     return normal.div_(math.sqrt(fan_in))
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from mllama_export.engines.llava_text import left_pad
+from mllama_export.graphs.checkpoint import load_model
 from mllama_export.graphs.llava_config import LlavaConfig
 from mllama_export.graphs.llava_layout import build_image_layout, decode_attention_mask, image_tiles
 from mllama_export.graphs.llava_model import LlavaModel
-from mllama_export.graphs.llava_weights import load_llava_model
 
 IMAGE_TOKEN = 300
 PAD = 1
@@ -136,7 +136,7 @@ def _built(kind: str, root: Path) -> Case:
     randomize(hf, seed=len(kind))
     folder = root / kind
     hf.save_pretrained(folder, max_shard_size="40KB")
-    return Case(folder, hf, load_llava_model(folder))
+    return Case(folder, hf, load_model(folder))
 
 
 def built(kind: str, tmp_path_factory) -> Case:
@@ -274,11 +274,11 @@ def export_onnx(graph: torch.nn.Module, config: LlavaConfig, path: Path) -> Path
     import logging
     import warnings
 
+    from mllama_export.exporter.llava_build import example_inputs, export_dims
     from mllama_export.graphs.llava_contract import dynamic_axes
-    from mllama_export.graphs.llava_model import example_inputs, export_dims
 
     dims = export_dims(config)
-    args = example_inputs(graph, config, torch.float32)
+    args = example_inputs(graph.INPUTS, config, torch.float32)
     shapes = {s.name: {i: dims[d] for i, d in dynamic_axes(s).items()} for s in graph.INPUTS}
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.inference_mode():
@@ -360,7 +360,7 @@ def write_artifacts(model: LlavaModel, checkpoint: Path, out: Path) -> Path:
 def _artifacts(kind: str, root: Path) -> Path:
     import shutil
 
-    from mllama_export.engines.llava_synth import write_llava_processor
+    from mllama_export.graphs.llava_synth_files import write_llava_processor
 
     case = _built(kind, root)
     # config.json and the processor files of the llava-hf layout (no tokenizer: the cases'

@@ -1,13 +1,14 @@
 from pathlib import Path
 
-from mllama_export.graphs.contract import contract_markdown
+from mllama_export.graphs.contracts import contracts_markdown
 
 
-def test_docs_graphs_md_is_generated_from_the_contract():
+def test_docs_graphs_md_is_generated_from_every_familys_contract():
     doc = Path(__file__).parent.parent / "docs" / "graphs.md"
-    assert doc.read_text() == contract_markdown(), (
-        "run: python -m mllama_export.graphs.contract > docs/graphs.md"
+    assert doc.read_text() == contracts_markdown(), (
+        "run: python -m mllama_export.graphs.contracts > docs/graphs.md"
     )
+    assert "# LLaVA 1.5 and LLaVA-NeXT" in doc.read_text()
 
 
 def test_serving_prefill_returns_the_last_position_and_the_gate_every_one(tiny_model):

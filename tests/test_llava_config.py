@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.family import load_config
 from mllama_export.graphs.llava_config import LlavaConfig
 from mllama_export.graphs.llava_model import LlavaModel
 from mllama_export.graphs.llava_presets import LLAVA_PRESETS, llava_preset
@@ -87,7 +88,7 @@ def test_presets_round_trip_through_transformers(name, tmp_path):
     cls = transformers.LlavaNextConfig if config.is_next else transformers.LlavaConfig
     cls(**copy.deepcopy(raw)).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text()) == raw
-    assert LlavaConfig.from_hf_config(tmp_path) == config
+    assert load_config(tmp_path) == config
 
 
 def test_a_resaved_llava_hf_config_with_its_legacy_keys_is_accepted(tmp_path):
@@ -130,7 +131,7 @@ def test_a_resaved_llava_hf_config_with_its_legacy_keys_is_accepted(tmp_path):
     with pytest.raises(
         MllamaExportError, match=r"missing the key 'hidden_size'.*transformers 4\.36.*re-save"
     ):
-        LlavaConfig.from_hf_config(tmp_path)
+        load_config(tmp_path)
     transformers.AutoConfig.from_pretrained(tmp_path).save_pretrained(tmp_path / "resaved")
     resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())
     assert {"ignore_index", "vocab_size", "pad_token_id"} <= set(resaved)
@@ -285,13 +286,13 @@ def test_transformers_4_style_rope_is_read():
 
 def test_config_file_errors(tmp_path):
     with pytest.raises(MllamaExportError, match="no config.json"):
-        LlavaConfig.from_hf_config(tmp_path)
+        load_config(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(MllamaExportError, match="cannot read"):
-        LlavaConfig.from_hf_config(tmp_path)
+        load_config(tmp_path)
     (tmp_path / "config.json").write_text("[1]")
     with pytest.raises(MllamaExportError, match="expected a JSON object"):
-        LlavaConfig.from_hf_config(tmp_path)
+        load_config(tmp_path)
 
 
 def test_unknown_preset_lists_the_others():

@@ -385,10 +385,10 @@ def test_missing_processor_file(tmp_path: Path):
 def test_synthetic_checkpoint_files_load_in_transformers(name, tmp_path):
     """The synthetic writer's tokenizer, chat template and processor files, as transformers
     reads them, give the same prompt ids and pixels as ours."""
-    from mllama_export.engines.llava_synth import write_llava_checkpoint
+    from mllama_export.graphs.synthetic import write_checkpoint
 
     model = llava_preset(name)
-    folder = write_llava_checkpoint(model, tmp_path)
+    folder = write_checkpoint(model, tmp_path)
     proc = transformers.AutoProcessor.from_pretrained(folder)
     config, tokenizer = lp.LlavaProcessorConfig.from_dir(folder), Tokenizer.from_dir(folder)
     config.check_against(model)

@@ -271,14 +271,14 @@ def test_prompts_and_chat_give_the_processors_ids_and_pixels(name, tmp_path):
 
     from mllama_export.engines.backend import TorchBackend
     from mllama_export.engines.llava_preprocess import LlavaProcessorConfig
-    from mllama_export.engines.llava_synth import write_llava_checkpoint
     from mllama_export.engines.text import Tokenizer
     from mllama_export.graphs.llava_model import GRAPH_MODULES
     from mllama_export.graphs.llava_presets import llava_preset
-    from mllama_export.graphs.llava_weights import load_llava_model
+    from mllama_export.graphs.checkpoint import load_model
+    from mllama_export.graphs.synthetic import write_checkpoint
 
-    folder = write_llava_checkpoint(llava_preset(name), tmp_path / "ckpt", seed=4)
-    model = load_llava_model(folder)
+    folder = write_checkpoint(llava_preset(name), tmp_path / "ckpt", seed=4)
+    model = load_model(folder)
     backends = {g: TorchBackend(cls(model)) for g, cls in GRAPH_MODULES.items()}
     runner = Runner(
         model.config, backends, LIMITS, tokenizer=Tokenizer.from_dir(folder),

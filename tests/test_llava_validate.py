@@ -17,8 +17,8 @@ from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.family import family_named
 from mllama_export.graphs.llava_layout import image_tiles, image_token_count
 from mllama_export.graphs.llava_presets import llava_preset
-from mllama_export.graphs.llava_synth import write_llava_weights
-from mllama_export.graphs.llava_weights import load_llava_model
+from mllama_export.graphs.checkpoint import load_model
+from mllama_export.graphs.synthetic import write_checkpoint
 from mllama_export.validate.gate import ReferenceWeights
 from mllama_export.validate.llava_reference import TransformersReference, synthetic_model
 
@@ -41,7 +41,7 @@ class Case:
 def sides(request, tmp_path_factory):
     """(config, folder, transformers' reference, our synthetic model) for one tiny preset."""
     config = llava_preset(request.param)
-    folder = write_llava_weights(config, tmp_path_factory.mktemp(request.param), SEED, shards=2)
+    folder = write_checkpoint(config, tmp_path_factory.mktemp(request.param), SEED, shards=2)
     with ExitStack() as stack:
         ref = TransformersReference.from_weights({}, ReferenceWeights(config, folder), stack)
     return config, folder, ref, synthetic_model(config, SEED)
@@ -125,7 +125,7 @@ def test_the_reference_judges_transformers_own_features(sides):
 
 def test_synthetic_model_is_the_checkpoint_synth_writes(sides):
     config, folder, _, ours = sides
-    written = load_llava_model(folder)
+    written = load_model(folder)
     mine, theirs = ours.state_dict(), written.state_dict()
     assert mine.keys() == theirs.keys()
     for name, tensor in theirs.items():

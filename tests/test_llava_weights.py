@@ -13,19 +13,12 @@ from llava_cases import built, greedy, hf_generate, random_tiles, torch_runner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mllama_export.engines.llava_synth import write_llava_checkpoint
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.checkpoint import Checkpoint, expected_shapes, load_model
 from mllama_export.graphs.llava_layout import image_token_count
 from mllama_export.graphs.llava_presets import llava_preset
-from mllama_export.graphs.llava_synth import llava_parameter_shapes, llava_random_tensors
-from mllama_export.graphs.llava_weights import (
-    LlavaCheckpoint,
-    llava_checkpoint_name,
-    llava_our_name,
-    load_llava_model,
-    unused_shapes,
-    used_shapes,
-)
+from mllama_export.graphs.llava_weights import checkpoint_name, our_name, unused_shapes
+from mllama_export.graphs.synthetic import parameter_shapes, random_tensors, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,17 +39,17 @@ def stored_names(folder):
 def test_transformers_own_checkpoint_loads_every_tensor(case):
     assert len(list(case.folder.glob("*.safetensors"))) > 3  # sharded, with an index
     ours = case.ours.state_dict()
-    hf = {llava_our_name(n): t for n, t in case.hf.state_dict().items()}
+    hf = {our_name(n): t for n, t in case.hf.state_dict().items()}
     assert set(ours) <= set(hf)
     for name, tensor in ours.items():
         assert torch.equal(tensor, hf[name]), name
     for name in stored_names(case.folder):
-        mapped = llava_our_name(name)
+        mapped = our_name(name)
         assert mapped in ours or mapped in unused_shapes(case.config), name
 
 
 def test_the_unused_tensors_are_the_ones_no_output_reads(case):
-    unused = {llava_our_name(n) for n in stored_names(case.folder)} - set(used_shapes(case.config))
+    unused = {our_name(n) for n in stored_names(case.folder)} - set(expected_shapes(case.config))
     depth = case.config.vision_depth
     assert {"vision.post_layernorm.weight", "vision.post_layernorm.bias"} <= unused
     assert all(
@@ -76,13 +69,13 @@ def test_in_memory_names_load_the_same(case, tmp_path):
     }
     save_file(state, out / "model.safetensors")
     for (n, a), (_, b) in zip(
-        load_llava_model(out).state_dict().items(), case.ours.state_dict().items(), strict=True
+        load_model(out).state_dict().items(), case.ours.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), n
 
 
 def test_blocks_stream_what_read_returns(case):
-    checkpoint = LlavaCheckpoint(case.folder, case.config)
+    checkpoint = Checkpoint(case.folder, case.config)
     name = "text.embed_tokens.weight"
     streamed = torch.cat(list(checkpoint.blocks(name, torch.float32)))
     assert torch.equal(streamed, checkpoint.read(name))
@@ -91,7 +84,7 @@ def test_blocks_stream_what_read_returns(case):
 @pytest.mark.parametrize("name", ["llava-tiny", "llava-next-tiny"])
 def test_transformers_loads_the_synthetic_checkpoint_and_agrees(name, tmp_path):
     config = llava_preset(name)
-    folder = write_llava_checkpoint(config, tmp_path, seed=1, shards=3)
+    folder = write_checkpoint(config, tmp_path, seed=1, shards=3)
     model_cls = (
         transformers.LlavaNextForConditionalGeneration
         if config.is_next
@@ -104,7 +97,7 @@ def test_transformers_loads_the_synthetic_checkpoint_and_agrees(name, tmp_path):
         [401, 7, 8] + [config.image_token_id] * image_token_count(config, sizes[0][0]) + [9, 10]
     ]
     pixels = random_tiles(config, sizes, 0)
-    ours, _ = greedy(config, rows, sizes, pixels, torch_runner(load_llava_model(folder)), 5)
+    ours, _ = greedy(config, rows, sizes, pixels, torch_runner(load_model(folder)), 5)
     ref, _ = hf_generate(hf.eval(), config, rows, sizes, pixels, 5)
     assert (ours == ref).all()
 
@@ -117,16 +110,16 @@ def digest(folder):
 
 def test_synthetic_checkpoint_is_deterministic_and_random_everywhere(tmp_path):
     config = llava_preset("llava-next-tiny")
-    a = write_llava_checkpoint(config, tmp_path / "a", seed=3, shards=3)
-    b = write_llava_checkpoint(config, tmp_path / "b", seed=3, shards=3)
-    c = write_llava_checkpoint(config, tmp_path / "c", seed=4, shards=3)
+    a = write_checkpoint(config, tmp_path / "a", seed=3, shards=3)
+    b = write_checkpoint(config, tmp_path / "b", seed=3, shards=3)
+    c = write_checkpoint(config, tmp_path / "c", seed=4, shards=3)
     assert digest(a) == digest(b) and digest(a) != digest(c)
     index = json.loads((a / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3
     assert sorted(index["weight_map"]) == sorted(
-        llava_checkpoint_name(n) for n in llava_parameter_shapes(config)
+        checkpoint_name(n) for n in parameter_shapes(config)
     )
-    for name, tensor in llava_random_tensors(config, seed=3):
+    for name, tensor in random_tensors(config, seed=3):
         assert tensor.numel() < 2 or tensor.std() > 0.05, name  # no constant init left anywhere
     assert (
         "image_newline" in index["weight_map"]
@@ -136,7 +129,7 @@ def test_synthetic_checkpoint_is_deterministic_and_random_everywhere(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return write_llava_checkpoint(llava_preset("llava-next-tiny"), tmp_path_factory.mktemp("tiny"))
+    return write_checkpoint(llava_preset("llava-next-tiny"), tmp_path_factory.mktemp("tiny"))
 
 
 def copy_with(tiny_dir, tmp_path, mutate):
@@ -185,17 +178,15 @@ NORM = "language_model.model.norm.weight"
 )
 def test_strict_loading(tiny_dir, tmp_path, mutate, expected):
     with pytest.raises(MllamaExportError, match=expected):
-        load_llava_model(copy_with(tiny_dir, tmp_path, mutate))
+        load_model(copy_with(tiny_dir, tmp_path, mutate))
 
 
 def test_a_tower_layer_the_features_need_is_required(tiny_dir, tmp_path):
     used = "vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight"
     with pytest.raises(MllamaExportError, match="1 tensors missing"):
-        load_llava_model(copy_with(tiny_dir, tmp_path, lambda t: t.pop(used)))
+        load_model(copy_with(tiny_dir, tmp_path, lambda t: t.pop(used)))
     unused = "vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight"  # past the feature layer
-    assert (
-        load_llava_model(copy_with(tiny_dir, tmp_path / "b", lambda t: t.pop(unused))) is not None
-    )
+    assert load_model(copy_with(tiny_dir, tmp_path / "b", lambda t: t.pop(unused))) is not None
 
 
 def test_corrupt_and_missing_shards(tiny_dir, tmp_path):
@@ -204,24 +195,21 @@ def test_corrupt_and_missing_shards(tiny_dir, tmp_path):
     data = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(MllamaExportError, match="model.safetensors"):
-        load_llava_model(out)
-    sharded = write_llava_checkpoint(llava_preset("llava-tiny"), tmp_path / "sh", shards=2)
+        load_model(out)
+    sharded = write_checkpoint(llava_preset("llava-tiny"), tmp_path / "sh", shards=2)
     (sharded / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(MllamaExportError, match="do not exist"):
-        load_llava_model(sharded)
+        load_model(sharded)
 
 
 def test_weight_table_maps_every_spelling():
+    assert our_name("vision_tower.vision_model.pre_layrnorm.weight") == "vision.pre_layrnorm.weight"
+    assert our_name("vision_tower.pre_layrnorm.weight") == "vision.pre_layrnorm.weight"
+    assert our_name("model.vision_tower.pre_layrnorm.weight") == "vision.pre_layrnorm.weight"
+    assert our_name("lm_head.weight") == our_name("language_model.lm_head.weight")
+    assert our_name("model.image_newline") == "image_newline"
+    assert our_name("something.else") is None
     assert (
-        llava_our_name("vision_tower.vision_model.pre_layrnorm.weight")
-        == "vision.pre_layrnorm.weight"
-    )
-    assert llava_our_name("vision_tower.pre_layrnorm.weight") == "vision.pre_layrnorm.weight"
-    assert llava_our_name("model.vision_tower.pre_layrnorm.weight") == "vision.pre_layrnorm.weight"
-    assert llava_our_name("lm_head.weight") == llava_our_name("language_model.lm_head.weight")
-    assert llava_our_name("model.image_newline") == "image_newline"
-    assert llava_our_name("something.else") is None
-    assert (
-        llava_checkpoint_name("vision.embeddings.class_embedding")
+        checkpoint_name("vision.embeddings.class_embedding")
         == "vision_tower.vision_model.embeddings.class_embedding"
     )

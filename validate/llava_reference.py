@@ -182,24 +182,21 @@ class _Captured:
 
 def synthetic_model(config: LlavaConfig, seed: int, **model_options):
     """Our LlavaModel in float32 with the weights `synth` writes for `seed`
-    (graphs/llava_synth.py), made in memory: the gate's graphs reference of artifacts built
+    (graphs/synthetic.py), made in memory: the gate's graphs reference of artifacts built
     from a preset. LLaVA's model takes no options; any given is refused."""
     import torch
 
+    from mllama_export.graphs.checkpoint import checkpoint_format, materialize_buffers
+    from mllama_export.graphs.family import family_of
     from mllama_export.graphs.llava_model import LlavaModel
-    from mllama_export.graphs.llava_synth import llava_random_tensors
-    from mllama_export.graphs.llava_weights import llava_computed_buffers, used_shapes
+    from mllama_export.graphs.synthetic import random_state_dict
 
     if model_options:
         raise MllamaExportError(
             f"LLaVA's model takes no options; the manifest gave {sorted(model_options)}"
         )
-    used = used_shapes(config)
-    state = {name: t for name, t in llava_random_tensors(config, seed) if name in used}
     with torch.device("meta"):
         model = LlavaModel(config)
-    model.load_state_dict(state, assign=True, strict=True)
-    for name, tensor in llava_computed_buffers(config).items():
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, tensor)
+    model.load_state_dict(random_state_dict(config, seed), assign=True, strict=True)
+    materialize_buffers(model, checkpoint_format(family_of(config)).buffers(config))
     return model.eval()

@@ -1,6 +1,8 @@
-"""A complete synthetic LLaVA checkpoint: graphs/llava_synth.py's weights and config, plus the
-tokenizer (with `<image>` and a chat template) and the processor files of the llava-hf layout
-(preprocessor_config.json beside processor_config.json)."""
+"""The tokenizer and processor files of a synthetic LLaVA checkpoint, in the llava-hf layout
+(preprocessor_config.json beside processor_config.json): the twin of graphs/synth_files.py.
+
+No torch and no transformers: the runner's processor (engines/) reads the same defaults.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-import torch
 from tokenizers import processors
 
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs.llava_config import LlavaConfig
-from mllama_export.graphs.llava_synth import write_llava_weights
-from mllama_export.graphs.synth_files import _added_token, _train_bpe
 
-from .llava_preprocess import default_image_config
+from .llava_config import LlavaConfig
+from .synth_files import CLIP_MEAN, CLIP_STD, _added_token, _train_bpe
 
 # After the regular vocabulary, in id order; the model's rows past them stay unused, as
 # llava-hf's 32064 embeddings outnumber its 32002 tokens.
@@ -113,21 +112,28 @@ def write_llava_processor(config: LlavaConfig, out: Path) -> None:
     _write_json(out / "processor_config.json", processor)
 
 
-def write_llava_checkpoint(
-    config: LlavaConfig,
-    out: str | Path,
-    seed: int = 0,
-    shards: int = 1,
-    dtype: torch.dtype = torch.float32,
-    max_shard_bytes: int | None = None,
-) -> Path:
-    """Weights, config and processor files; the tokenizer too where the vocabulary is a tiny
-    one's (a trained BPE vocabulary needs real text per token)."""
-    out = write_llava_weights(config, out, seed, shards, dtype, max_shard_bytes)
-    write_llava_processor(config, out)
-    if config.text.vocab_size <= 666:
-        write_llava_tokenizer(config, out)
-    return out
+def default_image_config(config: LlavaConfig) -> dict[str, Any]:
+    """The image processor settings a llava-hf checkpoint ships, for this model's tower."""
+    side = config.vision.image_size
+    raw: dict[str, Any] = {
+        "crop_size": {"height": side, "width": side},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_processor_type": "LlavaNextImageProcessor"
+        if config.is_next
+        else "CLIPImageProcessor",
+        "image_std": list(CLIP_STD),
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": side},
+    }
+    if config.is_next:
+        raw.update(do_pad=True, image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints])
+    return dict(sorted(raw.items()))
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -1,0 +1,220 @@
+"""LLaVA through the CLI as a user meets it: `synth` then `build` of both tiny presets (and a
+shallower fp16 one), `inspect`; ONNX Runtime on the built graphs chained against our PyTorch
+graphs on the same checkpoint; the manifest; and the one-line refusals of `build` and `synth`.
+One build per preset and precision, shared by the module."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from llava_cases import greedy, onnx_runner, random_tiles, rel_l2, torch_runner
+from safetensors.torch import load_file, save_file
+
+from mllama_export.cli import main
+from mllama_export.graphs.checkpoint import expected_shapes, load_model
+from mllama_export.graphs.llava_contract import GRAPHS
+from mllama_export.graphs.llava_layout import image_token_count
+from mllama_export.graphs.llava_presets import llava_preset
+from mllama_export.graphs.llava_synth import truncated
+
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
+# (preset, precision, synth options): both presets at fp32; fp16 on a shallower copy
+BUILDS = {
+    "llava-tiny": ("llava-tiny", "fp32", ()),
+    "llava-next-tiny": ("llava-next-tiny", "fp32", ()),
+    "llava-tiny-fp16": ("llava-tiny", "fp16", ("--text-layers", 2, "--vision-layers", 2)),
+}
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("llava-build")
+
+
+def build_once(root: Path, name: str) -> Path:
+    """synth + build through the CLI, once per module."""
+    out = root / name
+    if not (out / "out" / "manifest.json").is_file():
+        preset, precision, options = BUILDS[name]
+        synth = cli("synth", "--preset", preset, "--out", out / "ckpt", "--seed", 5, *options)
+        assert synth.exit_code == 0, synth.output
+        build = cli(
+            "build", "--model", out / "ckpt", "--out", out / "out", "--precision", precision,
+            "--max-seq-len", 96, "--max-batch", 3,
+        )  # fmt: skip
+        assert build.exit_code == 0, build.output
+    return out
+
+
+@pytest.fixture(scope="module", params=["llava-tiny", "llava-next-tiny"])
+def fp32(request, root):
+    return build_once(root, request.param)
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "out" / "manifest.json").read_text())
+
+
+def test_the_manifest_holds_the_three_checked_graphs_and_the_side_files(fp32):
+    m = manifest(fp32)
+    config = json.loads((fp32 / "ckpt" / "config.json").read_text())
+    assert m["model"]["config"] == config and m["precision"] == "fp32"
+    assert list(m["graphs"]) == ["vision", "prefill", "decode"]
+    for name, graph in m["graphs"].items():
+        assert [i["name"] for i in graph["inputs"]] == list(GRAPHS[name].input_names)
+        assert [o["name"] for o in graph["outputs"]] == list(GRAPHS[name].output_names)
+        assert graph["check"]["ran"] and graph["check"]["depth"] == "full"
+        assert max(o["rel_l2"] for o in graph["check"]["outputs"].values()) < 1e-5
+    # prefill and decode share one text weight file, written once
+    assert m["graphs"]["prefill"]["weights"] == m["graphs"]["decode"]["weights"]
+    assert m["graphs"]["decode"]["weight_bytes_written"] == 0
+    assert "xattn_mask" not in m["model"]  # Mllama's fields are Mllama's
+    assert m["limits"] == {"max_batch": 3, "max_seq_len": 96, "max_images": 2}
+    for side in SIDE_FILES:
+        assert (fp32 / "out" / side).read_bytes() == (fp32 / "ckpt" / side).read_bytes(), side
+
+
+def prompt(config, sizes, lengths, seed):
+    """Token ids with each image's tokens expanded between text runs."""
+    rng = np.random.default_rng(seed)
+    ids = [config.text.bos_token_id] + rng.integers(2, 400, lengths[0]).tolist()
+    for size, n in zip(sizes, lengths[1:], strict=True):
+        ids += [config.image_token_id] * image_token_count(config, size)
+        ids += rng.integers(2, 400, n).tolist()
+    return ids
+
+
+def test_onnxruntime_on_the_built_graphs_matches_our_pytorch_graphs(fp32):
+    """A padded batch of 3 (two images, none, one; NeXT: portrait, landscape and a wide one,
+    unpadded, each row closed by the newline), 8 greedy steps chained through the cache."""
+    model = load_model(fp32 / "ckpt")
+    config = model.config
+    sizes = [[(90, 33), (40, 100)], [], [(20, 75)]]
+    rows = [prompt(config, s, [3] + [2] * len(s), seed=i) for i, s in enumerate(sizes)]
+    pixels = random_tiles(config, sizes, seed=7)
+    tokens, logits = greedy(config, rows, sizes, pixels, onnx_runner(fp32 / "out" / "onnx"), 8)
+    ref_tokens, ref_logits = greedy(config, rows, sizes, pixels, torch_runner(model), 8)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    assert max(rel_l2(a, b) for a, b in zip(logits, ref_logits, strict=True)) < 1e-5
+
+
+def test_inspect_lists_the_graphs_and_checks_every_file(fp32):
+    result = cli("inspect", fp32 / "out")
+    assert result.exit_code == 0, result.output
+    for name in GRAPHS:
+        assert f"[{name}] onnx/{name}.onnx" in result.output
+    assert "all match" in result.output
+
+
+def test_a_shallower_fp16_build_is_checked_in_fp16(root):
+    folder = build_once(root, "llava-tiny-fp16")
+    m = manifest(folder)
+    assert m["precision"] == "fp16" and m["io_dtype"] == "float16"
+    assert m["model"]["config"]["text_config"]["num_hidden_layers"] == 2
+    assert m["model"]["config"]["vision_config"]["num_hidden_layers"] == 2
+    assert m["graphs"]["vision"]["inputs"][0]["dtype"] == "float16"
+    for graph in m["graphs"].values():
+        assert graph["check"]["ran"] and graph["check"]["limit_rel_l2"] == 3e-2
+
+
+def test_truncated_keeps_the_first_layers_under_the_same_names():
+    full = llava_preset("llava-1.5-7b")
+    short = truncated(full, text_layers=2)
+    assert (short.text.num_layers, short.vision.num_layers) == (2, 2)
+    assert short.vision_feature_layer == -2 and short.vision_depth == 1
+    kept, every = expected_shapes(short), expected_shapes(full)
+    assert all(every[n] == s for n, s in kept.items())
+    next_short = truncated(llava_preset("llava-next-mistral-7b"), 4, 10)
+    assert (next_short.text.num_layers, next_short.vision.num_layers) == (4, 10)
+
+
+def refusal(result, fragment: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def small(root):
+    out = root / "small"
+    assert cli("synth", "--preset", "llava-tiny", "--out", out).exit_code == 0
+    return out
+
+
+def changed(small: Path, tmp_path: Path, config=None, tensors=None) -> Path:
+    folder = tmp_path / "ckpt"
+    shutil.copytree(small, folder)
+    if config is not None:
+        raw = json.loads((folder / "config.json").read_text())
+        config(raw)
+        (folder / "config.json").write_text(json.dumps(raw))
+    if tensors is not None:
+        state = load_file(folder / "model.safetensors")
+        tensors(state)
+        save_file(state, folder / "model.safetensors")
+    return folder
+
+
+def _original_config(raw):
+    raw.update(model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"])
+    raw["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"
+
+
+REFUSED = {
+    "original-config": (dict(config=_original_config), "convert_llava_weights_to_hf.py"),
+    "original-weights": (
+        dict(tensors=lambda t: t.update({"model.mm_projector.0.weight": torch.zeros(2)})),
+        "convert_llava_weights_to_hf.py",
+    ),
+    "unknown-key": (
+        dict(config=lambda raw: raw["text_config"].update(frobnicate=1)),
+        "unknown keys ['frobnicate']",
+    ),
+    "unknown-tensor": (
+        dict(tensors=lambda t: t.update(extra=torch.zeros(1))),
+        "1 unexpected ['extra']",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_build_refuses_in_one_line(small, tmp_path, name):
+    change, fragment = REFUSED[name]
+    folder = changed(small, tmp_path, **change)
+    refusal(cli("build", "--model", folder, "--out", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp8_and_options_the_model_cannot_take_are_refused(small, tmp_path):
+    out = tmp_path / "out"
+    refusal(cli("build", "--model", small, "--out", out, "--precision", "fp8"), "no FP8 build")
+    refusal(
+        cli("build", "--model", small, "--out", out, "--max-seq-len", 10),
+        "cannot hold one image's 16 image tokens",
+    )
+    refusal(
+        cli("synth", "--preset", "llava-tiny", "--global-layers", 1, "--out", out),
+        "LLaVA has no global vision layers",
+    )
+    refusal(
+        cli("synth", "--preset", "llava-tiny", "--text-layers", 9, "--out", out),
+        "between 1 and the original 4 layers",
+    )
+    assert not out.exists()
