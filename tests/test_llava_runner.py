@@ -272,9 +272,9 @@ def test_prompts_and_chat_give_the_processors_ids_and_pixels(name, tmp_path):
     from mllama_export.engines.backend import TorchBackend
     from mllama_export.engines.llava_preprocess import LlavaProcessorConfig
     from mllama_export.engines.text import Tokenizer
+    from mllama_export.graphs.checkpoint import load_model
     from mllama_export.graphs.llava_model import GRAPH_MODULES
     from mllama_export.graphs.llava_presets import llava_preset
-    from mllama_export.graphs.checkpoint import load_model
     from mllama_export.graphs.synthetic import write_checkpoint
 
     folder = write_checkpoint(llava_preset(name), tmp_path / "ckpt", seed=4)

@@ -14,10 +14,10 @@ from llava_cases import REL_L2, greedy, prefill_feed, random_tiles, rel_l2, torc
 
 from mllama_export.engines.llava_preprocess import LlavaImages
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.checkpoint import load_model
 from mllama_export.graphs.family import family_named
 from mllama_export.graphs.llava_layout import image_tiles, image_token_count
 from mllama_export.graphs.llava_presets import llava_preset
-from mllama_export.graphs.checkpoint import load_model
 from mllama_export.graphs.synthetic import write_checkpoint
 from mllama_export.validate.gate import ReferenceWeights
 from mllama_export.validate.llava_reference import TransformersReference, synthetic_model
