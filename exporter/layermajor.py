@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mllama_export.engines.backend import TorchBackend
+from mllama_export.engines.runner import Runner
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.progress import info
 
 VISION_GRAPH = "vision"  # the graph a LayerMajor phase runs before its prefill
@@ -50,6 +53,95 @@ def arriving(method: Callable, arrive: Callable[[], None]) -> Callable:
         return method(*args, **kwargs)
 
     return wrapper
+
+
+class LazyBase:
+    """A family's model of ``checkpoint`` (``model``: built on the meta device) whose units
+    (``units``: module paths, in the order every graph runs them) are read on demand, in
+    ``dtype``; every other checkpoint tensor is read once (resident), and ``buffers``
+    (non-persistent ones a checkpoint lacks, such as rope frequencies) are set as given.
+    ``graph_modules``: the family's {graph name: module class}. A family's LazyModel builds
+    on this; ``entries()`` names the methods its graphs call on a unit other than forward."""
+
+    def __init__(
+        self,
+        checkpoint: Any,
+        model: nn.Module,
+        units: Sequence[str],
+        buffers: Mapping[str, torch.Tensor],
+        graph_modules: Mapping[str, type[nn.Module]],
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.checkpoint, self.config, self.dtype = checkpoint, checkpoint.config, dtype
+        self.model, self.units = model.eval(), list(units)
+        self._prefixes = [p + "." for p in self.units]
+        self._unit_of: dict[str, int | None] = {}
+        resident = {n: read_float(checkpoint, n, dtype) for n in self._resident()}
+        self.model.load_state_dict(resident, assign=True, strict=False)
+        for name, tensor in buffers.items():
+            parent, _, leaf = name.rpartition(".")
+            setattr(self.model.get_submodule(parent), leaf, tensor)
+        self.scheduler: LayerMajor | None = None
+        self._hook_units()
+        self.graph_names = tuple(graph_modules)
+        self.graphs = self._graphs(graph_modules)
+
+    def entries(self) -> list[tuple[object, str, str]]:
+        """(owner, method name, unit path) of each method a graph calls on a unit's modules
+        other than their forward (a decoder layer's prefill and step)."""
+        return []
+
+    def unit_of(self, name: str) -> int | None:
+        """The unit holding the tensor or module ``name``; None: resident."""
+        if name not in self._unit_of:
+            dotted = name + "."
+            found = (i for i, p in enumerate(self._prefixes) if dotted.startswith(p))
+            self._unit_of[name] = next(found, None)
+        return self._unit_of[name]
+
+    def _resident(self) -> list[str]:
+        return [n for n in self.checkpoint.tensors if self.unit_of(n) is None]
+
+    def load(self, unit: int) -> None:
+        prefix = self.units[unit]
+        module = self.model.get_submodule(prefix)
+        state = {
+            name: read_float(self.checkpoint, f"{prefix}.{name}", self.dtype)
+            for name in module.state_dict()
+        }
+        module.load_state_dict(state, assign=True, strict=True)
+
+    def free(self, unit: int) -> None:
+        self.model.get_submodule(self.units[unit]).to_empty(device="meta")
+
+    def runner(self, limits: Limits) -> Runner:
+        """A Runner over this model's graphs (run it inside a LayerMajor job only)."""
+        backends = {n: TorchBackend(g) for n, g in zip(self.graph_names, self.graphs, strict=True)}
+        return Runner(self.config, backends, limits, str(self.dtype).removeprefix("torch."))
+
+    def _graphs(self, graph_modules: Mapping[str, type[nn.Module]]) -> tuple[nn.Module, ...]:
+        graphs = tuple(cls(self.model) for cls in graph_modules.values())
+        for kind, graph in zip(graph_modules, graphs, strict=True):
+            graph.register_forward_pre_hook(lambda m, args, kind=kind: self._graph_call(kind))
+        return graphs
+
+    def _graph_call(self, kind: str) -> None:
+        if self.scheduler is not None:
+            self.scheduler.graph_call(kind)
+
+    def _arrive(self, unit: int) -> None:
+        if self.scheduler is None:
+            raise RuntimeError("a LazyModel runs inside LayerMajor.run only")
+        self.scheduler.arrive(unit)
+
+    def _hook_units(self) -> None:
+        for i, prefix in enumerate(self.units):
+            module = self.model.get_submodule(prefix)
+            module.register_forward_pre_hook(lambda m, args, i=i: self._arrive(i))
+        for owner, method, prefix in self.entries():
+            unit = self.units.index(prefix)
+            wrapped = arriving(getattr(owner, method), functools.partial(self._arrive, unit))
+            setattr(owner, method, wrapped)
 
 
 def _describe(phase: int) -> str:
@@ -83,7 +175,7 @@ class Job:
 class LayerMajor:
     """Runs jobs over a LazyModel one unit at a time (see the module docstring)."""
 
-    def __init__(self, lazy: Any):
+    def __init__(self, lazy: LazyBase):
         self.lazy = lazy
         self._local = threading.local()
         self._parked = threading.Event()

@@ -16,18 +16,14 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import nn
 
-from mllama_export.engines.backend import TorchBackend
-from mllama_export.engines.runner import Runner
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.layers import grouped_attention
-from mllama_export.graphs.limits import Limits
-from mllama_export.graphs.model import DecodeGraph, MllamaModel, PrefillGraph, VisionGraph
+from mllama_export.graphs.model import GRAPH_MODULES, MllamaModel
 from mllama_export.graphs.vision import VisionAttention
 from mllama_export.graphs.weights import Checkpoint, computed_buffers
 
-from .layermajor import Job, LayerMajor, arriving, read_float
+from .layermajor import Job, LayerMajor, LazyBase, read_float
 
 __all__ = [
     "ATTENTION_BUDGET",
@@ -56,91 +52,31 @@ def unit_prefixes(config: MllamaConfig) -> list[str]:
     ]
 
 
-class LazyModel:
+class LazyModel(LazyBase):
     """An MllamaModel of ``checkpoint`` whose units are loaded on demand, its parameters in
     ``dtype`` (float32 by default; the rope frequencies stay float32, as load_model does)."""
 
     def __init__(
         self, checkpoint: Checkpoint, semantics: str = "meta", dtype: torch.dtype = torch.float32
     ):
-        self.checkpoint, self.config, self.dtype = checkpoint, checkpoint.config, dtype
+        config = checkpoint.config
         with torch.device("meta"):
-            self.model = MllamaModel(self.config, semantics).eval()
-        self.units = unit_prefixes(self.config)
-        self._prefixes = [p + "." for p in self.units]
-        self._unit_of: dict[str, int | None] = {}
-        resident = {n: read_float(checkpoint, n, dtype) for n in self._resident()}
-        self.model.load_state_dict(resident, assign=True, strict=False)
-        for name, tensor in computed_buffers(self.config).items():
-            parent, _, leaf = name.rpartition(".")
-            setattr(self.model.get_submodule(parent), leaf, tensor)
-        self.scheduler: LayerMajor | None = None
-        self._hook_units()
-        self.graphs = self._graphs()
-
-    def unit_of(self, name: str) -> int | None:
-        """The unit holding the tensor or module ``name``; None: resident."""
-        if name not in self._unit_of:
-            dotted = name + "."
-            found = (i for i, p in enumerate(self._prefixes) if dotted.startswith(p))
-            self._unit_of[name] = next(found, None)
-        return self._unit_of[name]
-
-    def _resident(self) -> list[str]:
-        return [n for n in self.checkpoint.tensors if self.unit_of(n) is None]
-
-    def load(self, unit: int) -> None:
-        prefix = self.units[unit]
-        module = self.model.get_submodule(prefix)
-        state = {
-            name: read_float(self.checkpoint, f"{prefix}.{name}", self.dtype)
-            for name in module.state_dict()
-        }
-        module.load_state_dict(state, assign=True, strict=True)
-
-    def free(self, unit: int) -> None:
-        self.model.get_submodule(self.units[unit]).to_empty(device="meta")
-
-    def runner(self, limits: Limits) -> Runner:
-        """A Runner over this model's graphs (run it inside a LayerMajor job only)."""
-        vision, prefill, decode = (TorchBackend(g) for g in self.graphs)
-        backends = {"vision": vision, "prefill": prefill, "decode": decode}
-        return Runner(self.config, backends, limits, str(self.dtype).removeprefix("torch."))
-
-    def _graphs(self) -> tuple[nn.Module, nn.Module, nn.Module]:
-        graphs = VisionGraph(self.model), PrefillGraph(self.model), DecodeGraph(self.model)
-        for kind, graph in zip(("vision", "prefill", "decode"), graphs, strict=True):
-            graph.register_forward_pre_hook(lambda m, args, kind=kind: self._graph_call(kind))
-        return graphs
-
-    def _graph_call(self, kind: str) -> None:
-        if self.scheduler is not None:
-            self.scheduler.graph_call(kind)
-
-    def _arrive(self, unit: int) -> None:
-        if self.scheduler is None:
-            raise RuntimeError("a LazyModel runs inside LayerMajor.run only")
-        self.scheduler.arrive(unit)
-
-    def _hook_units(self) -> None:
-        for i, prefix in enumerate(self.units):
-            module = self.model.get_submodule(prefix)
-            module.register_forward_pre_hook(lambda m, args, i=i: self._arrive(i))
-        # entries the graphs call other than forward: a self-attention layer's prefill() and
-        # step(), and the cross-attention's kv() (the vision graph's only use of the layer)
-        for i, layer in enumerate(self.model.text.layers):
-            unit = self.units.index(f"text.layers.{i}")
-            targets = [(layer, "prefill"), (layer, "step")]
-            targets += [(layer.cross_attn, "kv")] if hasattr(layer, "cross_attn") else []
-            for owner, method in targets:
-                if hasattr(owner, method):
-                    wrapped = arriving(
-                        getattr(owner, method), functools.partial(self._arrive, unit)
-                    )
-                    setattr(owner, method, wrapped)
+            model = MllamaModel(config, semantics)
+        buffers = computed_buffers(config)
+        super().__init__(checkpoint, model, unit_prefixes(config), buffers, GRAPH_MODULES, dtype)
         for module in self.model.vision.modules():
             if isinstance(module, VisionAttention):
                 module.forward = functools.partial(chunked_vision_attention, module)
+
+    def entries(self) -> list[tuple[object, str, str]]:
+        # a self-attention layer's prefill() and step(), and the cross-attention's kv() (the
+        # vision graph's only use of the layer)
+        found = []
+        for i, layer in enumerate(self.model.text.layers):
+            targets = [(layer, "prefill"), (layer, "step")]
+            targets += [(layer.cross_attn, "kv")] if hasattr(layer, "cross_attn") else []
+            found += [(o, m, f"text.layers.{i}") for o, m in targets if hasattr(o, m)]
+        return found
 
 
 def chunked_vision_attention(
