@@ -101,6 +101,14 @@ def test_the_decoder_linears_by_default_the_tower_and_projector_with_fp8_vision(
         llava_fp8.fp8_layers(config, _options(fp8_exclude=("text.*",)))
 
 
+def test_the_plan_of_a_full_size_fp8_vision_build_on_the_meta_device():
+    config = _config("llava-next-vicuna-7b")
+    layers, names = llava_fp8.fp8_layout(config, _options(fp8_vision=True))
+    # 32 decoder layers of 7 linears; 23 tower layers (to the feature layer -2) of 6; 2
+    assert len(layers) == 32 * 7 + 23 * 6 + 2
+    assert {g: len(n) for g, n in names.items()} == {"vision": 140, "prefill": 224, "decode": 224}
+
+
 def test_streamed_calibration_is_the_whole_models_bit_for_bit(next_tiny, calibrated):
     options, names, cases, entry = calibrated
     assert [c.name for c in cases][:4] == [
