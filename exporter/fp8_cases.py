@@ -14,6 +14,8 @@ from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.model import GRAPH_MODULES
 
+from .fp8_common import Recorder
+
 
 class _RowByRow:
     """The vision backend run one batch row at a time, outputs joined on the batch axis."""
@@ -28,19 +30,6 @@ class _RowByRow:
             for b in range(len(feed["aspect_ratio_ids"]))
         ]
         return {s.name: np.concatenate([r[s.name] for r in rows], axis=1) for s in self.outputs}
-
-
-class _Recorder:
-    """A backend that keeps every feed it is given."""
-
-    def __init__(self, backend):
-        self.backend, self.inputs, self.outputs = backend, backend.inputs, backend.outputs
-        self.name = "recorder"
-        self.feeds: list[dict[str, np.ndarray]] = []
-
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.feeds.append({k: np.array(v) for k, v in feed.items()})
-        return self.backend.infer(feed)
 
 
 def check_cases(config: MllamaConfig, limits: Limits) -> list:
@@ -65,7 +54,7 @@ def check_feeds(model: torch.nn.Module, limits: Limits, dtype: torch.dtype) -> d
     first two decode steps of each case."""
     io = str(dtype).removeprefix("torch.")
     graphs = [cls(model) for cls in GRAPH_MODULES.values()]
-    rec = [_Recorder(TorchBackend(g)) for g in graphs]
+    rec = [Recorder(TorchBackend(g)) for g in graphs]
     runner = Runner(model.config, dict(zip(GRAPH_MODULES, rec, strict=True)), limits, io)
     feeds = {name: [] for name in GRAPH_MODULES}
     for i, case in enumerate(check_cases(model.config, limits)):

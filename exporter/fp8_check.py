@@ -166,6 +166,8 @@ def _forced_run(graph, feed, ort, layers, modules, worst) -> None:
         args = {s.name: torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in graph.INPUTS}
         with torch.inference_mode():
             outputs = graph(**args)
+    if isinstance(outputs, torch.Tensor):  # a graph of one output returns it bare
+        outputs = (outputs,)
     for spec, out in zip(graph.OUTPUTS, outputs, strict=True):
         note("output", spec.name, _rel_l2(ort[spec.name], out.float().numpy()))
 

@@ -18,6 +18,12 @@ from .spec import check_forward
 class LlavaModel(nn.Module):
     """All weights, in the module tree that the weight table maps checkpoints onto."""
 
+    # the Linears FP8 quantizes, by path prefix (graphs/quant.py quantizable_linears): the
+    # decoder layers' q/k/v/o and MLPs (never the embedding or lm_head); with --fp8-vision the
+    # CLIP tower's attention and MLPs and the projector too
+    FP8_PREFIXES = ("text.layers.",)
+    FP8_VISION_PREFIXES = ("vision.", "projector.")
+
     def __init__(self, config: LlavaConfig):
         super().__init__()
         self.config = config

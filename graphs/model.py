@@ -18,6 +18,12 @@ from .vision import VisionEncoder
 class MllamaModel(nn.Module):
     """All weights, in the module tree that the weight table maps checkpoints onto."""
 
+    # the Linears FP8 quantizes, by path prefix (graphs/quant.py quantizable_linears): the
+    # text decoder's (self- and cross-attention, MLPs); with --fp8-vision the vision
+    # encoder's and the projector too
+    FP8_PREFIXES = ("text.layers.",)
+    FP8_VISION_PREFIXES = ("vision.", "projector")
+
     def __init__(self, config: MllamaConfig, semantics: str = "meta"):
         super().__init__()
         if semantics not in MASK_SEMANTICS:

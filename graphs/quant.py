@@ -198,13 +198,12 @@ class FP8Linear(nn.Module):
 def quantizable_linears(
     model: nn.Module, vision: bool = False, exclude: Sequence[str] = ()
 ) -> list[str]:
-    """Names of the Linear layers FP8 quantizes in an MllamaModel, in module order.
+    """Names of the Linear layers FP8 quantizes in a family's model, in module order.
 
-    Default: the text decoder's attention projections (self- and cross-attention q/k/v/o;
-    the cross-attention k/v run in the vision graph, on the projected image tokens) and MLPs
-    (gate/up/down). Never the embeddings, lm_head or norms. ``vision`` adds the vision
-    encoder's attention and MLP linears and the multimodal projector. ``exclude``: glob
-    patterns (fnmatch) of layers to keep in 16 bits; each must match a layer.
+    The model's class says which, by path prefix: ``FP8_PREFIXES`` by default (the text
+    decoder's attention projections and MLPs; never the embeddings, lm_head or norms) and
+    ``FP8_VISION_PREFIXES`` as well with ``vision`` (the vision encoder's and the projector's).
+    ``exclude``: glob patterns (fnmatch) of layers to keep in 16 bits; each must match a layer.
     """
     names = _linears(model, vision)
     excluded = match_layers(
@@ -214,7 +213,13 @@ def quantizable_linears(
 
 
 def _linears(model: nn.Module, vision: bool) -> list[str]:
-    prefixes = ("text.layers.", "vision.", "projector") if vision else ("text.layers.",)
+    cls = type(model)
+    if not hasattr(cls, "FP8_PREFIXES"):
+        raise MllamaExportError(
+            f"{cls.__name__} declares no FP8_PREFIXES; expected a family's model class that "
+            "names the Linears FP8 quantizes (FP8_PREFIXES, and FP8_VISION_PREFIXES)"
+        )
+    prefixes = cls.FP8_PREFIXES + (getattr(cls, "FP8_VISION_PREFIXES", ()) if vision else ())
     return [
         name
         for name, module in model.named_modules()
