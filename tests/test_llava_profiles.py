@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -223,15 +222,15 @@ def quick_export(graph: torch.nn.Module, path) -> None:
     contract's names and dims; the dynamo export itself is tests/test_llava_onnx.py's."""
     import warnings
 
+    from mllama_export.exporter.llava_build import example_inputs
     from mllama_export.graphs.llava_contract import dynamic_axes
-    from mllama_export.graphs.llava_model import example_inputs
 
     specs = (*graph.INPUTS, *graph.OUTPUTS)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             graph.eval(),
-            example_inputs(graph, NEXT, torch.float32),
+            example_inputs(graph.INPUTS, NEXT, torch.float32),
             str(path),
             input_names=[s.name for s in graph.INPUTS],
             output_names=[s.name for s in graph.OUTPUTS],
@@ -259,11 +258,10 @@ def stand_in(tmp_path_factory):
 
 
 def random_feed(graph: str, point: dict, seed: int) -> dict[str, np.ndarray]:
-    from mllama_export.graphs.llava_model import example_inputs
+    from mllama_export.exporter.llava_build import example_inputs
 
     sizes = {"batch": 1, "num_tiles": 1, "num_logits": 1, "sequence": 1, "past_sequence": 1}
-    holder = SimpleNamespace(INPUTS=GRAPHS[graph].inputs)
-    args = example_inputs(holder, NEXT, torch.float32, {**sizes, **point}, seed)
+    args = example_inputs(GRAPHS[graph].inputs, NEXT, torch.float32, {**sizes, **point}, seed)
     return {s.name: a.numpy() for s, a in zip(GRAPHS[graph].inputs, args, strict=True)}
 
 
