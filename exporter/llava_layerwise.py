@@ -18,7 +18,7 @@ import torch
 
 from mllama_export.graphs.llava_config import LlavaConfig
 from mllama_export.graphs.llava_model import GRAPH_MODULES, LlavaModel
-from mllama_export.graphs.llava_text import text_inv_freq
+from mllama_export.graphs.llava_weights import computed_buffers
 
 from .layermajor import Job, LayerMajor, LazyBase, read_float
 
@@ -35,11 +35,6 @@ def unit_prefixes(config: LlavaConfig) -> list[str]:
         *(f"text.layers.{i}" for i in range(config.text.num_layers)),
         *(["text.lm_head"] if untied else []),
     ]
-
-
-def computed_buffers(config: LlavaConfig) -> dict[str, torch.Tensor]:
-    """The rope frequencies: not in a checkpoint, rebuilt (float32, as the loader does)."""
-    return {"text.rotary.inv_freq": text_inv_freq(config.text)}
 
 
 class LazyModel(LazyBase):

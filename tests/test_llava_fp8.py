@@ -2,9 +2,9 @@
 layer by layer equal to the whole model's, the FP8 graphs on ONNX Runtime passing the build's
 check, a planted defect failing it by name, and sensitivity ranking LLaVA's layers.
 
-Until LLaVA's checkpoint, synth and build parts land, the graphs are exported here one by one
-(exporter/onnx_export.py export_graph) from the quantized model in memory, and the checkpoint is
-written and read through the LLaVA files that exist (_write and _reader below)."""
+The graphs are exported one by one (exporter/onnx_export.py export_graph) from the quantized
+model in memory, so that a planted defect can be put between the model and its check; the
+CLI's FP8 build of LLaVA is tests/test_llava_build.py's."""
 
 from __future__ import annotations
 
@@ -39,19 +39,11 @@ def _config(name: str) -> LlavaConfig:
 
 
 def _write(config: LlavaConfig, out: Path) -> Path:
-    if LLAVA.has("synth"):
-        return LLAVA.part("synth")(config, out, 0)
-    from mllama_export.engines.llava_synth import write_llava_checkpoint
-
-    return write_llava_checkpoint(config, out, 0)
+    return LLAVA.part("synth")(config, out, 0)
 
 
 def _reader():
-    if LLAVA.has("checkpoint"):
-        return LLAVA.part("checkpoint")
-    from mllama_export.graphs.llava_weights import LlavaCheckpoint
-
-    return LlavaCheckpoint
+    return LLAVA.part("checkpoint")
 
 
 def _options(**kw) -> BuildOptions:
@@ -191,14 +183,6 @@ def test_a_wrong_weight_scale_fails_the_check_naming_the_layer(exported, tmp_pat
     assert layer in str(err.value)
 
 
-@pytest.fixture
-def checkpoint_part(monkeypatch):
-    """LLaVA's checkpoint reader as its family part, where that part has not landed yet."""
-    if not LLAVA.has("checkpoint"):
-        monkeypatch.setitem(LLAVA.parts, "checkpoint", _reader())
-        monkeypatch.setitem(LLAVA._loaded, "checkpoint", _reader())
-
-
 def _artifacts(folder: Path, weights, options: BuildOptions, entry: dict) -> Path:
     """What sensitivity reads of an fp8 build: its manifest (the checkpoint it was built from,
     the limits, the quantization entry); the graphs themselves are not run."""
@@ -229,9 +213,7 @@ def _artifacts(folder: Path, weights, options: BuildOptions, entry: dict) -> Pat
     return folder
 
 
-def test_sensitivity_ranks_llava_layers_a_miscalibrated_one_first(
-    next_tiny, calibrated, checkpoint_part, tmp_path
-):
+def test_sensitivity_ranks_llava_layers_a_miscalibrated_one_first(next_tiny, calibrated, tmp_path):
     from mllama_export.validate.sensitivity import run_sensitivity
 
     options, _, _, entry = calibrated
