@@ -36,6 +36,7 @@ BUILDS = {
     "llava-tiny": ("llava-tiny", "fp32", ()),
     "llava-next-tiny": ("llava-next-tiny", "fp32", ()),
     "llava-tiny-fp16": ("llava-tiny", "fp16", ("--text-layers", 2, "--vision-layers", 2)),
+    "llava-next-fp8": ("llava-next-tiny", "fp8", ("--text-layers", 2, "--vision-layers", 2)),
 }
 
 
@@ -202,9 +203,22 @@ def test_build_refuses_in_one_line(small, tmp_path, name):
     assert not (tmp_path / "out").exists()
 
 
-def test_fp8_and_options_the_model_cannot_take_are_refused(small, tmp_path):
+def test_an_fp8_build_quantizes_the_decoders_linears_and_passes_the_gate(root):
+    folder = build_once(root, "llava-next-fp8")
+    m = manifest(folder)
+    assert m["precision"] == "fp8"
+    layers = m["quantization"]["layers"]
+    config = json.loads((folder / "ckpt" / "config.json").read_text())
+    per_layer = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert len(layers) == config["text_config"]["num_hidden_layers"] * len(per_layer)
+    assert all(name.startswith("text.layers.") for name in layers)  # no --fp8-vision
+    gate = cli("validate", folder / "out", "--reference", "transformers")
+    assert gate.exit_code == 0, gate.output
+    assert "PASS fp8" in gate.output
+
+
+def test_options_the_model_cannot_take_are_refused(small, tmp_path):
     out = tmp_path / "out"
-    refusal(cli("build", "--model", small, "--out", out, "--precision", "fp8"), "no FP8 build")
     refusal(
         cli("build", "--model", small, "--out", out, "--max-seq-len", 10),
         "cannot hold one image's 16 image tokens",
