@@ -24,6 +24,7 @@ LLAVA = Family(
         "synth": "graphs.synthetic:write_checkpoint",
         "truncated": "graphs.llava_synth:truncated",
         "build": "exporter.llava_build",
+        "check": "exporter.llava_checkplan",
         "inputs": "engines.llava_inputs:LlavaInputProcessor",
         "session": "engines.llava_session:LlavaSession",
         "evalset": "engines.llava_evalset",
@@ -58,5 +59,6 @@ LLAVA = Family(
         "exporter.llava_plan",
         "validate.llava_reference",
         "exporter.llava_build",
+        "exporter.llava_checkplan",
     ),
 )
