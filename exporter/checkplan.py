@@ -15,7 +15,6 @@ its own, exported by the same streaming path, and checked in place of the model.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +27,22 @@ from mllama_export.graphs.contract import GRAPH_NAMES
 from mllama_export.graphs.model import GRAPH_MODULES, MllamaModel
 
 from .check import GB, CheckPlan
+from .checkmemory import (  # noqa: F401  (names of this part's API, read by the build and tests)
+    BUDGET_RESERVE,
+    BUDGET_SHARE,
+    CALIBRATION_HEADROOM,
+    EXPORT_LARGEST,
+    EXPORT_LIBRARY_BYTES,
+    LIBRARY_BYTES,
+    ORT_LOAD_BYTES,
+    ORT_WEIGHT_BYTES,
+    TORCH_REPACK,
+    MemoryEstimate,
+    available_memory,
+    budget,
+    have,
+    refuse,
+)
 from .options import BuildOptions
 from .weightfile import graph_names
 
@@ -42,79 +57,13 @@ REDUCED_VOCAB = 4096
 
 # -- memory ----------------------------------------------------------------------------------
 #
-# Constants measured on this project's machine at the 11B width (tests/test_checkplan.py holds
-# the estimate against measured peaks on small widths, benchmarks/export_memory.py at 11B):
-# the Python, torch, onnx and ONNX Runtime libraries once loaded,
-LIBRARY_BYTES = int(0.5 * GB)  # 0.45 to 0.5 GB, by the versions installed
+# The libraries' constants and the budget are every family's: exporter/checkmemory.py.
 # bytes per attention score alive at once in one vision layer: PyTorch's graph keeps the
 # scaled scores, their float32 copy and the masked copy together (layers.grouped_attention);
 # ONNX Runtime's CPU provider keeps three to four float32 buffers of them (the attention in
 # TensorRT's fusable form: scores, masked, softmax), 16-bit graphs included,
 SCORE_BYTES_TORCH = {2: 10, 4: 8}
 SCORE_BYTES_ORT = 14
-# ONNX Runtime holds every weight it computes with as float32 (16-bit ones cast once at load,
-# when the original and the cast are both in memory); a weight only gathered from (the
-# embedding) stays memory-mapped,
-ORT_WEIGHT_BYTES = 4
-ORT_LOAD_BYTES = 6
-# PyTorch's CPU GEMMs repack the weight they multiply (the largest: lm_head), per itemsize,
-TORCH_REPACK = {2: 0.7, 4: 0.2}
-# and the export (with onnxscript's libraries on top) holds the largest tensor whole (lm_head,
-# transposed) plus one block of rows. The libraries' share is 0.54 to 0.62 GB, by the
-# versions installed (a fresh CI environment measured the most),
-EXPORT_LIBRARY_BYTES = int(0.62 * GB)
-EXPORT_LARGEST = 1.15
-# What the check may plan to use of the memory available: the estimate is within about 10%
-# of the measured peaks, and other processes' memory moves while a build runs.
-BUDGET_SHARE, BUDGET_RESERVE = 0.9, int(1 * GB)
-
-
-def budget(available: int) -> int:
-    return int(available * BUDGET_SHARE) - BUDGET_RESERVE
-
-
-def available_memory() -> int:
-    """What can be allocated without swapping: MemAvailable, or less where a cgroup limit
-    (a container's memory.max) leaves less."""
-    found = _meminfo_available()
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max":
-            found = min(found, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return found
-
-
-def _meminfo_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Peak bytes of each phase of a build, libraries included."""
-
-    export: int  # the streaming export: one tensor (or block) at a time
-    reference: int  # the check's PyTorch phase: the model and its largest run
-    onnxruntime: int  # the check's ONNX Runtime phase: the largest graph and its largest run
-
-    @property
-    def peak(self) -> int:
-        return max(self.export, self.reference, self.onnxruntime)
-
-    def describe(self) -> str:
-        return (
-            f"{self.peak / GB:.1f} GB (export {self.export / GB:.1f}, PyTorch "
-            f"{self.reference / GB:.1f}, ONNX Runtime {self.onnxruntime / GB:.1f})"
-        )
 
 
 @dataclass(frozen=True)
@@ -425,7 +374,7 @@ def plan_check(
     copy = reduced_copy(config)
     small_cases, small_cost = _fit_cases(copy.config, precision, room)
     if options.check_depth == "full" or small_cases is None:
-        return _refuse(options, full_cost, small_cost, available)
+        return refuse(options, full_cost, small_cost, available)
     why = (
         "--check-depth reduced"
         if options.check_depth == "reduced"
@@ -434,36 +383,8 @@ def plan_check(
     return CheckPlan("reduced", why, copy.config, small_cases, small_cost, available, copy)
 
 
-def _refuse(options, full_cost, small_cost, available) -> CheckPlan:
-    have = _have(available)
-    if options.check_depth == "full":
-        raise MllamaExportError(
-            f"--check-depth full needs {full_cost.describe()} for the check against PyTorch "
-            f"and {have}; use --check-depth auto (a reduced copy needs "
-            f"{small_cost.peak / GB:.1f} GB) or free memory"
-        )
-    raise MllamaExportError(
-        f"the check against PyTorch needs {small_cost.describe()} even on a reduced copy of "
-        f"the model (one image's vision attention at this width), and {have}; free memory, "
-        "or build --precision bf16, which ONNX Runtime cannot run on the CPU and so is "
-        "checked structurally only"
-    )
-
-
-def _have(available: int) -> str:
-    return (
-        f"this machine has {available / GB:.1f} GB available (a build plans with "
-        f"{max(budget(available), 0) / GB:.1f} GB of it)"
-    )
-
-
 # -- FP8 calibration ---------------------------------------------------------------------------
 #
-# What it holds besides the cases' activations: the largest unit in float32 (at 11B the
-# embedding or lm_head), the small tensors, the libraries (exporter/layerwise.py).
-CALIBRATION_HEADROOM = 2 << 30
-
-
 def calibration_memory(config: MllamaConfig) -> int:
     """Bytes FP8 calibration needs at least: the largest unit it loads, in float32, plus the
     headroom. Independent of depth: it runs one layer at a time."""
@@ -492,6 +413,6 @@ def refuse_fp8_calibration(
         raise MllamaExportError(
             f"--precision fp8 calibrates one layer at a time in float32, which needs "
             f"{needed / GB:.1f} GB (the largest layer and the libraries), and "
-            f"{_have(available)}; build bf16 or fp16 here, or build fp8 on a machine with "
+            f"{have(available)}; build bf16 or fp16 here, or build fp8 on a machine with "
             "that much memory"
         )

@@ -25,9 +25,9 @@ from mllama_export.graphs.llava_model import GRAPH_MODULES, LlavaModel
 from mllama_export.graphs.llava_synth import truncated
 from mllama_export.graphs.llava_weights import checkpoint_name
 
-from . import checkplan as shared
+from . import checkmemory as shared
 from .check import GB, CheckPlan
-from .checkplan import (
+from .checkmemory import (
     BUDGET_RESERVE,
     BUDGET_SHARE,
     EXPORT_LARGEST,
@@ -69,9 +69,9 @@ REDUCED_VOCAB = 4096
 # -- memory ----------------------------------------------------------------------------------
 #
 # The libraries, ONNX Runtime's float32 weights and load-time casts, PyTorch's GEMM repacking
-# and the export's largest tensor are Mllama's constants (exporter/checkplan.py, measured on
-# this machine with the same torch, onnx and ONNX Runtime): they are properties of those
-# libraries, not of the model. What is LLaVA's own is the activations below; the measured
+# and the export's largest tensor are every family's constants (exporter/checkmemory.py,
+# measured on this machine at Mllama's 11B width with the same torch, onnx and ONNX Runtime):
+# they are properties of those libraries, not of the model. What is LLaVA's own is the activations below; the measured
 # small case in tests/test_llava_checkplan.py holds the sum against child processes' peaks.
 # bytes per attention score alive at once: PyTorch's graph keeps the scores, their float32
 # softmax and the weighted copy together; ONNX Runtime three to four float32 buffers of them
@@ -346,7 +346,8 @@ def plan_check(
     copy = reduced_copy(config)
     small_cases, small_cost = _fit_cases(copy.config, precision, room)
     if options.check_depth == "full" or small_cases is None:
-        return shared._refuse(options, full_cost, small_cost, available)
+        cause = "ONNX Runtime's float32 copy of the largest graph at this width"
+        shared.refuse(options, full_cost, small_cost, available, cause)
     why = (
         "--check-depth reduced"
         if options.check_depth == "reduced"
@@ -386,6 +387,6 @@ def refuse_fp8_calibration(
         raise MllamaExportError(
             f"--precision fp8 calibrates one layer at a time in float32, which needs "
             f"{needed / GB:.1f} GB (the largest layer and the libraries), and "
-            f"{shared._have(available)}; build bf16 or fp16 here, or build fp8 on a machine "
+            f"{shared.have(available)}; build bf16 or fp16 here, or build fp8 on a machine "
             "with that much memory"
         )
