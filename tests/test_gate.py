@@ -6,7 +6,7 @@ Three builds per session (tiny fp32, fp16 and, from transformers' own save, bf16
 are made in copies under tmp_path. Changing a file breaks its sha256 in the manifest, and the
 gate refuses such a folder (exit 2 from the CLI): that is the feature that stops a gate from
 judging files other than the ones built. To judge a deliberately perturbed copy, the tests
-re-hash it with exporter.manifest.write_manifest, as a build would have. Faults that live in
+re-hash it (tests/artifact_edits.py rehash), as a build would have. Faults that live in
 the runtime rather than in a file (swapped inputs, a dropped mask) are injected by wrapping the
 backends of a runner loaded from the unmodified artifacts and calling gate.judge directly.
 """
@@ -14,12 +14,11 @@ backends of a runner loaded from the unmodified artifacts and calling gate.judge
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
+from artifact_edits import copy_artifacts, perturb, rehash
 from click.testing import CliRunner
 from conftest import write_evalset
 
@@ -30,7 +29,6 @@ from mllama_export.engines.manifest_read import read_manifest
 from mllama_export.engines.runner import Runner
 from mllama_export.errors import MllamaExportError
 from mllama_export.exporter.build import build
-from mllama_export.exporter.manifest import write_manifest
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.graphs.model import DecodeGraph, PrefillGraph, VisionGraph
 from mllama_export.graphs.weights import load_model
@@ -72,44 +70,6 @@ def hf_reference(fp32_dir) -> GraphsReference:
 def first_failures(report) -> dict[str, str | None]:
     firsts = report.first_failure_by_case()
     return {case: None if r is None else r.stage for case, r in firsts.items()}
-
-
-def copy_artifacts(src: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(src, tmp_path / src.name))
-
-
-def rehash(folder: Path) -> None:
-    """A fresh manifest for a deliberately modified copy (what a build would have written)."""
-    manifest = read_manifest(folder)
-    del manifest["format"], manifest["files"]
-    write_manifest(folder, manifest)
-
-
-def perturb(folder: Path, graph: str, name: str, change, only_this_graph=False) -> np.ndarray:
-    """Rewrites one external initializer of one graph in place; returns the old values.
-
-    Prefill and decode share their weights in text.onnx.data: a rewrite in place changes
-    both. ``only_this_graph`` appends the changed copy to the file instead and points only
-    ``graph`` at it.
-    """
-    path = folder / "onnx" / f"{graph}.onnx"
-    model = onnx.load(str(path), load_external_data=False)
-    init = next(i for i in model.graph.initializer if i.name == name)
-    info = {e.key: e.value for e in init.external_data}
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-    with (folder / "onnx" / info["location"]).open("r+b") as f:
-        f.seek(int(info.get("offset", 0)))
-        old = np.frombuffer(f.read(int(info["length"])), dtype).copy()
-        f.seek(0 if only_this_graph else int(info.get("offset", 0)), 2 if only_this_graph else 0)
-        offset = f.tell()
-        f.write(change(old).astype(dtype).tobytes())
-    if only_this_graph:
-        kept = [(e.key, e.value) for e in init.external_data if e.key != "offset"]
-        del init.external_data[:]
-        for key, value in [*kept, ("offset", str(offset))]:
-            init.external_data.add(key=key, value=value)
-        onnx.save(model, str(path))
-    return old
 
 
 # -- correct artifacts pass --------------------------------------------------------------------
