@@ -1,7 +1,10 @@
 """Decode speed of the ONNX Runtime runner against transformers' generate, side by side; and
 chunked prefill's memory and time against one-shot prefill.
 
-One synthetic model of about 100M parameters (not the tiny preset), exported once.
+One synthetic model of about 100M parameters (not the tiny preset), exported once: a Llama 3.2
+Vision (``--family mllama``) or a LLaVA 1.5 of llava-1.5-7b's design (``--family llava``:
+Vicuna's full multi-head attention and 32064-token vocabulary, CLIP's quick-gelu tower, 2-layer
+projector), judged against MllamaForConditionalGeneration or LlavaForConditionalGeneration.
 
 --case decode: both sides generate the same number of tokens greedily from the same prompts
 in the same process. Decode time excludes prefill on both sides: ours from the runner's own
@@ -14,7 +17,7 @@ millisecond during the prefill, less what it was just before. Time per prompt to
 size side by side in this process, the median of several runs, with the ratio to one-shot.
 Each size's last-position logits are checked against one-shot's (relative L2 below 1e-5).
 
-    python benchmarks/decode.py [--new-tokens 64] [--repeats 3] [--threads 2]
+    python benchmarks/decode.py [--family llava] [--new-tokens 64] [--repeats 3] [--threads 2]
     python benchmarks/decode.py --case chunked-prefill [--prompt-len 1536] [--chunks 512 128 32]
 """
 
@@ -28,6 +31,7 @@ import statistics
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,8 @@ from mllama_export.engines.runner import Runner
 from mllama_export.exporter.build import build
 from mllama_export.exporter.options import BuildOptions
 from mllama_export.graphs.config import PRESETS, MllamaConfig
+from mllama_export.graphs.llava_config import LlavaConfig
+from mllama_export.graphs.llava_presets import llava_preset
 from mllama_export.graphs.synth import write_checkpoint
 
 
@@ -61,6 +67,27 @@ def bench_config() -> MllamaConfig:
     return MllamaConfig.from_hf_dict(raw)
 
 
+def llava_bench_config() -> LlavaConfig:
+    """llava-1.5-7b's design at ~100M parameters; tiles of 112 pixels (64 image tokens)."""
+    base = llava_preset("llava-1.5-7b")
+    text = replace(
+        base.text, hidden_size=768, num_layers=8, num_heads=12, num_kv_heads=12, head_dim=64,
+        intermediate_size=2048,
+    )  # fmt: skip
+    vision = replace(
+        base.vision, hidden_size=128, num_layers=3, num_heads=4, intermediate_size=256,
+        image_size=112, projection_dim=64,
+    )  # fmt: skip
+    return replace(base, text=text, vision=vision, image_seq_length=64)
+
+
+# family: (config, transformers' class, the family's own build options)
+FAMILIES = {
+    "mllama": (bench_config, "MllamaForConditionalGeneration", {"xattn_mask": "hf"}),
+    "llava": (llava_bench_config, "LlavaForConditionalGeneration", {}),
+}
+
+
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -73,6 +100,7 @@ def median_time(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=["decode", "chunked-prefill"], default="decode")
+    parser.add_argument("--family", choices=list(FAMILIES), default="mllama", help="decode only")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=None, help="32; chunked: 1536")
     parser.add_argument("--chunks", type=int, nargs="+", default=[1024, 512, 256, 128, 64, 32])
@@ -81,27 +109,28 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.case == "chunked-prefill":
+        if args.family != "mllama":
+            parser.error("--case chunked-prefill measures the mllama model only")
         args.prompt_len = args.prompt_len or 1536
         chunked_prefill(args)
         return
     args.prompt_len = args.prompt_len or 32
-    from transformers import MllamaForConditionalGeneration
+    import transformers
 
-    config = bench_config()
+    make_config, hf_class, family_options = FAMILIES[args.family]
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_checkpoint(config, Path(tmp) / "ckpt")
+        ckpt = write_checkpoint(make_config(), Path(tmp) / "ckpt")
         out = Path(tmp) / "artifacts"
-        build(
-            BuildOptions(str(ckpt), out, max_batch=8, max_seq_len=256, xattn_mask="hf"),
-        )
+        build(BuildOptions(str(ckpt), out, max_batch=8, max_seq_len=256, **family_options))
         runners = {
             "ort run": Runner.from_artifacts(out),
             "ort io-binding": Runner.from_artifacts(out, io_binding=True),
         }
-        hf = MllamaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+        hf_model = getattr(transformers, hf_class)
+        hf = hf_model.from_pretrained(ckpt, dtype=torch.float32).eval()
         params = sum(p.numel() for p in hf.parameters())
         print(
-            f"model: {params / 1e6:.0f}M parameters; prompt {args.prompt_len} tokens, "
+            f"model: {args.family}, {params / 1e6:.0f}M parameters; prompt {args.prompt_len} tokens, "
             f"{args.new_tokens} new tokens, {args.threads} threads, median of {args.repeats}"
         )
         print(
