@@ -167,8 +167,11 @@ class LlavaProcessorConfig:
             raise _config_error("num_additional_image_tokens", extra, "0 or a positive integer")
         image = LlavaImageConfig.from_dict(raw["image_processor"] if nested else preprocessor)
         if kind is not None and PROCESSORS[kind] != image.kind:
+            expected = [k for k, v in PROCESSORS.items() if v == image.kind]
             raise MllamaExportError(
-                f"processor_class {kind} does not go with the image processor for {image.kind}"
+                f"processor_class {kind} does not go with the image processor for {image.kind}; "
+                f"expected {' or '.join(expected)} (processor_config.json and "
+                "preprocessor_config.json come from one checkpoint)"
             )
         return cls(image, _positive_int(raw, "patch_size"), strategy, extra, raw["image_token"])
 

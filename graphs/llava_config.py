@@ -185,20 +185,22 @@ class LlavaConfig:
 
 
 def _refuse_original_format(raw: dict[str, Any]) -> None:
-    keys = [k for k in ORIGINAL_FORMAT_KEYS if k in raw]
-    archs = [a for a in raw.get("architectures") or [] if a in ORIGINAL_ARCHITECTURES]
-    if not keys and not archs and raw.get("model_type") not in ORIGINAL_MODEL_TYPES:
+    found = [f"{k}={raw[k]!r}" for k in ("model_type",) if raw.get(k) in ORIGINAL_MODEL_TYPES]
+    found += [a for a in raw.get("architectures") or [] if a in ORIGINAL_ARCHITECTURES]
+    found += [k for k in ORIGINAL_FORMAT_KEYS if k in raw]
+    if not found:
         return
     script = (
         "llava_next/convert_llava_next_weights_to_hf.py"
         if raw.get("image_aspect_ratio") == "anyres" or "v1.6" in str(raw.get("_name_or_path"))
         else "llava/convert_llava_weights_to_hf.py"
     )
-    tower = raw.get("mm_vision_tower", "a hub id")
+    # That format names its vision tower by a hub id instead of holding its weights.
+    tower = f"vision tower {raw['mm_vision_tower']!r} by name, " if "mm_vision_tower" in raw else ""
     raise MllamaExportError(
-        f"config.json is the original LLaVA repository's format ({', '.join(archs + keys)}; "
-        f"mm_projector weights, vision tower {tower!r} by name); convert it with transformers' "
-        f"src/transformers/models/{script} to the llava-hf layout first"
+        f"config.json is the original LLaVA repository's format ({', '.join(found)}; "
+        f"{tower}mm_projector weights); expected the llava-hf layout (model_type 'llava' or "
+        f"'llava_next'): convert it with transformers' src/transformers/models/{script} first"
     )
 
 

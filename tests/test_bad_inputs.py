@@ -3,9 +3,11 @@
 One table: each row sets one bad input up in tmp_path, then runs one CLI command or one Python
 API call on it. Every row checks that the error names what was wrong and what was expected (or
 what exists), and that no file or folder under tmp_path, under the artifact copies or under the
-session fixtures was created, changed or removed. CLI rows also check exit status 2 and that no
-traceback is printed. Building is stubbed out after the checks (`StreamingExport` raises), so a
-bad input that a build fails to refuse shows up at once instead of after a 36 s export.
+session fixtures was created, changed or removed. CLI rows also check exit status 2, that no
+traceback is printed and that the refusal is one line, the output's last. Mllama's rows are
+here; LLaVA's (its checkpoints, options, prompts and images) are in bad_inputs_llava.py.
+Building is stubbed out after the checks (`StreamingExport` raises), so a bad input that a
+build fails to refuse shows up at once instead of after a 36 s export.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from typing import Any
 
 import pytest
 import torch
+from bad_input_table import Row, api, cli
+from bad_inputs_llava import ROWS as LLAVA_ROWS
+from bad_inputs_llava import LlavaWorld, llava_world
 from click.testing import CliRunner
 from imagefiles import bomb_png, png_bytes
 from safetensors.torch import load_file, save_file
@@ -86,16 +91,21 @@ class World:
     hf_checkpoint: Path  # the session's sharded checkpoint written by transformers
     shared: Path  # a module-wide copy of the artifacts, for rows that only read them
     runner: Any  # loaded from `shared`
+    llava: LlavaWorld  # the second family's checkpoints and artifacts (bad_inputs_llava.py)
 
     @property
     def folders(self) -> list[Path]:
-        return [self.artifacts, self.tiny_dir, self.hf_checkpoint, self.shared]
+        return [self.artifacts, self.tiny_dir, self.hf_checkpoint, self.shared, *self.llava.folders]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, ort_artifacts, tiny_dir, hf_checkpoint) -> World:
-    shared = Path(shutil.copytree(ort_artifacts, tmp_path_factory.mktemp("bad-inputs") / "art"))
-    return World(ort_artifacts, tiny_dir, hf_checkpoint, shared, Runner.from_artifacts(shared))
+    root = tmp_path_factory.mktemp("bad-inputs")
+    shared = Path(shutil.copytree(ort_artifacts, root / "art"))
+    llava = llava_world(root / "llava")
+    return World(
+        ort_artifacts, tiny_dir, hf_checkpoint, shared, Runner.from_artifacts(shared), llava
+    )
 
 
 @dataclass
@@ -546,22 +556,6 @@ def _config_api(change) -> Callable[[Ctx], Callable]:
 
 
 # -- the table ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Row:
-    cli: bool
-    setup: Callable[[Ctx], Any]  # CLI: the arguments; API: a call without arguments (any
-    # file it reads is made by the setup, not by the call, so the snapshot sees it)
-    fragments: tuple[str, ...]  # all must appear in the message
-
-
-def cli(id_: str, setup, *fragments: str, marks=()):
-    return pytest.param(Row(True, setup, fragments), id=f"cli-{id_}", marks=marks)
-
-
-def api(id_: str, setup, *fragments: str, marks=()):
-    return pytest.param(Row(False, setup, fragments), id=f"api-{id_}", marks=marks)
 
 
 ROWS = [
@@ -1555,6 +1549,7 @@ ROWS = [
         "needs artifacts built with --precision fp8",
         "these are 'fp32'",
     ),
+    *LLAVA_ROWS,
 ]
 
 
@@ -1625,6 +1620,9 @@ def test_a_bad_input_gets_one_clear_error_and_changes_nothing(
             assert result.exit_code == 2, (message, result.exception)
             assert isinstance(result.exception, SystemExit), result.exception
             assert "Traceback" not in message
+            # the refusal is the output's last line, and its only error line
+            errors = [line for line in message.splitlines() if line.startswith("error: ")]
+            assert len(errors) == 1 and message.rstrip().endswith(errors[0]), message
         else:
             with pytest.raises(MllamaExportError) as info:
                 action()
