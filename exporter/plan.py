@@ -58,10 +58,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mllama_export.engines.profiles import Limits, check_text_engine, step_tokens
+from mllama_export.engines.profiles import check_text_engine, step_tokens
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.choices import DEFAULT_TEXT_ENGINE, PRECISIONS
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.limits import Limits
 
 from .planning import GB, GPUS, Gpu
 
