@@ -32,20 +32,18 @@ outputs of each graph a runner ran, ``first``: graph name -> outputs).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs import strict
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.limits import Limits
 
 from .inputs import InputProcessor
 from .preprocess import PreprocessedImages
+from .userprompts import EVALSET_FILE, read_prompts
 
 __all__ = [
     "EvalCase",
@@ -58,7 +56,6 @@ __all__ = [
     "real_tiles",
 ]
 
-EVALSET_FILE = "prompts.jsonl"
 _IDS = '"token_ids"'  # how errors name a line's token ids
 
 
@@ -235,36 +232,13 @@ def load_evalset(folder: str | Path, artifacts: str | Path) -> list[EvalCase]:
 def read_cases(folder: str | Path, config: MllamaConfig, resources: str | Path) -> list[EvalCase]:
     """:func:`load_evalset` for a model ``config``, with the tokenizer and the preprocessor
     config taken from ``resources`` (an artifact or checkpoint folder)."""
-    folder, resources = Path(folder), Path(resources)
-    file = folder / EVALSET_FILE if folder.is_dir() else folder
-    if not file.is_file():
-        raise MllamaExportError(
-            f"no {EVALSET_FILE} in {folder}; expected a folder with {EVALSET_FILE} (one JSON "
-            'object per line: {"prompt": "text"} or {"token_ids": [...]}, with optional '
-            '"images": ["file.png", ...]) and the images beside it'
-        )
-    reader = _UserCases(file, resources, config)
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise MllamaExportError(f"cannot read {file}: {err}") from err
-    cases = [
-        reader.case(n, line)
-        for n, line in enumerate(lines, start=1)
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
-    if not cases:
-        raise MllamaExportError(f"{file} holds no prompts; expected one JSON object per line")
-    names = [c.name for c in cases]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise MllamaExportError(f"{file}: case names must be unique; repeated: {dupes}")
-    return cases
+    reader = _UserCases(Path(resources), config)
+    return read_prompts(folder, lambda: reader.case, as_object=_entry_object)
 
 
 class _UserCases:
-    def __init__(self, file: Path, artifacts: Path, config: MllamaConfig):
-        self.file, self.artifacts, self.config = file, artifacts, config
+    def __init__(self, artifacts: Path, config: MllamaConfig):
+        self.artifacts, self.config = artifacts, config
         self._inputs: InputProcessor | None = None
 
     @property
@@ -273,92 +247,31 @@ class _UserCases:
             self._inputs = InputProcessor.from_folder(self.artifacts, self.config)
         return self._inputs
 
-    def _error(self, n: int, problem: str) -> MllamaExportError:
-        return MllamaExportError(f"{self.file} line {n}: {problem}")
-
-    def case(self, n: int, line: str) -> EvalCase:
-        entry = self._entry(n, line)
-        name = entry["name"] or f"line-{n}"
-        images = self._image_paths(n, entry["images"])
-        prompt = self._prompt(n, entry["prompt"]) if entry["prompt"] is not None else None
-        token_ids = entry["token_ids"]
+    def case(self, where: str, n: int, entry: dict, images: list[Path]) -> EvalCase:
+        if entry["prompt"] is not None and self.inputs.tokenizer is None:
+            raise MllamaExportError(
+                f"{where}: a text prompt needs a tokenizer, and {self.artifacts} has no "
+                'tokenizer.json; give "token_ids" instead'
+            )
         if images and self.inputs.image_config is None:
             path = self.artifacts / "preprocessor_config.json"
-            raise self._error(n, f"images need {path.name}, which {self.artifacts} lacks")
+            raise MllamaExportError(
+                f"{where}: images need {path.name}, which {self.artifacts} lacks"
+            )
         try:
             # The same ids `mllama-export run` and transformers' processor give this prompt.
-            ids, batch = self.inputs.encode(prompt, images, token_ids=token_ids, ids_name=_IDS)
+            ids, batch = self.inputs.encode(
+                entry["prompt"], images, token_ids=entry["token_ids"], ids_name=_IDS
+            )
         except MllamaExportError as err:
-            raise self._error(n, str(err)) from err
-        return EvalCase(name, [ids], batch)
-
-    def _entry(self, n: int, line: str) -> dict:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise self._error(
-                n,
-                f"not valid JSON ({err.msg} at column {err.colno}); expected one JSON object per "
-                'line, such as {"prompt": "Describe the image.", "images": ["cat.png"]}',
-            ) from None
-        if not isinstance(entry, dict):
-            raise self._error(
-                n, f'expected a JSON object such as {{"prompt": "..."}}, got {type(entry).__name__}'
-            )
-        where = f"{self.file} line {n}"
-        values = strict.read(where, entry, _LINE_KEYS, prefix=f"{where}: ")
-        if ("prompt" in entry) == ("token_ids" in entry):
-            raise self._error(n, 'expected exactly one of "prompt" (text) and "token_ids"')
-        return values
-
-    def _image_paths(self, n: int, images: Sequence[str]) -> list[Path]:
-        paths = [self.file.parent / i for i in images]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise self._error(
-                n,
-                f"image file(s) not found: {missing}; expected image files beside "
-                f"{self.file.name} (or absolute paths)",
-            )
-        return paths
-
-    def _prompt(self, n: int, prompt: str) -> str:
-        if self.inputs.tokenizer is None:
-            raise self._error(
-                n,
-                f"a text prompt needs a tokenizer, and {self.artifacts} has no "
-                'tokenizer.json; give "token_ids" instead',
-            )
-        return prompt
+            raise MllamaExportError(f"{where}: {err}") from err
+        return EvalCase(entry["name"] or f"line-{n}", [ids], batch)
 
 
-def _file_names(images: object) -> list[str]:
-    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
-        raise strict.Wrong("a list of file names")
-    return images
-
-
-def _token_ids(ids: object) -> list[int]:
-    """The JSON's shape; the ids' range is the input processor's check."""
-    if not isinstance(ids, list) or not ids:
-        raise strict.Wrong("a non-empty list of integers")
-    whole = strict.integer(floats=False)
-    try:
-        return [whole(t) for t in ids]
-    except strict.Wrong:
-        raise strict.Wrong("a non-empty list of integers") from None
-
-
-def _text(prompt: object) -> str:
-    if not isinstance(prompt, str) or not prompt:
-        raise strict.Wrong("a non-empty string")
-    return prompt
-
-
-# One line of prompts.jsonl: exactly one of prompt and token_ids (checked after).
-_LINE_KEYS = (
-    strict.Key("prompt", _text, default=None),
-    strict.Key("token_ids", _token_ids, default=None),
-    strict.Key("images", _file_names, default=()),
-    strict.Key("name", strict.string, default=None),
-)
+def _entry_object(where: str, entry: object) -> dict:
+    if not isinstance(entry, dict):
+        raise MllamaExportError(
+            f'{where}: expected a JSON object such as {{"prompt": "..."}}, got '
+            f"{type(entry).__name__}"
+        )
+    return entry

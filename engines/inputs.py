@@ -22,7 +22,16 @@ from mllama_export.graphs.config import MllamaConfig
 
 from .preprocess import ImageProcessorConfig, ImageSource, PreprocessedImages, preprocess
 from .profiles import HasLimits
-from .requests import as_image_list, check_ids, check_rows
+from .requests import (
+    as_image_list,
+    check_ids,
+    check_max_images,
+    check_prompt_text,
+    check_rows,
+    given_ids,
+    need_tokenizer,
+    prompt_type_error,
+)
 from .steps import logit_positions
 from .text import IMAGE_TOKEN, Prompt, Tokenizer
 
@@ -107,12 +116,7 @@ class InputProcessor:
         if prompt is not None and token_ids is not None:
             raise MllamaExportError("give exactly one of a prompt and token ids, not both")
         if token_ids is not None:
-            if not isinstance(token_ids, list | tuple | np.ndarray):
-                raise MllamaExportError(
-                    f"{ids_name} is {type(token_ids).__name__} {token_ids!r:.60}; expected a "
-                    "list of token ids"
-                )
-            ids = list(token_ids)
+            ids = given_ids(token_ids, ids_name)
             check_ids(ids, self.vocab_rows, f"{ids_name} hold")
             self._check_id_images(
                 ids.count(self.image_token_id), len(images), ids_name, images_name
@@ -129,21 +133,14 @@ class InputProcessor:
 
     def _encode_text(self, prompt: Prompt, images: list[ImageSource]) -> list[int]:
         tok = self.need_tokenizer()
-        if isinstance(prompt, str) and not prompt.strip() and not images:
-            raise MllamaExportError(
-                f"the prompt is {'empty' if not prompt else 'only whitespace'} and no image was "
-                "given; expected some text, or an image with an empty prompt"
-            )
         if isinstance(prompt, str):
+            check_prompt_text(prompt, images)
             text, add_special_tokens, what = with_image_tokens(prompt, len(images)), True, None
         elif isinstance(prompt, list | tuple):
             text = tok.apply_chat_template(prompt, add_generation_prompt=True)
             add_special_tokens, what = False, "the chat messages"
         else:
-            raise MllamaExportError(
-                f"prompt is a {type(prompt).__name__}; expected a string or a list of chat "
-                "messages ({'role': ..., 'content': ...} dicts)"
-            )
+            raise prompt_type_error(prompt)
         self._check_text_images(text.count(IMAGE_TOKEN), len(images), what)
         return tok.processor_encode(text, add_special_tokens=add_special_tokens)
 
@@ -155,11 +152,7 @@ class InputProcessor:
         check_request(self.vocab_rows, self.limits, prompts, images, max_new_tokens)
 
     def need_tokenizer(self) -> Tokenizer:
-        if self.tokenizer is None:
-            raise MllamaExportError(
-                "these artifacts have no tokenizer.json; pass token ids (generate_ids, --token-ids)"
-            )
-        return self.tokenizer
+        return need_tokenizer(self.tokenizer)
 
     def _check_text_images(self, tokens: int, images: int, chat: str | None) -> None:
         """chat: "the chat messages", whose image tokens come from image parts; None: text."""
@@ -170,7 +163,7 @@ class InputProcessor:
                 f"image{'s' * (images != 1)} {'was' if images == 1 else 'were'} given; give "
                 f"one image per {'image part' if chat else IMAGE_TOKEN + ' token'}"
             )
-        self._check_max_images(images)
+        check_max_images(self.limits, images)
 
     def _check_id_images(self, tokens: int, images: int, ids_name: str, images_name: str) -> None:
         if tokens != images:
@@ -179,15 +172,7 @@ class InputProcessor:
                 f"{ids_name} hold {tokens} {IMAGE_TOKEN} token(s) (id {image_id}) but {images} "
                 f"{images_name} were given; expected one {image_id} per image, in order"
             )
-        self._check_max_images(images)
-
-    def _check_max_images(self, images: int) -> None:
-        if self.limits is not None and images > self.limits.max_images:
-            raise MllamaExportError(
-                f"{images} images were given but these artifacts were built for at most "
-                f"{self.limits.max_images} per prompt (max_images); give fewer images or "
-                "rebuild with a larger max_images"
-            )
+        check_max_images(self.limits, images)
 
 
 def with_image_tokens(prompt: str, num_images: int) -> str:

@@ -19,14 +19,13 @@ the runner as they are), ``case_stages(case)`` and ``traced_stages(case, config,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from mllama_export.errors import MllamaExportError
-from mllama_export.graphs import strict
 from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.llava_config import LlavaConfig
 from mllama_export.graphs.llava_layout import (
@@ -39,8 +38,7 @@ from mllama_export.graphs.llava_layout import (
 from .llava_inputs import LlavaInputProcessor
 from .llava_preprocess import LlavaImages
 from .store import to_numpy
-
-EVALSET_FILE = "prompts.jsonl"
+from .userprompts import read_prompts
 
 
 @dataclass(eq=False)
@@ -199,54 +197,16 @@ def load_evalset(folder: str | Path, artifacts: str | Path) -> list[EvalCase]:
 def read_cases(folder: str | Path, config: LlavaConfig, resources: str | Path) -> list[EvalCase]:
     """:func:`load_evalset` for a model ``config``, the tokenizer and processor config taken
     from ``resources`` (an artifact or checkpoint folder)."""
-    folder = Path(folder)
-    file = folder / EVALSET_FILE if folder.is_dir() else folder
-    if not file.is_file():
-        raise MllamaExportError(
-            f"no {EVALSET_FILE} in {folder}; expected a folder with {EVALSET_FILE} (one JSON "
-            'object per line: {"prompt": "text"} or {"token_ids": [...]}, with optional '
-            '"images": ["file.png", ...]) and the images beside it'
-        )
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise MllamaExportError(f"cannot read {file}: {err}") from err
-    inputs = LlavaInputProcessor.from_folder(resources, config)
-    cases = [
-        _user_case(file, n, line, inputs)
-        for n, line in enumerate(lines, start=1)
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
-    if not cases:
-        raise MllamaExportError(f"{file} holds no prompts; expected one JSON object per line")
-    names = [c.name for c in cases]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise MllamaExportError(f"{file}: case names must be unique; repeated: {dupes}")
-    return cases
+
+    def start():
+        return partial(_user_case, LlavaInputProcessor.from_folder(resources, config))
+
+    return read_prompts(folder, start)
 
 
-def _user_case(file: Path, n: int, line: str, inputs: LlavaInputProcessor) -> EvalCase:
-    where = f"{file} line {n}"
-    try:
-        entry = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise MllamaExportError(
-            f"{where}: not valid JSON ({err.msg} at column {err.colno}); expected one JSON "
-            'object per line, such as {"prompt": "Describe the image.", "images": ["cat.png"]}'
-        ) from None
-    values = strict.read(
-        where, strict.require_object(where, entry), _LINE_KEYS, prefix=f"{where}: "
-    )
-    if (values["prompt"] is None) == (values["token_ids"] is None):
-        raise MllamaExportError(f'{where}: expected exactly one of "prompt" (text) and "token_ids"')
-    paths = [file.parent / i for i in values["images"]]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise MllamaExportError(
-            f"{where}: image file(s) not found: {missing}; expected image files beside "
-            f"{file.name} (or absolute paths)"
-        )
+def _user_case(
+    inputs: LlavaInputProcessor, where: str, n: int, values: dict, paths: list[Path]
+) -> EvalCase:
     try:
         ids, images = inputs.encode(
             values["prompt"], paths, token_ids=values["token_ids"], ids_name='"token_ids"'
@@ -254,33 +214,3 @@ def _user_case(file: Path, n: int, line: str, inputs: LlavaInputProcessor) -> Ev
     except MllamaExportError as err:
         raise MllamaExportError(f"{where}: {err}") from None
     return EvalCase(values["name"] or f"line-{n}", [ids], images)
-
-
-def _file_names(images: object) -> list[str]:
-    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
-        raise strict.Wrong("a list of file names")
-    return images
-
-
-def _token_ids(ids: object) -> list[int]:
-    if not isinstance(ids, list) or not ids:
-        raise strict.Wrong("a non-empty list of integers")
-    whole = strict.integer(floats=False)
-    try:
-        return [whole(t) for t in ids]
-    except strict.Wrong:
-        raise strict.Wrong("a non-empty list of integers") from None
-
-
-def _text(prompt: object) -> str:
-    if not isinstance(prompt, str) or not prompt:
-        raise strict.Wrong("a non-empty string")
-    return prompt
-
-
-_LINE_KEYS = (
-    strict.Key("prompt", _text, default=None),
-    strict.Key("token_ids", _token_ids, default=None),
-    strict.Key("images", _file_names, default=()),
-    strict.Key("name", strict.string, default=None),
-)

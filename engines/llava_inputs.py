@@ -27,7 +27,16 @@ from mllama_export.graphs.llava_layout import image_tiles as tiles_of
 from .images import ImageSource
 from .llava_preprocess import LlavaImages, LlavaProcessorConfig, preprocess_llava
 from .llava_text import encode_llava_prompt
-from .requests import as_image_list, check_ids, check_rows
+from .requests import (
+    as_image_list,
+    check_ids,
+    check_max_images,
+    check_prompt_text,
+    check_rows,
+    given_ids,
+    need_tokenizer,
+    prompt_type_error,
+)
 from .text import Prompt, Tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"  # what llava-hf's processors name it, when no processor config says
@@ -118,7 +127,7 @@ class LlavaInputProcessor:
             raise MllamaExportError("give exactly one of a prompt and token ids, not both")
         if token_ids is not None:
             ids = self._given_ids(token_ids, ids_name)
-            self._check_max_images(len(images))
+            check_max_images(self.limits, len(images))
             pixels = self._preprocess(images)
             self._check_id_images(ids, pixels, ids_name, images_name)
             return Encoded(ids, pixels)
@@ -131,12 +140,7 @@ class LlavaInputProcessor:
         return Encoded(encode_llava_prompt(tok, text, sizes, self.image_config, special), pixels)
 
     def _given_ids(self, token_ids: object, ids_name: str) -> list[int]:
-        if not isinstance(token_ids, list | tuple | np.ndarray):
-            raise MllamaExportError(
-                f"{ids_name} is {type(token_ids).__name__} {token_ids!r:.60}; expected a list "
-                "of token ids"
-            )
-        ids = list(token_ids)
+        ids = given_ids(token_ids, ids_name)
         check_ids(ids, self.config.vocab_size, f"{ids_name} hold")
         if not ids:
             raise MllamaExportError(f"{ids_name} are empty; expected at least one token id")
@@ -146,11 +150,7 @@ class LlavaInputProcessor:
         """The prompt's text, whether the tokenizer adds BOS, its placeholders checked."""
         tok, mark = self.need_tokenizer(), self.placeholder
         if isinstance(prompt, str):
-            if not prompt.strip() and not images:
-                raise MllamaExportError(
-                    f"the prompt is {'empty' if not prompt else 'only whitespace'} and no image "
-                    "was given; expected some text, or an image with an empty prompt"
-                )
+            check_prompt_text(prompt, images)
             text = prompt if mark in prompt or not images else f"{mark}\n" * len(images) + prompt
             self._check_placeholders(text.count(mark), len(images), "the prompt holds")
             return text, True
@@ -160,10 +160,7 @@ class LlavaInputProcessor:
             self._check_placeholders(text.count(mark), len(images), what, "image part")
             # the processor adds no second BOS to a template that renders one
             return text, not (tok.bos_token and text.startswith(tok.bos_token))
-        raise MllamaExportError(
-            f"prompt is a {type(prompt).__name__}; expected a string or a list of chat "
-            "messages ({'role': ..., 'content': ...} dicts)"
-        )
+        raise prompt_type_error(prompt)
 
     def _check_placeholders(self, found: int, images: int, what: str, per: str = "") -> None:
         if found != images:
@@ -172,7 +169,7 @@ class LlavaInputProcessor:
                 f"{f' ({per}s)' if per else ''} but {images} image(s) were given; give one "
                 f"image per {per or self.placeholder}"
             )
-        self._check_max_images(images)
+        check_max_images(self.limits, images)
 
     def _check_id_images(self, ids, pixels: LlavaImages | None, ids_name, images_name) -> None:
         sizes = [] if pixels is None else pixels.image_sizes[0]
@@ -192,14 +189,6 @@ class LlavaInputProcessor:
                 )
             ) from None
 
-    def _check_max_images(self, images: int) -> None:
-        if self.limits is not None and images > self.limits.max_images:
-            raise MllamaExportError(
-                f"{images} images were given but these artifacts were built for at most "
-                f"{self.limits.max_images} per prompt (max_images); give fewer images or "
-                "rebuild with a larger max_images"
-            )
-
     def _preprocess(self, images: list[ImageSource]) -> LlavaImages | None:
         if not images:
             return None
@@ -211,11 +200,7 @@ class LlavaInputProcessor:
         return preprocess_llava([images], self.image_config.image)
 
     def need_tokenizer(self) -> Tokenizer:
-        if self.tokenizer is None:
-            raise MllamaExportError(
-                "these artifacts have no tokenizer.json; pass token ids (generate_ids, --token-ids)"
-            )
-        return self.tokenizer
+        return need_tokenizer(self.tokenizer)
 
     def check_request(
         self, prompts: object, images: LlavaImages | None, max_new_tokens: int

@@ -24,17 +24,24 @@ LLaVA's decode graph takes one token per call, so there is no shared text engine
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import dataclass
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.choices import TEXT_ENGINES
-from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.llava_config import LlavaConfig
 from mllama_export.graphs.llava_contract import DYNAMIC_DIMS, GRAPHS, static_dims
 from mllama_export.graphs.llava_layout import image_tiles, image_token_count
 
-from .shapes import MAX_TENSOR_VOLUME, Range, ShapeProfile, VolumeProblem, buckets
+from .shapes import (
+    MAX_TENSOR_VOLUME,
+    HasLimits,
+    Range,
+    ShapeProfile,
+    VolumeProblem,
+    buckets,
+    largest_limit,
+    volume_problems,
+)
 
 __all__ = [
     "DEFAULT_SCHEME",
@@ -48,14 +55,6 @@ __all__ = [
     "tensor_shapes",
     "tensor_volume_problems",
 ]
-
-
-class HasLimits(Protocol):
-    """BuildOptions or the runner's Limits: what the artifacts promise to accept."""
-
-    max_batch: int
-    max_seq_len: int
-    max_images: int
 
 
 @dataclass(frozen=True)
@@ -268,17 +267,19 @@ def tensor_volume_problems(
     text_engine: str = "split",
 ) -> list[VolumeProblem]:
     """Every tensor over MAX_TENSOR_VOLUME at some profile's maximum, the largest first."""
-    problems = []
-    for graph, profiles in all_profiles(config, limits, scheme, text_engine).items():
-        for p in profiles:
-            for name, (shape, dims) in tensor_shapes(p, config).items():
-                lowers = tuple(dict.fromkeys(LIMIT_OF_DIM[d] for d in dims))
-                if "num_tiles" in dims:  # tiles per call grow with the batch too
-                    lowers = tuple(dict.fromkeys(("max_batch", *lowers)))
-                problem = VolumeProblem(graph, p.index, name, shape, lowers)
-                if problem.volume > MAX_TENSOR_VOLUME:
-                    problems.append(problem)
-    return sorted(problems, key=lambda q: -q.volume)
+    return volume_problems(
+        all_profiles(config, limits, scheme, text_engine),
+        lambda p: tensor_shapes(p, config),
+        _lowers,
+    )
+
+
+def _lowers(dims: tuple[str, ...]) -> tuple[str, ...]:
+    """The build limits whose lowering shrinks a tensor of ``dims``."""
+    lowers = tuple(dict.fromkeys(LIMIT_OF_DIM[d] for d in dims))
+    if "num_tiles" in dims:  # tiles per call grow with the batch too
+        lowers = tuple(dict.fromkeys(("max_batch", *lowers)))
+    return lowers
 
 
 def largest_fitting(
@@ -290,12 +291,6 @@ def largest_fitting(
 ) -> int | None:
     """The largest value of the limit `name` (the others kept) at which no tensor exceeds
     the cap; None when even 1 does not fit."""
-    base = Limits(limits.max_batch, limits.max_seq_len, limits.max_images)
-    lo, hi = 0, getattr(base, name)  # invariant: lo fits (or is 0), hi + 1 does not
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if tensor_volume_problems(config, replace(base, **{name: mid}), scheme, text_engine):
-            hi = mid - 1
-        else:
-            lo = mid
-    return lo or None
+    return largest_limit(
+        limits, name, lambda lim: tensor_volume_problems(config, lim, scheme, text_engine)
+    )

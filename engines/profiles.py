@@ -37,25 +37,24 @@ any family's: engines/shapes.py.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import dataclass
 
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs import contract
 from mllama_export.graphs.choices import TEXT_ENGINES
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import GRAPHS, graph_spec, static_dims
-from mllama_export.graphs.limits import Limits
 
-from .shapes import MAX_TENSOR_VOLUME, Range, ShapeProfile, VolumeProblem, buckets
-
-
-class HasLimits(Protocol):
-    """BuildOptions or the runner's Limits: what the artifacts promise to accept."""
-
-    max_batch: int
-    max_seq_len: int
-    max_images: int
+from .shapes import (
+    MAX_TENSOR_VOLUME,
+    HasLimits,
+    Range,
+    ShapeProfile,
+    VolumeProblem,
+    buckets,
+    largest_limit,
+    volume_problems,
+)
 
 
 @dataclass(frozen=True)
@@ -326,16 +325,11 @@ def tensor_volume_problems(
     text_engine: str = "split",
 ) -> list[VolumeProblem]:
     """Every tensor over MAX_TENSOR_VOLUME at some profile's maximum, the largest first."""
-    problems = []
-    for graph, profiles in all_profiles(config, limits, scheme, text_engine).items():
-        for p in profiles:
-            for name, (shape, dims) in tensor_shapes(p, config).items():
-                problem = VolumeProblem(
-                    graph, p.index, name, shape, tuple(dict.fromkeys(LIMIT_OF_DIM[d] for d in dims))
-                )
-                if problem.volume > MAX_TENSOR_VOLUME:
-                    problems.append(problem)
-    return sorted(problems, key=lambda q: -q.volume)
+    return volume_problems(
+        all_profiles(config, limits, scheme, text_engine),
+        lambda p: tensor_shapes(p, config),
+        lambda dims: tuple(dict.fromkeys(LIMIT_OF_DIM[d] for d in dims)),
+    )
 
 
 def largest_fitting(
@@ -347,12 +341,6 @@ def largest_fitting(
 ) -> int | None:
     """The largest value of the limit `name` (the others kept) at which no tensor exceeds
     the cap; None when even 1 does not fit."""
-    base = Limits(limits.max_batch, limits.max_seq_len, limits.max_images)
-    lo, hi = 0, getattr(base, name)  # invariant: lo fits (or is 0), hi + 1 does not
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if tensor_volume_problems(config, replace(base, **{name: mid}), scheme, text_engine):
-            hi = mid - 1
-        else:
-            lo = mid
-    return lo or None
+    return largest_limit(
+        limits, name, lambda lim: tensor_volume_problems(config, lim, scheme, text_engine)
+    )

@@ -1,10 +1,12 @@
 """Checks of a request that every family's input processor makes the same way: what counts as
-one image or a list of them, and token ids that must be integer rows of the embedding."""
+one image or a list of them, token ids that must be integer rows of the embedding, a prompt's
+type and text, the tokenizer a prompt needs, and the artifacts' max_images."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -12,6 +14,9 @@ from PIL import Image
 from mllama_export.errors import MllamaExportError
 
 from .images import ImageSource
+
+if TYPE_CHECKING:
+    from .text import Tokenizer
 
 
 def as_image_list(images: Sequence[ImageSource] | ImageSource | None) -> list[ImageSource]:
@@ -56,4 +61,48 @@ def check_rows(prompts: object) -> None:
         raise MllamaExportError(
             f"prompts is {type(prompts).__name__} {prompts!r:.60}; expected a list of token-id "
             "lists, one per prompt, e.g. [[500, 512, 12]]"
+        )
+
+
+def given_ids(token_ids: object, ids_name: str) -> list:
+    """Token ids as a user gave them (``ids_name`` names them in errors), as a list."""
+    if not isinstance(token_ids, list | tuple | np.ndarray):
+        raise MllamaExportError(
+            f"{ids_name} is {type(token_ids).__name__} {token_ids!r:.60}; expected a list "
+            "of token ids"
+        )
+    return list(token_ids)
+
+
+def check_prompt_text(prompt: str, images: Sequence) -> None:
+    """An empty or blank prompt only with an image."""
+    if not prompt.strip() and not images:
+        raise MllamaExportError(
+            f"the prompt is {'empty' if not prompt else 'only whitespace'} and no image was "
+            "given; expected some text, or an image with an empty prompt"
+        )
+
+
+def prompt_type_error(prompt: object) -> MllamaExportError:
+    return MllamaExportError(
+        f"prompt is a {type(prompt).__name__}; expected a string or a list of chat "
+        "messages ({'role': ..., 'content': ...} dicts)"
+    )
+
+
+def need_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:
+    if tokenizer is None:
+        raise MllamaExportError(
+            "these artifacts have no tokenizer.json; pass token ids (generate_ids, --token-ids)"
+        )
+    return tokenizer
+
+
+def check_max_images(limits, images: int) -> None:
+    """At most the artifacts' max_images (``limits``: None, not checked here)."""
+    if limits is not None and images > limits.max_images:
+        raise MllamaExportError(
+            f"{images} images were given but these artifacts were built for at most "
+            f"{limits.max_images} per prompt (max_images); give fewer images or "
+            "rebuild with a larger max_images"
         )

@@ -9,11 +9,12 @@ apply only to graphs that have them (a text-only graph has no image_tokens).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from mllama_export.errors import MllamaExportError
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.spec import TensorSpec
 
 Range = tuple[int, int, int]  # (min, opt, max)
@@ -56,6 +57,48 @@ class VolumeProblem:
         for d in self.shape:
             n *= d
         return n
+
+
+class HasLimits(Protocol):
+    """BuildOptions or the runner's Limits: what the artifacts promise to accept."""
+
+    max_batch: int
+    max_seq_len: int
+    max_images: int
+
+
+def volume_problems(
+    profiles: Mapping[str, Sequence[ShapeProfile]],
+    tensor_shapes: Callable[[ShapeProfile], Mapping[str, tuple[Shape, tuple[str, ...]]]],
+    lowers: Callable[[tuple[str, ...]], tuple[str, ...]],
+) -> list[VolumeProblem]:
+    """Every tensor over MAX_TENSOR_VOLUME at some profile's maximum, the largest first.
+    ``profiles``: per graph; ``tensor_shapes``: a profile's tensors (name: its shape at the
+    maximum, its named dims); ``lowers``: the build limits that shrink a tensor of those dims."""
+    problems = []
+    for graph, graph_profiles in profiles.items():
+        for p in graph_profiles:
+            for name, (shape, dims) in tensor_shapes(p).items():
+                problem = VolumeProblem(graph, p.index, name, shape, lowers(dims))
+                if problem.volume > MAX_TENSOR_VOLUME:
+                    problems.append(problem)
+    return sorted(problems, key=lambda q: -q.volume)
+
+
+def largest_limit(
+    limits: HasLimits, name: str, problems: Callable[[Limits], Sequence[VolumeProblem]]
+) -> int | None:
+    """The largest value of the limit `name` (the others kept) at which ``problems`` finds
+    no tensor over the cap; None when even 1 does not fit."""
+    base = Limits(limits.max_batch, limits.max_seq_len, limits.max_images)
+    lo, hi = 0, getattr(base, name)  # invariant: lo fits (or is 0), hi + 1 does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if problems(replace(base, **{name: mid})):
+            hi = mid - 1
+        else:
+            lo = mid
+    return lo or None
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mllama_export.engines.profiles import (
-    Limits,
-    largest_fitting,
-)
+from mllama_export.engines.profiles import largest_fitting
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.choices import DEFAULT_TEXT_ENGINE, TEXT_ENGINES
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.resolve import resolve_model
 
 from .options import BuildOptions

@@ -26,22 +26,17 @@ from mllama_export.graphs.llava_synth import truncated
 from mllama_export.graphs.llava_weights import checkpoint_name
 
 from . import checkmemory as shared
-from .check import GB, CheckPlan
+from .check import CheckPlan
 from .checkmemory import (
     BUDGET_RESERVE,
     BUDGET_SHARE,
-    EXPORT_LARGEST,
-    EXPORT_LIBRARY_BYTES,
-    LIBRARY_BYTES,
-    ORT_LOAD_BYTES,
-    ORT_WEIGHT_BYTES,
     TORCH_REPACK,
+    GraphSizes,
     MemoryEstimate,
     available_memory,
     budget,
 )
 from .options import BuildOptions
-from .weightfile import graph_names
 
 __all__ = [
     "BUDGET_RESERVE",
@@ -82,32 +77,10 @@ SCORE_BYTES_TORCH = {2: 10, 4: 12}
 SCORE_BYTES_ORT = 14
 
 
-@dataclass(frozen=True)
-class GraphSizes:
-    """Parameters each graph computes with, from a model on the meta device."""
-
-    total: int
-    largest: int
-    computed: dict[str, int]  # per graph, the parameters it multiplies with
-    gathered: dict[str, int]  # per graph, the parameters it only gathers rows from
-
-
 def graph_sizes(config: LlavaConfig) -> GraphSizes:
     with torch.device("meta"):
         model = LlavaModel(config)
-    params = dict(model.named_parameters())
-    embedding = "text.embed_tokens.weight"
-    computed, gathered = {}, {}
-    for name, cls in GRAPH_MODULES.items():
-        used = {ours for ours in graph_names(cls(model), model).values() if ours in params}
-        computed[name] = sum(params[n].numel() for n in used if n != embedding)
-        gathered[name] = params[embedding].numel() if embedding in used else 0
-    return GraphSizes(
-        sum(p.numel() for p in params.values()),
-        max(p.numel() for p in params.values()),
-        computed,
-        gathered,
-    )
+    return shared.parameter_sizes(model, GRAPH_MODULES)
 
 
 def _vision_run(config: LlavaConfig, tiles: int, itemsize: int, score_bytes: int) -> int:
@@ -160,27 +133,19 @@ def estimate(
     sizes: GraphSizes | None = None,
 ) -> MemoryEstimate:
     """Peak memory of the export and of the check on ``cases`` (per graph), for ``config``."""
-    from .options import PRECISION_TORCH_DTYPES
+    return _sizing().estimate(config, precision, cases, sizes)
 
-    sizes = sizes or graph_sizes(config)
-    itemsize = PRECISION_TORCH_DTYPES[precision].itemsize
-    export = EXPORT_LIBRARY_BYTES + int(sizes.largest * itemsize * EXPORT_LARGEST)
-    if not any(cases.values()):
-        return MemoryEstimate(export, 0, 0)
-    torch_runs = max(
-        run_bytes(config, g, c, itemsize, onnxruntime=False) for g, cs in cases.items() for c in cs
+
+def _sizing() -> shared.Sizing:
+    # built when asked, so that it holds this module's functions and cases as they are then
+    return shared.Sizing(
+        graph_sizes,
+        run_bytes,
+        reduced_copy,
+        GRAPHS,
+        CHECK_CASES,
+        cause="ONNX Runtime's float32 copy of the largest graph at this width",
     )
-    reference = LIBRARY_BYTES + sizes.total * itemsize + torch_runs
-    per_graph = [
-        max(
-            sizes.computed[g] * ORT_LOAD_BYTES,
-            sizes.computed[g] * ORT_WEIGHT_BYTES
-            + max(run_bytes(config, g, c, itemsize, onnxruntime=True) for c in cs),
-        )
-        for g, cs in cases.items()
-        if cs
-    ]
-    return MemoryEstimate(export, reference, LIBRARY_BYTES + max(per_graph))
 
 
 # -- the reduced copy ------------------------------------------------------------------------
@@ -308,55 +273,13 @@ def write_reduced_checkpoint(checkpoint, copy: ReducedCopy, out: Path) -> Path:
 # -- the decision ----------------------------------------------------------------------------
 
 
-def _fit_cases(config: LlavaConfig, precision: str, room: int):
-    """The first case of every graph, plus the second where the estimate still fits
-    (cheapest graph first); None when the first cases alone do not fit."""
-    sizes = graph_sizes(config)
-    cases = {g: [(1, CHECK_CASES[0])] for g in GRAPHS}
-
-    def cost(chosen) -> MemoryEstimate:
-        return estimate(
-            config, precision, {g: [c for _, c in cs] for g, cs in chosen.items()}, sizes
-        )
-
-    if cost(cases).peak > room:
-        return None, cost(cases)
-    for graph in ("decode", "prefill", "vision"):
-        trial = {**cases, graph: [*cases[graph], (2, CHECK_CASES[1])]}
-        if cost(trial).peak <= room:
-            cases = trial
-    return {g: tuple(cs) for g, cs in cases.items()}, cost(cases)
-
-
 def plan_check(
     options: BuildOptions, config: LlavaConfig, available: int | None = None
 ) -> CheckPlan:
     """The deepest check that fits in ``available`` bytes (default: what the machine has
     now), as ``options.check_depth`` allows; refused up front when none fits."""
     available = available_memory() if available is None else available
-    if options.precision == "bf16":
-        from .verify import BF16_UNCHECKED
-
-        export = estimate(config, "bf16", {})
-        return CheckPlan("none", BF16_UNCHECKED["reason"], None, {}, export, available)
-    # FP8's check model is float16 outside its FP8 layers: planned as fp16
-    precision = "fp16" if options.precision == "fp8" else options.precision
-    room = budget(available)
-    full_cases, full_cost = _fit_cases(config, precision, room)
-    if options.check_depth in ("auto", "full") and full_cases is not None:
-        why = "it fits in memory" if options.check_depth == "auto" else "--check-depth full"
-        return CheckPlan("full", why, config, full_cases, full_cost, available)
-    copy = reduced_copy(config)
-    small_cases, small_cost = _fit_cases(copy.config, precision, room)
-    if options.check_depth == "full" or small_cases is None:
-        cause = "ONNX Runtime's float32 copy of the largest graph at this width"
-        shared.refuse(options, full_cost, small_cost, available, cause)
-    why = (
-        "--check-depth reduced"
-        if options.check_depth == "reduced"
-        else f"the whole model needs {full_cost.peak / GB:.1f} GB for the check"
-    )
-    return CheckPlan("reduced", why, copy.config, small_cases, small_cost, available, copy)
+    return shared.plan_check(options, config, available, _sizing())
 
 
 # -- FP8 calibration ---------------------------------------------------------------------------
@@ -380,16 +303,6 @@ def refuse_fp8_calibration(
     options: BuildOptions, config: LlavaConfig, available: int | None = None
 ) -> None:
     """Refused up front only where even one layer (and the headroom) does not fit."""
-    if options.precision != "fp8":
-        return
-    needed = calibration_memory(config)
-    available = available_memory() if available is None else available
-    if needed > available:
-        from mllama_export.errors import MllamaExportError
-
-        raise MllamaExportError(
-            f"--precision fp8 calibrates one layer at a time in float32, which needs "
-            f"{needed / GB:.1f} GB (the largest layer and the libraries), and "
-            f"{shared.have(available)}; build bf16 or fp16 here, or build fp8 on a machine "
-            "with that much memory"
-        )
+    if options.precision == "fp8":
+        available = available_memory() if available is None else available
+        shared.refuse_calibration(calibration_memory(config), available)

@@ -30,7 +30,7 @@ from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.choices import PRECISIONS
 from mllama_export.graphs.llava_config import LlavaConfig
 
-from .planning import GPUS, Gpu
+from .planning import GPUS, Gpu, duration, positive
 
 LOGIT_BYTES = 4
 
@@ -138,12 +138,6 @@ class LlavaPlan:
         return self.total <= self.gpu.memory_bytes
 
 
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MllamaExportError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def check_limits(config: LlavaConfig, precision, batch, seq, images, gpu, prompt, tiles, label):
     """One-line refusals of a plan `build` would refuse or the model cannot run."""
     if precision not in PRECISIONS:
@@ -151,7 +145,7 @@ def check_limits(config: LlavaConfig, precision, batch, seq, images, gpu, prompt
     if gpu not in GPUS:
         raise MllamaExportError(f"unknown gpu {gpu!r}; expected one of {', '.join(GPUS)}")
     for name, value in (("max_batch", batch), ("max_seq_len", seq), ("max_images", images)):
-        _positive(name, value)
+        positive(name, value)
     context = config.text.max_position_embeddings
     if seq > context:
         raise MllamaExportError(
@@ -165,10 +159,10 @@ def check_limits(config: LlavaConfig, precision, batch, seq, images, gpu, prompt
             f"tokens each at most) and a token of text; expected --max-seq-len at least {need}, "
             "or fewer --max-images"
         )
-    if prompt is not None and not 1 <= _positive("prompt_len", prompt) <= seq:
+    if prompt is not None and not 1 <= positive("prompt_len", prompt) <= seq:
         raise MllamaExportError(f"prompt_len {prompt} exceeds max_seq_len {seq}; expected 1..{seq}")
     most = max_image_tiles(config)
-    if tiles is not None and not 1 <= _positive("tiles", tiles) <= most:
+    if tiles is not None and not 1 <= positive("tiles", tiles) <= most:
         raise MllamaExportError(
             f"tiles {tiles}: a {label} image takes at most {most} tile(s); expected 1..{most}"
         )
@@ -248,10 +242,6 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f}"
 
 
-def _time(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f} ms" if seconds < 10 else f"{seconds:.1f} s"
-
-
 def format_plan(r: LlavaPlan) -> str:
     """The terminal table: what the model is, then each engine's memory and time."""
     p, c, g = r.params, r.config, r.gpu
@@ -275,7 +265,7 @@ def format_plan(r: LlavaPlan) -> str:
     for name in ("vision", "prefill", "decode"):
         lines.append(
             f"{name:<10}{_gb(r.weights[name]):>10}{_gb(r.scratch[name]):>10}"
-            f"{_gb(r.unfused[name]):>10}{_time(r.seconds[name]):>12}"
+            f"{_gb(r.unfused[name]):>10}{duration(r.seconds[name]):>12}"
         )
     lines += [
         "-" * 52,
@@ -289,8 +279,8 @@ def format_plan(r: LlavaPlan) -> str:
             else f"does NOT fit, {_gb(r.total - g.memory_bytes)} GB over"
         ),
         f"decode per step: {_gb(r.decode_floor_bytes)} GB read -> "
-        f"{_time(r.decode_floor_bytes / g.bandwidth)} at an empty context, "
-        f"{_gb(r.decode_ceiling_bytes)} GB -> {_time(r.decode_ceiling_bytes / g.bandwidth)} "
+        f"{duration(r.decode_floor_bytes / g.bandwidth)} at an empty context, "
+        f"{_gb(r.decode_ceiling_bytes)} GB -> {duration(r.decode_ceiling_bytes / g.bandwidth)} "
         f"with {r.max_seq_len} cached",
     ]
     return "\n".join(lines)

@@ -58,12 +58,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mllama_export.engines.profiles import Limits, check_text_engine, step_tokens
+from mllama_export.engines.profiles import check_text_engine, step_tokens
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.choices import DEFAULT_TEXT_ENGINE, PRECISIONS
 from mllama_export.graphs.config import MllamaConfig
+from mllama_export.graphs.limits import Limits
 
-from .planning import GB, GPUS, Gpu
+from .planning import GB, GPUS, Gpu, duration, positive
 
 ACT_BYTES = 2  # activations and caches are 16-bit whatever the weight precision (fp32: 4)
 LOGIT_BYTES = 4  # the graphs return float32 logits
@@ -256,12 +257,6 @@ def _prefill_work(config, text_engine, b, s, s_max, images, token_bytes, kv_row)
     )  # fmt: skip
 
 
-def _positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MllamaExportError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _roofline(flops16: float, flops8: float, moved: float, gpu: Gpu) -> tuple[float, str]:
     compute = flops16 / gpu.bf16_flops + flops8 / gpu.fp8_flops
     memory = moved / gpu.bandwidth
@@ -290,19 +285,19 @@ def plan(
         )
     if gpu not in GPUS:
         raise MllamaExportError(f"unknown gpu {gpu!r}; expected one of {', '.join(GPUS)}")
-    b = _positive("max_batch", max_batch)
-    s_max = _positive("max_seq_len", max_seq_len)
-    images = _positive("max_images", max_images)
+    b = positive("max_batch", max_batch)
+    s_max = positive("max_seq_len", max_seq_len)
+    images = positive("max_images", max_images)
     v, t = config.vision, config.text
     if s_max > t.max_position_embeddings:
         raise MllamaExportError(
             f"max_seq_len {s_max} exceeds the model's max_position_embeddings "
             f"{t.max_position_embeddings}; expected 1..{t.max_position_embeddings}"
         )
-    s = s_max if prompt_len is None else _positive("prompt_len", prompt_len)
+    s = s_max if prompt_len is None else positive("prompt_len", prompt_len)
     if s > s_max:
         raise MllamaExportError(f"prompt_len {s} exceeds max_seq_len {s_max}; expected 1..{s_max}")
-    n_tiles = v.max_num_tiles if tiles is None else _positive("tiles", tiles)
+    n_tiles = v.max_num_tiles if tiles is None else positive("tiles", tiles)
     if n_tiles > v.max_num_tiles:
         raise MllamaExportError(
             f"tiles {n_tiles} exceeds the model's max_num_tiles; expected 1..{v.max_num_tiles}"
@@ -445,10 +440,6 @@ def _gb(n: float) -> str:
     return f"{n / GB:.2f}" if n == 0 or n >= 0.005 * GB else "<0.01"
 
 
-def _time(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f} ms" if seconds < 10 else f"{seconds:.1f} s"
-
-
 def format_plan(p: Plan) -> str:
     """A fixed-width table for the terminal."""
     g = p.gpu
@@ -468,7 +459,7 @@ def format_plan(p: Plan) -> str:
         held = "(decode)" if shared and e.name == "prefill" else _gb(e.weight_bytes)
         lines.append(
             f"{e.name:<10}{e.params / 1e6:>10.1f}{held:>10}{_gb(e.cache_bytes):>10}"
-            f"{_gb(e.activation_bytes):>10}{_gb(e.output_bytes):>10}{_time(e.seconds):>12}  "
+            f"{_gb(e.activation_bytes):>10}{_gb(e.output_bytes):>10}{duration(e.seconds):>12}  "
             f"{e.bound:<8}{e.roofline_at}"
         )
     caches = p.self_cache_bytes + p.cross_cache_bytes
@@ -500,8 +491,8 @@ def format_plan(p: Plan) -> str:
             else f"does NOT fit, {_gb(-p.free_bytes)} GB over"
         ),
         f"decode per step: {_gb(p.decode_floor_bytes)} GB read -> "
-        f"{_time(p.decode_floor_seconds)} at an empty context, {_gb(p.decode_ceiling_bytes)} GB "
-        f"-> {_time(p.decode_ceiling_seconds)} with {p.max_seq_len} cached",
+        f"{duration(p.decode_floor_seconds)} at an empty context, {_gb(p.decode_ceiling_bytes)} GB "
+        f"-> {duration(p.decode_ceiling_seconds)} with {p.max_seq_len} cached",
         f"decode throughput at most: {p.max_batch / p.decode_floor_seconds:,.0f} tokens/s at an "
         f"empty context, {p.max_batch / p.decode_ceiling_seconds:,.0f} tokens/s when full",
         (

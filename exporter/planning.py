@@ -1,5 +1,6 @@
 """What every family's planner (its "plan" part) shares: the GPUs planned against, the
-decimal GB the tables print, and the search for the largest limit that still fits.
+decimal GB the tables print, the check of a positive limit, how a time prints, and the search
+for the largest limit that still fits.
 
 Mllama's planner is exporter/plan.py (arithmetic) and exporter/fits.py (the command's
 request and what-would-fit search); another family's reads these figures from here.
@@ -8,6 +9,8 @@ request and what-would-fit search); another family's reads these figures from he
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from mllama_export.errors import MllamaExportError
 
 GB = 1e9
 
@@ -54,3 +57,13 @@ def largest(ok, most: int) -> int:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if ok(mid) else (low, mid - 1)
     return low
+
+
+def positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MllamaExportError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds < 10 else f"{seconds:.1f} s"

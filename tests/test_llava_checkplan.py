@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mllama_export.errors import MllamaExportError
-from mllama_export.exporter import buildplan, llava_checkplan
+from mllama_export.exporter import buildplan, checkmemory, llava_checkplan
 from mllama_export.exporter.build import build
 from mllama_export.exporter.llava_checkplan import (
     CHECK_CASES,
@@ -204,8 +204,9 @@ def test_a_build_checks_a_reduced_copy_and_records_it(
     given = BuildOptions(model=str(tiny_ckpts[name]), out=tmp_path / "art", check_depth=depth)
     if depth == "auto":
         # at tiny's size the export's libraries are the peak: left out here, so that the
-        # check's own estimate decides, as it does at the real sizes
-        monkeypatch.setattr(llava_checkplan, "EXPORT_LIBRARY_BYTES", 0)
+        # check's own estimate decides, as it does at the real sizes (a library constant:
+        # every family's estimate reads it in exporter/checkmemory.py)
+        monkeypatch.setattr(checkmemory, "EXPORT_LIBRARY_BYTES", 0)
         full = estimate(llava_preset(name), "fp32", first_cases()).peak
         monkeypatch.setattr(llava_checkplan, "available_memory", lambda: room_for(full) - 2)
     plan = buildplan.plan_build(given, given.out).check
