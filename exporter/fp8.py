@@ -49,6 +49,7 @@ from .fp8_common import (
     quantization_entry,
 )
 from .layerwise import chunked_vision_attention
+from .mllama_build import mask_semantics
 from .options import BuildOptions
 
 
@@ -73,7 +74,7 @@ def fp8_layout(
 
 def _meta_model(config: MllamaConfig, options: BuildOptions) -> MllamaModel:
     with torch.device("meta"):
-        return MllamaModel(config, options.xattn_mask).eval()
+        return MllamaModel(config, mask_semantics(options)).eval()
 
 
 def _fp8_layers(model: MllamaModel, options: BuildOptions) -> list[str]:
@@ -114,7 +115,7 @@ def quantize_fp8(
         f"({len(cases)} cases, float32, one layer at a time)"
     ):
         amax = calibrate_streamed(
-            weights, options.xattn_mask, names, cases, options.limits, CALIBRATION_STEPS
+            weights, mask_semantics(options), names, cases, options.limits, CALIBRATION_STEPS
         )
     builtin = "built-in evaluation set (engines/evalset.py build_evalset, seed 0)"
     return quantization_entry(names, amax, cases, options, builtin, CALIBRATION_STEPS)
@@ -122,7 +123,9 @@ def quantize_fp8(
 
 def load_quantized(weights: Checkpoint, options: BuildOptions, amax: dict[str, float]):
     """`load_fp8_model` as the build's options ask for it."""
-    return load_fp8_model(weights, options.xattn_mask, amax, options.dtype, options.fp8_weights)
+    return load_fp8_model(
+        weights, mask_semantics(options), amax, options.dtype, options.fp8_weights
+    )
 
 
 def load_fp8_model(

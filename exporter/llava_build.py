@@ -78,8 +78,14 @@ def example_inputs(
 
 
 def option_problems(options, config: LlavaConfig) -> list[str]:
-    """Positions past the model's, and a sequence that cannot hold one image's tokens."""
+    """--xattn-mask (no cross-attention here), positions past the model's, and a sequence
+    that cannot hold one image's tokens."""
     problems = []
+    if options.xattn_mask is not None:
+        problems.append(
+            f"xattn-mask {options.xattn_mask}: LLaVA has no cross-attention (its image "
+            "features take the image tokens' places in the prompt); leave --xattn-mask out"
+        )
     positions = config.text.max_position_embeddings
     if options.max_seq_len > positions:
         problems.append(

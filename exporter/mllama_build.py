@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.export import Dim
 
+from mllama_export.graphs.choices import DEFAULT_MASK
 from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.contract import static_dims
 from mllama_export.graphs.spec import TensorSpec
@@ -77,13 +78,17 @@ def example_inputs(
     return tuple(tensors)
 
 
-def model_options(options) -> dict[str, Any]:
+def mask_semantics(options) -> str:
     """--xattn-mask picks the cross-attention mask semantics of the model traced and checked."""
-    return {"semantics": options.xattn_mask}
+    return options.xattn_mask or DEFAULT_MASK
+
+
+def model_options(options) -> dict[str, Any]:
+    return {"semantics": mask_semantics(options)}
 
 
 def manifest_model(options) -> dict[str, Any]:
-    semantics = options.xattn_mask
+    semantics = mask_semantics(options)
     return {
         "xattn_mask": semantics,
         "vision_tap": "layer output" if semantics == "hf" else "layer input",
@@ -92,7 +97,7 @@ def manifest_model(options) -> dict[str, Any]:
 
 def manifest_model_options(manifest: dict) -> dict[str, Any]:
     """The mask semantics the artifacts were built with (older manifests: Meta's)."""
-    return {"semantics": manifest["model"].get("xattn_mask") or "meta"}
+    return {"semantics": manifest["model"].get("xattn_mask") or DEFAULT_MASK}
 
 
 def option_problems(options, config: MllamaConfig) -> list[str]:

@@ -35,8 +35,9 @@ class BuildOptions:
     max_batch: int = 4
     max_seq_len: int = 512  # prompt plus generated tokens
     max_images: int = 2  # per prompt
-    # Mllama's cross-attention mask semantics; the family's "build" part hands it to its model
-    xattn_mask: str = "meta"
+    # Mllama's cross-attention mask semantics, None for its default (graphs/choices.py
+    # DEFAULT_MASK); the family's "build" part hands it to its model, LLaVA's refuses it
+    xattn_mask: str | None = None
     opset: int = 19
     seed: int = 0  # for synthesized presets
     force: bool = False
@@ -97,7 +98,7 @@ class BuildOptions:
             problems.append(
                 f"text-engine {self.text_engine!r} (available: {', '.join(TEXT_ENGINES)})"
             )
-        if self.xattn_mask not in MASK_SEMANTICS:
+        if self.xattn_mask is not None and self.xattn_mask not in MASK_SEMANTICS:
             problems.append(
                 f"xattn-mask {self.xattn_mask!r} (available: {', '.join(MASK_SEMANTICS)})"
             )

@@ -30,6 +30,8 @@ DEVICES = ("cpu", "cuda")
 # --xattn-mask: meta, Meta's reference (text before any image ignores the images);
 # hf, bit-compatible with transformers 5.x (graphs/text.py)
 MASK_SEMANTICS = ("meta", "hf")
+# Mllama's when --xattn-mask is not given (a family without cross-attention refuses it)
+DEFAULT_MASK = "meta"
 # --check-depth: the check against PyTorch on the whole model, a reduced copy, or whichever fits
 CHECK_DEPTHS = ("auto", "full", "reduced")
 # --engines: TensorRT engines where TensorRT and a GPU exist, never, or refused up front

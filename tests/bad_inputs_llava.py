@@ -370,6 +370,12 @@ ROWS = [
         "expected --text-engine split",
     ),
     cli(
+        "llava-build-xattn-mask",
+        _build("llava", "--xattn-mask", "meta"),
+        "xattn-mask meta: LLaVA has no cross-attention",
+        "leave --xattn-mask out",
+    ),
+    cli(
         "llava-build-fp8-exclude-every-layer",
         _build("llava", "--precision", "fp8", "--fp8-exclude", "text.*"),
         "--fp8-exclude text.* leaves no layer in FP8",

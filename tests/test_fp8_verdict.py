@@ -76,3 +76,9 @@ def test_exclusion_patterns_and_the_rebuild_line():
         "mllama-export build --model ckpt/x --out out/x-excluded --precision fp8 "
         "--fp8-weights per-channel --fp8-exclude 'a' --fp8-exclude 'b.*'"
     )
+    # the limits and mask it was built with come along; build's defaults are left out
+    built = {**options, "max_seq_len": 1024, "max_batch": 4, "xattn_mask": "hf", "seed": 0}
+    assert rebuild_command(built, []) == (
+        "mllama-export build --model ckpt/x --out out/x-excluded --precision fp8 "
+        "--fp8-weights per-channel --max-seq-len 1024 --xattn-mask hf --fp8-exclude 'a'"
+    )

@@ -468,9 +468,25 @@ def rebuild_command(options: dict, patterns: Sequence[str]) -> str:
         parts.append(f"--fp8-weights {options['fp8_weights']}")
     if options.get("fp8_vision"):
         parts.append("--fp8-vision")
+    parts += _kept_options(options)
     for pattern in [*options.get("fp8_exclude", []), *patterns]:
         parts.append(f"--fp8-exclude '{pattern}'")
     return " ".join(parts)
+
+
+# what else a build records that the rebuild must repeat to build the same artifacts
+_KEPT = ("max_batch", "max_seq_len", "max_images", "xattn_mask", "opset", "seed", "calibration")
+
+
+def _kept_options(options: dict) -> list[str]:
+    from mllama_export.exporter.options import BuildOptions
+
+    kept = []
+    for name in _KEPT:
+        value = options.get(name)
+        if value is not None and value != getattr(BuildOptions, name):
+            kept.append(f"--{name.replace('_', '-')} {value}")
+    return kept
 
 
 def fp8_advice(report: DriftReport, folder: str | Path, worst: int = 3) -> list[str]:

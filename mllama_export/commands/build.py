@@ -6,6 +6,7 @@ import click
 
 from mllama_export.graphs.choices import (
     CHECK_DEPTHS,
+    DEFAULT_MASK,
     DEFAULT_TEXT_ENGINE,
     ENGINE_MODES,
     MASK_SEMANTICS,
@@ -53,10 +54,10 @@ from ._shared import preset_names
 @click.option(
     "--xattn-mask",
     type=click.Choice(MASK_SEMANTICS),
-    default="meta",
-    show_default=True,
-    help="meta: Meta's reference (text before any image ignores images; the trained "
-    "behaviour). hf: bit-compatible with transformers 5.x.",
+    default=None,
+    help="Mllama's cross-attention mask. meta: Meta's reference (text before any image "
+    "ignores images; the trained behaviour). hf: bit-compatible with transformers 5.x. "
+    f"[default: {DEFAULT_MASK}; refused for LLaVA, which has no cross-attention]",
 )
 @click.option("--opset", type=int, default=19, show_default=True, help="ONNX opset (19 to 21).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for preset weights.")
