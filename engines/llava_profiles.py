@@ -33,13 +33,13 @@ from mllama_export.graphs.llava_contract import DYNAMIC_DIMS, GRAPHS, static_dim
 from mllama_export.graphs.llava_layout import image_tiles, image_token_count
 
 from .shapes import (
-    MAX_TENSOR_VOLUME,
     HasLimits,
     Range,
     ShapeProfile,
     VolumeProblem,
     buckets,
     largest_limit,
+    logits_range,
     volume_problems,
 )
 
@@ -163,7 +163,7 @@ def graph_profiles(
     for index, cell in enumerate(_cells(graph, config, limits, scheme)):
         ranges = dict(cell)
         if "num_logits" in spec.dims:
-            ranges["num_logits"] = _logits_range(ranges, fixed["vocab"])
+            ranges["num_logits"] = logits_range(ranges, fixed["vocab"])
         profiles.append(
             ShapeProfile.from_ranges(graph, index, ranges, spec.inputs, fixed, graph, DYNAMIC_DIMS)
         )
@@ -201,13 +201,6 @@ def _bucket(bucket: tuple[int, int], whole: tuple[int, int], common: int) -> Ran
     """opt at the bucket's top, or at the common call where it is the dim's whole range."""
     lo, hi = bucket
     return _whole(lo, common, hi) if bucket == whole and lo < hi else (lo, hi, hi)
-
-
-def _logits_range(ranges: Mapping[str, Range], vocab: int) -> Range:
-    """1..the bucket's prompt length, tuned for 1, capped so that [batch, num_logits, vocab]
-    stays within TensorRT's tensor cap."""
-    batch, seq = ranges["batch"][2], ranges["sequence"][2]
-    return (1, 1, max(1, min(seq, MAX_TENSOR_VOLUME // (batch * vocab))))
 
 
 def all_profiles(

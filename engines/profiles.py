@@ -53,6 +53,7 @@ from .shapes import (
     VolumeProblem,
     buckets,
     largest_limit,
+    logits_range,
     volume_problems,
 )
 
@@ -134,7 +135,7 @@ def graph_profiles(
             d: _range(d, lo, hi, whole[d], scheme) for d, (lo, hi) in cell.items()
         }
         if "num_logits" in spec.dims:
-            ranges["num_logits"] = _logits_range(ranges, fixed["vocab"])
+            ranges["num_logits"] = logits_range(ranges, fixed["vocab"])
         if "total_sequence" in spec.dims:
             past, new = ranges["past_sequence"], ranges["new_tokens"]
             ranges["total_sequence"] = tuple(p + n for p, n in zip(past, new, strict=True))
@@ -243,14 +244,6 @@ def _range(dim: str, lo: int, hi: int, whole: tuple[int, int], scheme: ProfileSc
     if (lo, hi) == whole and lo < hi:
         return (lo, min(max(scheme.common(dim), lo), hi), hi)
     return (lo, hi, hi)
-
-
-def _logits_range(ranges: Mapping[str, Range], vocab: int) -> Range:
-    """num_logits 1..the profile's top count of positions (prompt or new tokens), tuned for
-    1 (serving), capped so that the logits [batch, num_logits, vocab] stay within TensorRT's
-    tensor volume limit."""
-    batch, seq = ranges["batch"][2], ranges.get("sequence", ranges.get("new_tokens"))[2]
-    return (1, 1, max(1, min(seq, MAX_TENSOR_VOLUME // (batch * vocab))))
 
 
 def all_profiles(
