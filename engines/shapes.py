@@ -69,8 +69,8 @@ class HasLimits(Protocol):
 
 def logits_range(ranges: Mapping[str, Range], vocab: int) -> Range:
     """num_logits 1..the profile's top count of positions (prompt, or new tokens of a step
-    graph), tuned for 1 (serving), capped so that the logits [batch, num_logits, vocab] stay within TensorRT's
-    tensor volume limit."""
+    graph), tuned for 1 (serving), capped so that the logits [batch, num_logits, vocab] stay
+    within TensorRT's tensor volume limit."""
     batch, seq = ranges["batch"][2], ranges.get("sequence", ranges.get("new_tokens"))[2]
     return (1, 1, max(1, min(seq, MAX_TENSOR_VOLUME // (batch * vocab))))
 
