@@ -3,7 +3,7 @@
 :func:`calibrate_streamed` (what `build` runs) never holds the model: every case runs at once,
 layer by layer, each layer read from the memory-mapped checkpoint and dropped
 (exporter/layerwise.py), and the scales are those of :func:`calibrate` on the whole model,
-bit for bit (tests/test_fp8_streamed.py).
+bit for bit where the BLAS is reproducible (tests/test_fp8_streamed.py).
 """
 
 from __future__ import annotations
@@ -28,5 +28,6 @@ def calibrate_streamed(
     steps: int = CALIBRATION_STEPS,
 ) -> dict[str, float]:
     """:func:`calibrate` without the model in memory: the float32 model of ``checkpoint``
-    layer by layer, every case at once (exporter/layerwise.py). Same scales, bit for bit."""
+    layer by layer, every case at once (exporter/layerwise.py). Same scales (bit for bit
+    with a reproducible BLAS: tests/test_fp8_streamed.py)."""
     return calibrate_layerwise(LazyModel(checkpoint, semantics), names, cases, limits, steps)

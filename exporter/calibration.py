@@ -7,7 +7,7 @@ tensor). The activation scale is then amax / 448 (graphs/quant.py).
 
 :func:`calibrate` runs a model in memory; :func:`calibrate_layerwise` runs a family's lazy
 model (its "layerwise" part) layer by layer, every case at once (exporter/layermajor.py), and
-gives the same scales, bit for bit.
+gives the same scales (bit for bit with a reproducible BLAS).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def calibrate_layerwise(
     steps: int = CALIBRATION_STEPS,
 ) -> dict[str, float]:
     """:func:`calibrate` on a family's LazyModel (``lazy.model``, ``lazy.runner(limits)``):
-    the model never whole in memory, every case at once. Same scales, bit for bit."""
+    the model never whole in memory, every case at once. Same scales (bit for bit
+    with a reproducible BLAS: tests/test_fp8_streamed.py)."""
     runner = lazy.runner(limits)
     jobs = [Job(lambda case=case: _generate(runner, case, steps)) for case in cases]
     with _recording(lazy.model, names, cases) as amax:

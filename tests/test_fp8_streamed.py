@@ -1,13 +1,17 @@
 """Layer-streamed runs (exporter/layerwise.py): calibration without the model in memory gives
-the whole-model scales bit for bit, each layer is read once per graph call, and the jobs'
-overrides, errors and the vision attention's chunking behave.
+the whole-model scales (bit for bit where the BLAS is reproducible), each layer is read once
+per graph call, and the jobs' overrides, errors and the vision attention's chunking behave.
 
 Peak memory flat in depth is measured by benchmarks/export_memory.py --precision fp8, not
 here (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,16 +40,48 @@ def cases():
     return build_evalset(preset("tiny"), LIMITS, 8)
 
 
-@pytest.mark.parametrize("semantics", ["meta", "hf"])
-def test_streamed_calibration_equals_the_whole_model_bit_for_bit(tiny_dir, cases, semantics):
+# One float32 rounding at the largest input: MKL without its conditional numerical
+# reproducibility picks GEMM kernels by the operands' memory alignment, which differs between
+# a model loaded whole and one read layer by layer (AMD EPYC, torch 2.13: 3 of 79 scales of
+# the hf model one ulp apart). Under MKL_CBWR the two are equal bit for bit (the test below).
+ULPS = 4 * 2.0**-23
+
+
+def _calibrations(tiny_dir, semantics: str) -> tuple[list[str], dict, dict]:
     model = load_model(tiny_dir, semantics, torch.float32)
     names = quantizable_linears(model, vision=True)  # the vision encoder's layers too
+    cases = build_evalset(preset("tiny"), LIMITS, 8)
     whole = calibrate(model, names, cases, LIMITS)
     streamed = calibrate_streamed(
         Checkpoint(tiny_dir, preset("tiny")), semantics, names, cases, LIMITS
     )
-    assert list(streamed) == names and streamed == whole  # floats compared exactly
-    assert len(names) == 79 and all(v > 0 for v in whole.values())
+    return names, whole, streamed
+
+
+@pytest.mark.parametrize("semantics", ["meta", "hf"])
+def test_streamed_calibration_equals_the_whole_model(tiny_dir, semantics):
+    names, whole, streamed = _calibrations(tiny_dir, semantics)
+    assert list(streamed) == names and len(names) == 79 and all(v > 0 for v in whole.values())
+    assert all(abs(streamed[n] - whole[n]) <= ULPS * whole[n] for n in names), {
+        n: (whole[n], streamed[n]) for n in names if whole[n] != streamed[n]
+    }
+
+
+def test_streamed_calibration_is_bit_for_bit_under_reproducible_blas(tiny_dir):
+    """The same computation, not only a close one: with MKL's reproducible mode every scale of
+    both semantics is equal, float for float (a fresh process: MKL reads MKL_CBWR once)."""
+    script = (
+        "import sys; from test_fp8_streamed import _calibrations\n"
+        "for semantics in ('meta', 'hf'):\n"
+        "    names, whole, streamed = _calibrations(sys.argv[1], semantics)\n"
+        "    print(semantics, sum(whole[n] != streamed[n] for n in names), len(names))\n"
+    )
+    env = {**os.environ, "MKL_CBWR": "COMPATIBLE", "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_dir)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-3:] == ["meta 0 79", "hf 0 79", ""], done.stdout
 
 
 def test_each_unit_is_read_once_per_graph_call_for_all_cases(tiny_dir, cases):

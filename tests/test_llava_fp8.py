@@ -101,7 +101,11 @@ def test_the_plan_of_a_full_size_fp8_vision_build_on_the_meta_device():
     assert {g: len(n) for g, n in names.items()} == {"vision": 140, "prefill": 224, "decode": 224}
 
 
-def test_streamed_calibration_is_the_whole_models_bit_for_bit(next_tiny, calibrated):
+# one float32 rounding, as tests/test_fp8_streamed.py allows
+ULPS = 4 * 2.0**-23
+
+
+def test_streamed_calibration_is_the_whole_models(next_tiny, calibrated):
     options, names, cases, entry = calibrated
     assert [c.name for c in cases][:4] == [
         "text-only",
@@ -112,7 +116,12 @@ def test_streamed_calibration_is_the_whole_models_bit_for_bit(next_tiny, calibra
     streamed = {n: layer["input_amax"] for n, layer in entry["layers"].items()}
     assert list(streamed) == names and all(v > 0 for v in streamed.values())
     model = llava_fp8.load_fp8_model(next_tiny, {}, torch.float32, "per-tensor")
-    assert calibrate(model, names, cases, options.limits, CALIBRATION_STEPS) == streamed
+    whole = calibrate(model, names, cases, options.limits, CALIBRATION_STEPS)
+    # bit for bit on this project's machines; within ULPS where MKL's kernels follow memory
+    # alignment (tests/test_fp8_streamed.py proves Mllama's equal under MKL_CBWR)
+    assert all(abs(streamed[n] - whole[n]) <= ULPS * whole[n] for n in names), {
+        n: (whole[n], streamed[n]) for n in names if whole[n] != streamed[n]
+    }
     assert entry["calibration"]["cases"] == [c.name for c in cases]
     assert entry["vision_encoder"] is True and entry["weight_scheme"] == "per-tensor"
 
