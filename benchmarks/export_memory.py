@@ -168,7 +168,7 @@ ckpt, out = Path(sys.argv[1]), Path(sys.argv[2])
 model = load_model(ckpt, dtype=torch.bfloat16)
 family = family_of(model.config)
 DYNAMIC_DIMS = family.part("contract").DYNAMIC_DIMS
-options = BuildOptions(model=str(ckpt), out=out, precision="bf16")
+options = BuildOptions(model=str(ckpt), out=out, precision="bf16").with_defaults(model.config)
 dims = dims_for(model.config, options)
 for name, cls in family.part("graph_modules").items():
     graph = cls(model)
@@ -192,7 +192,7 @@ from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.weights import Checkpoint
 ckpt = sys.argv[1]
 config = MllamaConfig.from_hf_config(ckpt)
-options = BuildOptions(model=ckpt, out="unused", precision="fp8")
+options = BuildOptions(model=ckpt, out="unused", precision="fp8").with_defaults(config)
 cases = calibration_cases(config, options, ckpt)
 limits = Limits(options.max_batch, options.max_seq_len, options.max_images)
 calibrate_streamed(Checkpoint(ckpt, config), "meta", fp8_layers(config, options), cases,

@@ -28,7 +28,10 @@ def carries(value, options) -> bool:
 
 def trace(precision: str) -> list[tuple[str, str]]:
     out = Path(tempfile.mkdtemp()) / "tiny"
-    options = BuildOptions(model="tiny", out=out, precision=precision, engines="skip")
+    # max_seq_len given, so that the plan carries this very object (with_defaults keeps it)
+    options = BuildOptions(
+        model="tiny", out=out, precision=precision, engines="skip", max_seq_len=512
+    )
     calls: list[tuple[str, str]] = []
 
     def profile(frame, event, _arg):

@@ -81,6 +81,7 @@ def plan_build(options: BuildOptions, out: Path) -> BuildPlan:
     check_replaceable(out, options.force)
     source = resolve_model(options.model)
     config, family = source.config, source.family
+    options = options.with_defaults(config)
     options.check(config)
     check_engines_before_work(options, config)
     fp8 = _fp8_plan(family, options, source) if options.precision == "fp8" else {}

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from mllama_export.graphs.choices import DEFAULT_MAX_SEQ_LEN
 from mllama_export.graphs.family import Family, family_of, family_of_config
 from mllama_export.graphs.spec import TensorSpec
 
@@ -89,4 +90,5 @@ _DEFAULTS = {
     "manifest_model": lambda family: lambda options: {},
     "manifest_model_options": lambda family: lambda manifest: {},
     "option_problems": lambda family: lambda options, config: [],
+    "default_max_seq_len": lambda family: lambda options, config: DEFAULT_MAX_SEQ_LEN,
 }

@@ -21,7 +21,7 @@ from mllama_export.graphs.config import MllamaConfig
 from mllama_export.graphs.limits import Limits
 from mllama_export.graphs.resolve import resolve_model
 
-from .options import BuildOptions
+from .options import BuildOptions, with_default_seq_len
 from .plan import GB, GPUS, Plan, format_plan, plan
 from .planning import largest
 
@@ -79,6 +79,7 @@ def request(
         config, base, label = resolved.config, dict(DEFAULTS), model
         origin = "build's default"
     chosen = {**base, **{k: v for k, v in given.items() if v is not None}}
+    chosen = with_default_seq_len(chosen, config)
     if (
         prompt_len is not None
         and given.get("max_seq_len") is None

@@ -77,6 +77,14 @@ def example_inputs(
     return tuple(tensors)
 
 
+def default_max_seq_len(options, config: LlavaConfig) -> int:
+    """Room for --max-images of the largest images and 256 tokens of text, in steps of 512,
+    within the model's positions: 512 for the tiny presets, 1536 for LLaVA 1.5 (576 tokens an
+    image), 6144 for LLaVA-NeXT at 7B (up to 2928)."""
+    need = options.max_images * image_tokens_per_image(config) + 256
+    return min(-(-need // 512) * 512, config.text.max_position_embeddings)
+
+
 def option_problems(options, config: LlavaConfig) -> list[str]:
     """--xattn-mask (no cross-attention here), positions past the model's, and a sequence
     that cannot hold one image's tokens."""

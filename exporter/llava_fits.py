@@ -13,7 +13,7 @@ from mllama_export.graphs.llava_config import LlavaConfig
 from mllama_export.graphs.resolve import resolve_model
 
 from .llava_plan import LlavaPlan, format_plan, plan
-from .options import BuildOptions
+from .options import BuildOptions, with_default_seq_len
 from .planning import GPUS, largest
 
 DEFAULTS = {
@@ -59,6 +59,7 @@ def request(
     else:
         config, base = resolve_model(model, config_file=True).config, dict(DEFAULTS)
     chosen = {**base, **{k: v for k, v in given.items() if v is not None}}
+    chosen = with_default_seq_len(chosen, config)
     req = LlavaPlanRequest(model, config, **chosen, gpu=gpu, prompt_len=prompt_len, tiles=tiles)
     req.plan()  # the refusals first
     return req

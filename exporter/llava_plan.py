@@ -152,12 +152,18 @@ def check_limits(config: LlavaConfig, precision, batch, seq, images, gpu, prompt
             f"max_seq_len {seq} exceeds {label}'s max_position_embeddings {context}; "
             f"expected 1..{context}"
         )
-    need = images * max_image_tokens(config) + 1
+    per_image = max_image_tokens(config)
+    need = images * per_image + 1
     if seq < need:
+        fit = (context - 1) // per_image  # images the model's positions hold at all
+        way = (
+            f"--max-seq-len at least {need}, or fewer --max-images"
+            if need <= context
+            else f"--max-images {fit} at most (its {context} positions hold no more)"
+        )
         raise MllamaExportError(
-            f"max_seq_len {seq} cannot hold {images} image(s) of {label} ({max_image_tokens(config)} "
-            f"tokens each at most) and a token of text; expected --max-seq-len at least {need}, "
-            "or fewer --max-images"
+            f"max_seq_len {seq} cannot hold {images} image(s) of {label} ({per_image} "
+            f"tokens each at most) and a token of text; expected {way}"
         )
     if prompt is not None and not 1 <= positive("prompt_len", prompt) <= seq:
         raise MllamaExportError(f"prompt_len {prompt} exceeds max_seq_len {seq}; expected 1..{seq}")

@@ -47,7 +47,7 @@ def export_graph(
     the weights. A graph built on the meta device is traced without any weight in memory, and
     its weights are then written one tensor at a time (exporter/weightfile.py).
     """
-    model = _trace(graph, config, options)
+    model = _trace(graph, config, options.with_defaults(config))
     if sources is None:
         sources = tensor_sources(graph)
     bind_sources(model, sources)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import torch
 from mllama_export.errors import MllamaExportError
 from mllama_export.graphs.choices import (
     CHECK_DEPTHS,
+    DEFAULT_MAX_SEQ_LEN,
     DEFAULT_TEXT_ENGINE,
     MASK_SEMANTICS,
     PRECISION_DTYPES,
@@ -33,7 +34,8 @@ class BuildOptions:
     out: Path
     precision: str = "fp32"
     max_batch: int = 4
-    max_seq_len: int = 512  # prompt plus generated tokens
+    # prompt plus generated tokens; None: the family's default (with_defaults)
+    max_seq_len: int | None = None
     max_images: int = 2  # per prompt
     # Mllama's cross-attention mask semantics, None for its default (graphs/choices.py
     # DEFAULT_MASK); the family's "build" part hands it to its model, LLaVA's refuses it
@@ -61,7 +63,18 @@ class BuildOptions:
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.max_batch, self.max_seq_len, self.max_images)
+        # build and plan resolve max_seq_len first (with_defaults); a caller of the exporter's
+        # parts that did not gets the generic default, as every family had before LLaVA's
+        seq = DEFAULT_MAX_SEQ_LEN if self.max_seq_len is None else self.max_seq_len
+        return Limits(self.max_batch, seq, self.max_images)
+
+    def with_defaults(self, config: Any) -> BuildOptions:
+        """These options with what was left to the model's family filled in (max_seq_len:
+        512, or for LLaVA room for max_images of its largest images and some text)."""
+        if self.max_seq_len is not None:
+            return self
+        default = hook(family_of(config), "default_max_seq_len")(self, config)
+        return replace(self, max_seq_len=default)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -72,6 +85,8 @@ class BuildOptions:
 
     def check(self, config: Any) -> None:
         """Refuses options that contradict each other or the model, before any work starts."""
+        if self.max_seq_len is None:
+            return self.with_defaults(config).check(config)
         problems = []
         if self.precision not in PRECISIONS:
             problems.append(f"precision {self.precision!r} (available: {', '.join(PRECISIONS)})")
@@ -115,3 +130,11 @@ class BuildOptions:
             problems.append(f"opset {self.opset} (supported: 19 to 21)")
         if problems:
             raise MllamaExportError("invalid build options: " + "; ".join(problems))
+
+
+def with_default_seq_len(chosen: dict, config: Any) -> dict:
+    """`plan`'s chosen limits, max_seq_len filled in as build would (BuildOptions.with_defaults)."""
+    if chosen["max_seq_len"] is not None:
+        return chosen
+    options = BuildOptions("", Path(), max_images=chosen["max_images"])
+    return {**chosen, "max_seq_len": options.with_defaults(config).max_seq_len}

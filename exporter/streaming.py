@@ -37,7 +37,8 @@ class StreamingExport:
         options: BuildOptions,
         input_amax: Mapping[str, float] | None = None,
     ):
-        self.checkpoint, self.options = checkpoint, options
+        self.checkpoint = checkpoint
+        self.options = options.with_defaults(checkpoint.config)
         self.family = family_of(checkpoint.config)
         model_options = hook(self.family, "model_options")(options)
         with torch.device("meta"):

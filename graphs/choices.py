@@ -30,6 +30,9 @@ DEVICES = ("cpu", "cuda")
 # --xattn-mask: meta, Meta's reference (text before any image ignores the images);
 # hf, bit-compatible with transformers 5.x (graphs/text.py)
 MASK_SEMANTICS = ("meta", "hf")
+# --max-seq-len when not given, where the family has no default of its own (LLaVA has: its
+# images' tokens are part of the sequence, exporter/llava_build.py default_max_seq_len)
+DEFAULT_MAX_SEQ_LEN = 512
 # Mllama's when --xattn-mask is not given (a family without cross-attention refuses it)
 DEFAULT_MASK = "meta"
 # --check-depth: the check against PyTorch on the whole model, a reduced copy, or whichever fits

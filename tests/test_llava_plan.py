@@ -103,7 +103,10 @@ def test_34b_in_bf16_does_not_fit_an_h100_and_says_what_would():
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([], "max_seq_len 512 cannot hold 2 image(s) of llava-1.5-7b (576 tokens each at most)"),
+        (
+            ["--max-seq-len", "512"],
+            "max_seq_len 512 cannot hold 2 image(s) of llava-1.5-7b (576 tokens each at most)",
+        ),
         (["--max-seq-len", "8192"], "exceeds llava-1.5-7b's max_position_embeddings 4096"),
         (["--max-seq-len", "2000", "--text-engine", "shared"], "LLaVA has no shared text engine"),
         (["--max-seq-len", "2000", "--tiles", "2"], "at most 1 tile(s); expected 1..1"),
@@ -114,6 +117,21 @@ def test_refusals_are_one_line(args, message):
     result = run_plan("--model", "llava-1.5-7b", *args)
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_default_sequence_holds_the_images():
+    """build's default max_seq_len for LLaVA: --max-images of the largest images and 256 tokens
+    of text, in steps of 512, within the positions (exporter/llava_build.py)."""
+    assert "batch 4, seq 1536, images 2" in run_plan("--model", "llava-1.5-7b").output
+    one = run_plan("--model", "llava-1.5-7b", "--max-images", "1").output
+    assert "batch 4, seq 1024, images 1" in one
+    assert "seq 6144, images 2" in run_plan("--model", "llava-next-mistral-7b").output
+    # 2 x 2928 image tokens do not fit 4096 positions: the way out is fewer images
+    short = run_plan("--model", "llava-next-34b")
+    assert short.exit_code == 2
+    assert "max_seq_len 4096 cannot hold 2 image(s)" in short.output
+    assert "expected --max-images 1 at most (its 4096 positions hold no more)" in short.output
+    assert "seq 3584, images 1" in run_plan("--model", "llava-next-34b", "--max-images", "1").output
 
 
 def test_the_family_names_its_planner():

@@ -217,7 +217,8 @@ def test_plan_takes_builds_defaults_and_precisions():
     build_params = {p.name: p for p in main.commands["build"].params}
     for name, value in DEFAULTS.items():
         assert build_params[name].default == value
-        assert f"else build's default {value}]" in _help("plan")
+        shown = "512; LLaVA: room for --max-images" if value is None else f"{value}]"
+        assert f"else build's default{':' if value is None else ''} {shown}" in _help("plan")
     assert build_params["precision"].type.choices == main.commands["plan"].params[1].type.choices
     fp32, bf16 = (plan(preset("11b"), p, 4, 512, 2) for p in ("fp32", "bf16"))
     assert fp32.weight_bytes == 2 * bf16.weight_bytes

@@ -7,6 +7,7 @@ import click
 from mllama_export.graphs.choices import (
     CHECK_DEPTHS,
     DEFAULT_MASK,
+    DEFAULT_MAX_SEQ_LEN,
     DEFAULT_TEXT_ENGINE,
     ENGINE_MODES,
     MASK_SEMANTICS,
@@ -44,9 +45,10 @@ from ._shared import preset_names
 @click.option(
     "--max-seq-len",
     type=int,
-    default=512,
-    show_default=True,
-    help="Longest prompt plus generated tokens.",
+    default=None,
+    help="Longest prompt plus generated tokens  [default: "
+    f"{DEFAULT_MAX_SEQ_LEN}; LLaVA: room for --max-images of its largest images and 256 tokens "
+    "of text, in steps of 512]",
 )
 @click.option(
     "--max-images", type=int, default=2, show_default=True, help="Most images per prompt."

@@ -42,7 +42,8 @@ _BUILD = "build's default"
     "--max-seq-len",
     type=int,
     default=None,
-    help=f"Tokens per sequence at most  [default: the artifacts', else {_BUILD} 512]",
+    help="Tokens per sequence at most  [default: the artifacts', else build's default: 512; "
+    "LLaVA: room for --max-images of its largest images and 256 tokens of text]",
 )
 @click.option(
     "--max-images",
