@@ -90,5 +90,5 @@ _DEFAULTS = {
     "manifest_model": lambda family: lambda options: {},
     "manifest_model_options": lambda family: lambda manifest: {},
     "option_problems": lambda family: lambda options, config: [],
-    "default_max_seq_len": lambda family: lambda options, config: DEFAULT_MAX_SEQ_LEN,
+    "default_max_seq_len": lambda family: lambda config, max_images: DEFAULT_MAX_SEQ_LEN,
 }

@@ -77,11 +77,11 @@ def example_inputs(
     return tuple(tensors)
 
 
-def default_max_seq_len(options, config: LlavaConfig) -> int:
+def default_max_seq_len(config: LlavaConfig, max_images: int) -> int:
     """Room for --max-images of the largest images and 256 tokens of text, in steps of 512,
     within the model's positions: 512 for the tiny presets, 1536 for LLaVA 1.5 (576 tokens an
     image), 6144 for LLaVA-NeXT at 7B (up to 2928)."""
-    need = options.max_images * image_tokens_per_image(config) + 256
+    need = max_images * image_tokens_per_image(config) + 256
     return min(-(-need // 512) * 512, config.text.max_position_embeddings)
 
 

@@ -156,11 +156,12 @@ def check_limits(config: LlavaConfig, precision, batch, seq, images, gpu, prompt
     need = images * per_image + 1
     if seq < need:
         fit = (context - 1) // per_image  # images the model's positions hold at all
-        way = (
-            f"--max-seq-len at least {need}, or fewer --max-images"
-            if need <= context
-            else f"--max-images {fit} at most (its {context} positions hold no more)"
-        )
+        if need <= context:
+            way = f"--max-seq-len at least {need}, or fewer --max-images"
+        elif fit:
+            way = f"--max-images {fit} at most (its {context} positions hold no more)"
+        else:
+            way = f"another checkpoint: its {context} positions cannot hold one image"
         raise MllamaExportError(
             f"max_seq_len {seq} cannot hold {images} image(s) of {label} ({per_image} "
             f"tokens each at most) and a token of text; expected {way}"

@@ -73,8 +73,7 @@ class BuildOptions:
         512, or for LLaVA room for max_images of its largest images and some text)."""
         if self.max_seq_len is not None:
             return self
-        default = hook(family_of(config), "default_max_seq_len")(self, config)
-        return replace(self, max_seq_len=default)
+        return replace(self, max_seq_len=default_max_seq_len(config, self.max_images))
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -136,5 +135,9 @@ def with_default_seq_len(chosen: dict, config: Any) -> dict:
     """`plan`'s chosen limits, max_seq_len filled in as build would (BuildOptions.with_defaults)."""
     if chosen["max_seq_len"] is not None:
         return chosen
-    options = BuildOptions("", Path(), max_images=chosen["max_images"])
-    return {**chosen, "max_seq_len": options.with_defaults(config).max_seq_len}
+    return {**chosen, "max_seq_len": default_max_seq_len(config, chosen["max_images"])}
+
+
+def default_max_seq_len(config: Any, max_images: int) -> int:
+    """The family's --max-seq-len for ``max_images`` images a prompt (its build part's hook)."""
+    return hook(family_of(config), "default_max_seq_len")(config, max_images)
